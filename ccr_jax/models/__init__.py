@@ -1,0 +1,1 @@
+"""Flax image towers, text towers and the dual encoder."""
