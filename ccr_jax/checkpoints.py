@@ -1,0 +1,132 @@
+"""Orbax checkpoints: one params snapshot per task and a resumable training state.
+
+This is the only module that imports Orbax. Layout under a workdir:
+  snapshots/task_<t>/   params of the model at the end of task t (1-based) and
+                        JSON metadata (vocabulary, config fingerprint, task);
+  state/<step>/         the full train state ({"params", "opt", "step"}) and
+                        JSON metadata (task, step within the task), saved every
+                        `checkpoint_every` steps so a killed run resumes.
+Restores always go into an abstract target with explicit shardings (orbax
+issues #648, #332: restores that fail or hang on another device count).
+"""
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A snapshot or state checkpoint that exists but cannot be restored."""
+
+
+def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """ShapeDtypeStructs of `tree`'s leaves, each placed with `sharding`."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def _snapshot_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      step_prefix="task", create=not read_only, read_only=read_only,
+      enable_async_checkpointing=False)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "snapshots"), options=options,
+      item_names=("params", "meta"))
+
+
+def snapshot_dir(workdir: str, task: int) -> str:
+  """Directory of the params snapshot taken after task `task` (1-based)."""
+  return os.path.join(os.path.abspath(workdir), "snapshots", f"task_{task}")
+
+
+def completed_snapshots(workdir: str) -> list[int]:
+  """Tasks (1-based, sorted) whose snapshot was fully written."""
+  if not os.path.isdir(os.path.join(workdir, "snapshots")):
+    return []
+  with _snapshot_manager(workdir, read_only=True) as mngr:
+    return sorted(mngr.all_steps())
+
+
+def save_snapshot(workdir: str, task: int, params: Any, meta: dict) -> None:
+  """Writes the params snapshot of task `task` (1-based) with JSON `meta`.
+
+  Orbax writes into a temporary directory and renames it when complete, so a
+  run killed mid-save leaves no snapshot that `completed_snapshots` lists.
+  """
+  with _snapshot_manager(workdir) as mngr:
+    mngr.save(task, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)),
+              force=True)
+    mngr.wait_until_finished()
+
+
+def restore_snapshot(workdir: str, task: int, params_template: Any,
+                     sharding: jax.sharding.Sharding) -> tuple[Any, dict]:
+  """Restores (params, meta) of task `task` into `params_template`'s structure.
+
+  Args:
+    params_template: a pytree of arrays or ShapeDtypeStructs with the expected
+      structure, shapes and dtypes (e.g. from `jax.eval_shape` of the init).
+    sharding: where every restored leaf is placed.
+  Raises:
+    CheckpointError: naming the snapshot's path when it is missing, corrupt or
+      does not match the template (another model configuration).
+  """
+  path = snapshot_dir(workdir, task)
+  try:
+    with _snapshot_manager(workdir, read_only=True) as mngr:
+      restored = mngr.restore(task, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(_abstract(params_template, sharding)),
+          meta=ocp.args.JsonRestore()))
+  except Exception as e:  # Orbax raises many types, lazily, at restore time.
+    raise CheckpointError(
+        f"snapshot of task {task} at {path} could not be restored "
+        f"({type(e).__name__}: {e}). If the model config changed, use a new "
+        "--workdir; if the snapshot is corrupt, delete that directory and "
+        "rerun to retrain from the previous task.") from e
+  return restored["params"], dict(restored["meta"])
+
+
+def _state_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+  return ocp.CheckpointManager(
+      os.path.join(os.path.abspath(workdir), "state"), options=options,
+      item_names=("state", "meta"))
+
+
+def save_state(workdir: str, state: Any, meta: dict) -> None:
+  """Saves the train state under its global step (`state["step"]`) with `meta`."""
+  step = int(jax.device_get(state["step"]))
+  with _state_manager(workdir) as mngr:
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+              force=True)
+    mngr.wait_until_finished()
+
+
+def restore_latest_state(workdir: str, state_template: Any,
+                         sharding: jax.sharding.Sharding) -> tuple[Any, dict] | None:
+  """The newest saved (state, meta), or None when no state was saved yet.
+
+  Raises:
+    CheckpointError: naming the step and path of a state that cannot be read.
+  """
+  if not os.path.isdir(os.path.join(workdir, "state")):
+    return None
+  with _state_manager(workdir) as mngr:
+    step = mngr.latest_step()
+    if step is None:
+      return None
+    try:
+      restored = mngr.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(_abstract(state_template, sharding)),
+          meta=ocp.args.JsonRestore()))
+    except Exception as e:  # Orbax raises many types, lazily, at restore time.
+      raise CheckpointError(
+          f"training state at step {step} in {os.path.join(workdir, 'state')} "
+          f"could not be restored ({type(e).__name__}: {e}). Delete that step's "
+          "directory to resume from the previous state checkpoint.") from e
+  return restored["state"], dict(restored["meta"])

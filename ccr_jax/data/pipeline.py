@@ -1,0 +1,102 @@
+"""Batches for one host: caption encoding, deterministic training batches, query arrays.
+
+Training batches are a pure function of (seed, task, step): an epoch is a
+permutation of every (image, caption) pair of the pool, so a resumed run
+draws exactly the batches an uninterrupted run would have drawn.
+"""
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from ccr_jax.data.tasks import Split
+from ccr_jax.data.text import Vocabulary
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedSplit:
+  """A split with its captions tokenised.
+
+  Attributes:
+    images: [num_images, H, W, 3] uint8 pixels (or [num_images, ...] features).
+    tokens: [num_images, captions_per_image, max_len] int32 token ids.
+    lengths: [num_images, captions_per_image] int32 true lengths.
+    ids: [num_images] int64 stable image ids.
+  """
+  images: np.ndarray
+  tokens: np.ndarray
+  lengths: np.ndarray
+  ids: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+  @property
+  def captions_per_image(self) -> int:
+    return self.tokens.shape[1]
+
+
+def encode_split(split: Split, vocab: Vocabulary, max_len: int) -> tuple[EncodedSplit, int]:
+  """Tokenises every caption of `split`; returns it and the number truncated."""
+  per_image = {len(c) for c in split.captions}
+  if len(per_image) != 1:
+    raise ValueError(
+        f"every image needs the same number of captions, found {sorted(per_image)}; "
+        "keep the first 5 captions per image as the Karpathy splits do.")
+  (c,) = per_image
+  flat = [caption for caps in split.captions for caption in caps]
+  tokens, lengths, truncated = vocab.encode(flat, max_len)
+  n = len(split.ids)
+  return EncodedSplit(
+      images=split.images, tokens=tokens.reshape(n, c, max_len),
+      lengths=lengths.reshape(n, c), ids=np.asarray(split.ids, np.int64)), truncated
+
+
+def concatenate(parts: Sequence[EncodedSplit]) -> EncodedSplit:
+  """One EncodedSplit holding `parts` in order (joint training's pool)."""
+  return EncodedSplit(*(np.concatenate([getattr(p, f.name) for p in parts])
+                        for f in dataclasses.fields(EncodedSplit)))
+
+
+def train_batch(pool: EncodedSplit, batch_size: int, *, seed: int, task: int,
+                step: int) -> dict[str, np.ndarray]:
+  """The training batch number `step` (0-based, within `task`) drawn from `pool`.
+
+  Returns a dict of host arrays:
+    images: [batch, H, W, 3]; tokens: [batch, max_len] int32;
+    lengths: [batch] int32; image_ids: [batch] int32, the row of each pair's
+    image in `pool` (pairs with equal ids share an image: not negatives).
+  """
+  c = pool.captions_per_image
+  num_pairs = len(pool) * c
+  positions = step * batch_size + np.arange(batch_size)
+  epochs, within = np.divmod(positions, num_pairs)
+  pairs = np.empty(batch_size, np.int64)
+  for epoch in np.unique(epochs):
+    perm = np.random.default_rng([seed, task, int(epoch)]).permutation(num_pairs)
+    sel = epochs == epoch
+    pairs[sel] = perm[within[sel]]
+  rows, caps = np.divmod(pairs, c)
+  return {
+      "images": pool.images[rows],
+      "tokens": pool.tokens[rows, caps],
+      "lengths": pool.lengths[rows, caps],
+      "image_ids": rows.astype(np.int32),
+  }
+
+
+def caption_arrays(split: EncodedSplit) -> dict[str, np.ndarray]:
+  """Every caption of `split` as a flat query/gallery set.
+
+  Returns tokens [num_captions, max_len], lengths [num_captions],
+  item_ids [num_captions] (image id * captions_per_image + caption index, unique)
+  and owners [num_captions] (the id of each caption's image).
+  """
+  n, c, max_len = split.tokens.shape
+  return {
+      "tokens": split.tokens.reshape(n * c, max_len),
+      "lengths": split.lengths.reshape(n * c),
+      "item_ids": (split.ids[:, None] * c + np.arange(c)[None, :]).reshape(-1),
+      "owners": np.repeat(split.ids, c),
+  }

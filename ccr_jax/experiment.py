@@ -1,0 +1,471 @@
+"""The continual experiment: train task by task, snapshot, index, evaluate.
+
+This is the only module that knows the order of the stages (DESIGN.md). Every
+stage leaves its output on disk (snapshot, indices, a results row per task),
+and rerunning the same command skips what is complete and resumes the rest,
+so a killed run loses at most `train.checkpoint_every` steps.
+
+Naming: tasks and snapshots are 1-based on disk and in JSON keys
+(`snapshots/task_1`, `indices/snap_2/task_1/texts`); arrays are 0-based, so
+matrix entry [t][j] is task j+1's queries after training task t+1.
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from ccr_jax import checkpoints
+from ccr_jax import evaluation
+from ccr_jax import indexing
+from ccr_jax import reporting
+from ccr_jax import sharding
+from ccr_jax import strategies
+from ccr_jax import train as train_lib
+from ccr_jax.data import pipeline
+from ccr_jax.data import tasks as tasks_lib
+from ccr_jax.data import text as text_lib
+from ccr_jax.models import dual_encoder
+
+MODALITIES = ("images", "texts")
+# Config sections that define the experiment: a workdir that holds results of
+# other values must not be continued with these (eval settings may differ).
+EXPERIMENT_SECTIONS = ("seed", "data", "model", "loss", "optim", "train",
+                       "strategy", "index")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything the stages share, built once from the config."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  sequence: tasks_lib.TaskSequence
+  vocab: text_lib.Vocabulary
+  encoded: tuple[dict[str, pipeline.EncodedSplit], ...]  # per task: split -> data
+  truncated_captions: int
+  model: dual_encoder.DualEncoder
+  mesh: jax.sharding.Mesh
+  params_template: Any
+  embed_images: Any
+  embed_texts: Any
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.sequence.tasks)
+
+
+def _config_subset(config: ml_collections.ConfigDict) -> dict:
+  d = json.loads(config.to_json())
+  return {k: d[k] for k in EXPERIMENT_SECTIONS if k in d}
+
+
+def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Records the config in a new workdir; refuses a workdir of another experiment."""
+  path = os.path.join(workdir, "config.json")
+  mine = _config_subset(config)
+  if os.path.exists(path):
+    theirs = _config_subset(ml_collections.ConfigDict(reporting.read_json(path)))
+    if theirs != mine:
+      diffs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+      raise ValueError(
+          f"workdir {workdir} holds an experiment with a different config "
+          f"(sections differing: {diffs}). Use a new --workdir, or rerun with "
+          "the config stored in its config.json.")
+  else:
+    reporting.write_json(path, json.loads(config.to_json()))
+
+
+def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+  """Loads the data, builds the vocabulary, the model and the compiled embedders."""
+  data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+  sequence = tasks_lib.load_task_sequence(config.data, data_dir)
+  # The vocabulary sees training captions only (VSE++), of every task: the
+  # paper's model has one fixed vocabulary across the sequence.
+  vocab = text_lib.build_vocabulary(
+      (c for task in sequence.tasks for caps in task.train.captions for c in caps),
+      min_count=config.data.vocab_min_count)
+  encoded, truncated = [], 0
+  for task in sequence.tasks:
+    splits = {}
+    for name in ("train", "val", "test"):
+      splits[name], n = pipeline.encode_split(getattr(task, name), vocab,
+                                              config.data.max_caption_len)
+      truncated += n
+    encoded.append(splits)
+  if truncated:
+    logging.warning("%d captions longer than max_caption_len=%d were truncated.",
+                    truncated, config.data.max_caption_len)
+  model = dual_encoder.build_model(config.model, vocab.size)
+  image_shape = encoded[0]["train"].images.shape[1:]
+  params_template = jax.eval_shape(
+      lambda: dual_encoder.init_params(model, jax.random.PRNGKey(0), image_shape,
+                                       config.data.max_caption_len))
+  mesh = sharding.make_mesh()
+  embed_images, embed_texts = train_lib.make_embed_fns(model, mesh)
+  return Setup(config, workdir, sequence, vocab, tuple(encoded), truncated, model,
+               mesh, params_template, embed_images, embed_texts)
+
+
+# --------------------------------------------------------------------- training
+
+
+def _snapshot_meta(setup: Setup, task: int) -> dict:
+  return {"task": task, "vocab": setup.vocab.to_json(),
+          "config": _config_subset(setup.config)}
+
+
+def load_snapshot(setup: Setup, task: int) -> Any:
+  """Params of snapshot `task` (1-based), checked against this setup's vocabulary."""
+  params, meta = checkpoints.restore_snapshot(
+      setup.workdir, task, setup.params_template, sharding.replicated(setup.mesh))
+  if text_lib.Vocabulary.from_json(meta["vocab"]) != setup.vocab:
+    raise ValueError(
+        f"snapshot {task} in {setup.workdir} was trained with another vocabulary "
+        "than this config's data gives; evaluate it with the config it was "
+        "trained with (the workdir's config.json).")
+  return params
+
+
+def train_one_task(setup: Setup, t: int, params: Any, train_step, optimizer,
+                   strategy: strategies.Strategy) -> Any:
+  """Trains task index t (0-based) from `params`, resuming a saved state if any."""
+  cfg = setup.config
+  steps = cfg.train.steps_per_task
+  state = train_lib.create_train_state(params, optimizer, step=t * steps)
+  first_step = 0
+  resumed = checkpoints.restore_latest_state(
+      setup.workdir, jax.eval_shape(lambda: state), sharding.replicated(setup.mesh))
+  if resumed is not None and resumed[1]["task"] == t + 1:
+    state, first_step = resumed[0], resumed[1]["next_step"]
+    logging.info("task %d: resuming at step %d from %s/state", t + 1, first_step,
+                 setup.workdir)
+  pool = pipeline.concatenate(
+      [setup.encoded[i]["train"] for i in strategy.training_tasks(t)])
+
+  def save(state, next_step):
+    checkpoints.save_state(setup.workdir, state, {"task": t + 1, "next_step": next_step})
+
+  state = train_lib.train_task(
+      state, train_step,
+      lambda s: pipeline.train_batch(pool, cfg.train.batch_size, seed=cfg.seed,
+                                     task=t, step=s),
+      first_step=first_step, num_steps=steps, mesh=setup.mesh,
+      checkpoint_every=cfg.train.checkpoint_every, checkpoint_fn=save,
+      log_every=cfg.train.log_every, task=t + 1)
+  return state["params"]
+
+
+# --------------------------------------------------------------------- indexing
+
+
+def index_dir(workdir: str, snapshot: int, task: int, modality: str) -> str:
+  """Where the index of task `task`'s gallery embedded by `snapshot` lives."""
+  return os.path.join(workdir, "indices", f"snap_{snapshot}", f"task_{task}", modality)
+
+
+def test_queries(setup: Setup, params: Any, j: int) -> dict[str, dict[str, np.ndarray]]:
+  """Task j's (0-based) test images and captions embedded with `params`.
+
+  Returns {"images": {"emb" [N, D], "item_ids" [N], "owners" [N]},
+           "texts": {"emb" [C*N, D], "item_ids" [C*N], "owners" [C*N]}}.
+  """
+  test = setup.encoded[j]["test"]
+  bs = setup.config.eval.batch_size
+  caps = pipeline.caption_arrays(test)
+  return {
+      "images": {"emb": train_lib.embed_in_batches(
+          setup.embed_images, params, (test.images,), bs, setup.mesh),
+                 "item_ids": test.ids, "owners": test.ids},
+      "texts": {"emb": train_lib.embed_in_batches(
+          setup.embed_texts, params, (caps["tokens"], caps["lengths"]), bs, setup.mesh),
+                "item_ids": caps["item_ids"], "owners": caps["owners"]},
+  }
+
+
+def build_indices(setup: Setup, snapshot: int, params: Any,
+                  queries: dict[int, dict] | None = None) -> list[dict]:
+  """Builds (or keeps, when complete on disk) the indices of snapshot `snapshot`.
+
+  The gallery of task `snapshot` always (the fixed regime's index); with
+  `index.reindex`, every earlier task's gallery too. Returns their metadata.
+  """
+  tasks = range(1, snapshot + 1) if setup.config.index.reindex else [snapshot]
+  built = []
+  for task in tasks:
+    emb = None
+    for modality in MODALITIES:
+      path = index_dir(setup.workdir, snapshot, task, modality)
+      if not os.path.exists(os.path.join(path, "metadata.json")):
+        if emb is None:
+          emb = (queries or {}).get(task - 1) or test_queries(setup, params, task - 1)
+        index = indexing.build_index(
+            emb[modality]["emb"], emb[modality]["item_ids"],
+            backend=setup.config.index.backend, snapshot=snapshot, task=task,
+            modality=modality)
+        indexing.save_index(index, path)
+      built.append({"snapshot": snapshot, "task": task, "modality": modality,
+                    "path": os.path.relpath(path, setup.workdir)})
+  return built
+
+
+# ------------------------------------------------------------------- evaluation
+
+
+def _gallery_snapshot(regime: str, t: int, j: int) -> int:
+  """1-based snapshot whose embeddings form task j's gallery after task t (0-based)."""
+  return j + 1 if regime == "fixed" else t + 1
+
+
+def _owner_of(modality: str, item_ids: np.ndarray, captions_per_image: int) -> np.ndarray:
+  """The image id each gallery item belongs to (captions: id * C + c)."""
+  return item_ids // captions_per_image if modality == "texts" else item_ids
+
+
+def _text_to_image(query_owners, gallery_owners, direction) -> np.ndarray:
+  """For each caption row, the row of its image on the other side (-1 if absent)."""
+  images, captions = ((query_owners, gallery_owners) if direction == "i2t"
+                      else (gallery_owners, query_owners))
+  row_of = {int(i): r for r, i in enumerate(images)}
+  return np.array([row_of.get(int(o), -1) for o in captions], np.int64)
+
+
+def evaluate_after_task(setup: Setup, t: int, params: Any,
+                        queries: dict[int, dict] | None = None,
+                        embeddings_dir: str | None = None) -> dict:
+  """Every metric on the test queries of tasks 0..t embedded by snapshot t+1.
+
+  Queries are searched in indices loaded from disk: fixed (task j's gallery
+  from snapshot j+1) and, with `index.reindex`, reindex (from snapshot t+1);
+  task-aware (task j's gallery) and task-agnostic (the union of every seen
+  gallery, searched per index and merged by score).
+
+  Returns {regime: {scope: {direction: {str(j+1): metrics}}}} where metrics
+  has r1, r5, r10 (from the index's top-k), medr, meanr (exact ranks over the
+  same gallery embeddings) and index_recall_at_10 (the index's top-10 against
+  exact search on the same embeddings). With `embeddings_dir`, also writes the
+  query and gallery embeddings of every evaluation and returns their manifest.
+  """
+  cfg = setup.config
+  ks = tuple(cfg.eval.ks)
+  k = max(ks)
+  cpi = setup.encoded[0]["test"].captions_per_image
+  queries = queries or {}
+  regimes = ("fixed", "reindex") if cfg.index.reindex else ("fixed",)
+  index_cache: dict[tuple, indexing.Index] = {}
+
+  def get_index(snapshot, task, modality):
+    key = (snapshot, task, modality)
+    if key not in index_cache:
+      path = index_dir(setup.workdir, snapshot, task, modality)
+      index_cache[key] = indexing.load_index(
+          path, expect_snapshot=snapshot, expect_task=task, expect_modality=modality,
+          expect_dim=cfg.model.embed_dim)
+    return index_cache[key]
+
+  metrics: dict = {}
+  manifest = []
+  for j in range(t + 1):
+    q = queries.get(j) or test_queries(setup, params, j)
+    for regime in regimes:
+      for scope in ("task_aware", "task_agnostic"):
+        gallery_tasks = [j] if scope == "task_aware" else list(range(t + 1))
+        for direction, (qm, gm) in (("i2t", ("images", "texts")),
+                                    ("t2i", ("texts", "images"))):
+          indices = [get_index(_gallery_snapshot(regime, t, g), g + 1, gm)
+                     for g in gallery_tasks]
+          gallery_emb = np.concatenate([ix.embeddings for ix in indices])
+          gallery_ids = np.concatenate([ix.item_ids for ix in indices])
+          gallery_owner = _owner_of(gm, gallery_ids, cpi)
+          query_emb, query_owner = q[qm]["emb"], q[qm]["owners"]
+          _, top_ids = indexing.search_many(indices, query_emb, k)
+          ranks = evaluation.ranks_from_topk(_owner_of(gm, top_ids, cpi), query_owner)
+          exact = evaluation.exact_ranks(query_emb, gallery_emb, query_owner,
+                                         gallery_owner)
+          _, exact_rows = indexing.exact_search(query_emb, gallery_emb, k)
+          agreement = np.mean([len(set(a) & set(b)) / k for a, b in
+                               zip(top_ids.tolist(), gallery_ids[exact_rows].tolist())])
+          m = {**evaluation.recall_at_k(ranks, ks), **evaluation.rank_stats(exact),
+               "index_recall_at_10": float(agreement)}
+          metrics.setdefault(regime, {}).setdefault(scope, {}).setdefault(
+              direction, {})[str(j + 1)] = m
+          if embeddings_dir is not None:
+            name = f"{direction}_q{t + 1}_{regime}_task{j + 1}_{scope}.npz"
+            buf = _npz_bytes(query_emb=query_emb, gallery_emb=gallery_emb,
+                             text_to_image=_text_to_image(query_owner, gallery_owner,
+                                                          direction))
+            reporting.write_atomic(os.path.join(embeddings_dir, name), buf)
+            manifest.append({
+                "file": name, "direction": direction, "query_snapshot": t + 1,
+                "gallery_snapshots": [_gallery_snapshot(regime, t, g)
+                                      for g in gallery_tasks],
+                "gallery_tasks": [g + 1 for g in gallery_tasks],
+                "regime": regime, "task": j + 1, "scope": scope,
+                **{f"r{kk}": m[f"r{kk}"] for kk in (1, 5, 10)}})
+  return {"metrics": metrics, "embeddings": manifest}
+
+
+def _npz_bytes(**arrays) -> bytes:
+  import io
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+# ------------------------------------------------------------------ aggregation
+
+
+def _versions() -> dict:
+  import flax, optax, orbax.checkpoint, scann, tensorflow_datasets  # noqa: E401
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "flax": flax.__version__, "optax": optax.__version__,
+          "orbax_checkpoint": orbax.checkpoint.__version__,
+          "scann": getattr(scann, "__version__", "1.4.2"),
+          "tensorflow_datasets": tensorflow_datasets.__version__,
+          "numpy": np.__version__}
+
+
+def aggregate(setup: Setup, rows: list[dict]) -> dict:
+  """results.json's content from the per-task evaluation rows (in task order)."""
+  num = len(rows)
+  metrics: dict = {}
+  for t, row in enumerate(rows):
+    for regime, scopes in row["metrics"].items():
+      for scope, directions in scopes.items():
+        for direction, per_task in directions.items():
+          for j_str, m in per_task.items():
+            j = int(j_str) - 1
+            for name, value in m.items():
+              mat = metrics.setdefault(regime, {}).setdefault(scope, {}).setdefault(
+                  direction, {}).setdefault(name, [[None] * num for _ in range(num)])
+              mat[t][j] = value
+  summary: dict = {}
+  for regime, scopes in metrics.items():
+    for scope, d in scopes.items():
+      rsum = [[None if d["i2t"]["r1"][t][j] is None else
+               sum(d[x][f"r{kk}"][t][j] for x in ("i2t", "t2i") for kk in (1, 5, 10))
+               for j in range(num)] for t in range(num)]
+      d["rsum"] = rsum
+      summary.setdefault(regime, {})[scope] = {
+          name: evaluation.continual_summary(
+              np.array(mat, dtype=float))
+          for name, mat in (("i2t_r1", d["i2t"]["r1"]), ("t2i_r1", d["t2i"]["r1"]),
+                            ("rsum", rsum))}
+  return {
+      "config": json.loads(setup.config.to_json()),
+      "task_split": setup.sequence.describe(),
+      "vocabulary_size": setup.vocab.size,
+      "truncated_captions": setup.truncated_captions,
+      "tasks_completed": num,
+      "metrics": metrics,
+      "summary": summary,
+      "versions": _versions(),
+      "devices": {"count": jax.device_count(), "kind": jax.devices()[0].device_kind},
+  }
+
+
+def write_results(setup: Setup, results: dict, name: str = "results") -> None:
+  """results/<name>.json, <name>.md and the R@1 matrix plot."""
+  out = os.path.join(setup.workdir, "results")
+  reporting.write_json(os.path.join(out, f"{name}.json"), results)
+  reporting.write_atomic(os.path.join(out, f"{name}.md"),
+                         reporting.results_markdown(results))
+  reporting.plot_r1_matrices(results, os.path.join(out, "plots", f"{name}_r1.png"))
+
+
+# ----------------------------------------------------------------- entry points
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the whole continual experiment; returns results.json's content."""
+  os.makedirs(workdir, exist_ok=True)
+  check_workdir_config(config, workdir)
+  timing: dict[str, float] = {}
+
+  def timed(stage, fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - start
+    return out
+
+  setup = timed("data_s", build_setup, config, workdir)
+  strategy = strategies.get_strategy(config.strategy)
+  sharding.check_batch_size(config.train.batch_size, setup.mesh)
+  optimizer = train_lib.make_optimizer(config.optim, config.train.steps_per_task,
+                                       strategy)
+  train_step = train_lib.make_train_step(
+      setup.model, optimizer, train_lib.make_loss(config.loss), setup.mesh, strategy)
+  done = set(checkpoints.completed_snapshots(workdir))
+  rows_dir = os.path.join(workdir, "results", "rows")
+  emb_dir = (os.path.join(workdir, "embeddings") if config.eval.save_embeddings
+             else None)
+  rows, manifest, params = [], [], None
+  for t in range(setup.num_tasks):
+    if t + 1 in done:
+      params = None  # Loaded below only if this task's later stages are missing.
+    else:
+      if params is None:
+        params = (load_snapshot(setup, t) if t > 0 else dual_encoder.init_params(
+            setup.model, jax.random.PRNGKey(config.seed),
+            setup.encoded[0]["train"].images.shape[1:], config.data.max_caption_len))
+      params = timed("train_s", train_one_task, setup, t, params, train_step,
+                     optimizer, strategy)
+      checkpoints.save_snapshot(workdir, t + 1, params, _snapshot_meta(setup, t + 1))
+    row_path = os.path.join(rows_dir, f"task_{t + 1}.json")
+    if os.path.exists(row_path) and emb_dir is None:
+      rows.append(reporting.read_json(row_path))
+      continue
+    if params is None:
+      params = load_snapshot(setup, t + 1)
+    queries = {j: timed("embed_s", test_queries, setup, params, j) for j in range(t + 1)}
+    timed("index_s", build_indices, setup, t + 1, params, queries)
+    row = timed("evaluate_s", evaluate_after_task, setup, t, params, queries, emb_dir)
+    manifest += row.pop("embeddings")
+    reporting.write_json(row_path, row)
+    rows.append(row)
+    _log_row(t, row)
+  results = aggregate(setup, rows)
+  timed("report_s", write_results, setup, results)
+  if emb_dir is not None:
+    reporting.write_json(os.path.join(emb_dir, "manifest.json"), manifest)
+  reporting.write_json(os.path.join(workdir, "results", "timing.json"), timing)
+  return results
+
+
+def evaluate_workdir(workdir: str) -> dict:
+  """Recomputes every result from a workdir's snapshots and indices alone.
+
+  Nothing is trained or indexed: a missing index is an error. Writes
+  results/evaluate.json (and .md) beside the training run's results.json.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{workdir} has no config.json: it is not a ccr_jax workdir (train first "
+        "with --mode=train).")
+  config = ml_collections.ConfigDict(reporting.read_json(path))
+  setup = build_setup(config, workdir)
+  done = checkpoints.completed_snapshots(workdir)
+  if not done:
+    raise FileNotFoundError(f"{workdir}/snapshots holds no complete snapshot.")
+  rows = []
+  for t in range(max(done)):
+    rows.append(evaluate_after_task(setup, t, load_snapshot(setup, t + 1)))
+    rows[-1].pop("embeddings")
+  results = aggregate(setup, rows)
+  write_results(setup, results, name="evaluate")
+  return results
+
+
+def _log_row(t: int, row: dict) -> None:
+  for regime, scopes in row["metrics"].items():
+    aware = scopes["task_aware"]
+    logging.info("after task %d, %s, task-aware R@1 i2t %s | t2i %s", t + 1, regime,
+                 " ".join(f"{m['r1']:.1f}" for m in aware["i2t"].values()),
+                 " ".join(f"{m['r1']:.1f}" for m in aware["t2i"].values()))

@@ -1,0 +1,168 @@
+"""The train state, the pure train step compiled over a mesh, and train_task.
+
+The state is a plain pytree {"params", "opt", "step"}. One `train_step` is
+compiled per experiment: batch shapes are fixed, the optimizer state is reset
+(not rebuilt) between tasks, so nothing recompiles when the task changes.
+"""
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from ccr_jax import losses as losses_lib
+from ccr_jax import sharding
+from ccr_jax.models.dual_encoder import DualEncoder
+from ccr_jax.strategies import Strategy
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict,
+                           steps_per_task: int) -> optax.Schedule:
+  """VSE++-style step decay, restarted at every task.
+
+  lr = learning_rate for the first `decay_at` fraction of a task's steps, then
+  learning_rate * decay_factor (VSE++: x0.1 after 15 of 30 epochs).
+  """
+  boundary = int(optim.decay_at * steps_per_task)
+
+  def schedule(step):
+    within = step % steps_per_task
+    return optim.learning_rate * jnp.where(within < boundary, 1.0, optim.decay_factor)
+
+  return schedule
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, steps_per_task: int,
+                   strategy: Strategy) -> optax.GradientTransformation:
+  """strategy transform -> global-norm clip -> Adam with the per-task schedule."""
+  return optax.chain(
+      strategy.transform,
+      optax.clip_by_global_norm(optim.grad_clip),
+      optax.adam(learning_rate_schedule(optim, steps_per_task)),
+  )
+
+
+def make_loss(loss_config: ml_collections.ConfigDict) -> Callable:
+  """The registered loss with the config's values bound: (img, txt, *, image_ids, step)."""
+  kwargs = {"margin": loss_config.margin, "reduction": loss_config.reduction}
+  if loss_config.name == "vse_pp":
+    kwargs["warmup_steps"] = loss_config.warmup_steps
+  return functools.partial(losses_lib.get_loss(loss_config.name), **kwargs)
+
+
+def create_train_state(params: Any, optimizer: optax.GradientTransformation,
+                       step: int = 0) -> dict:
+  """{"params", "opt", "step"} with a fresh optimizer state at global `step`."""
+  return {"params": params, "opt": optimizer.init(params),
+          "step": jnp.asarray(step, jnp.int32)}
+
+
+def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
+                    loss_fn: Callable, mesh: Mesh,
+                    strategy: Strategy) -> Callable:
+  """Compiles `train_step(state, batch) -> (state, metrics)` over `mesh`.
+
+  The batch (images [B, H, W, 3], tokens [B, L], lengths [B], image_ids [B]) is
+  sharded on the `data` axis; state is replicated and donated. The loss is
+  computed over the global batch: XLA gathers the embeddings it needs, so the
+  result equals the single-device step up to float reassociation.
+  """
+
+  def loss_and_extras(params, batch, step):
+    img, txt = model.apply({"params": params}, batch["images"], batch["tokens"],
+                           batch["lengths"])
+    loss, extras = loss_fn(img, txt, image_ids=batch["image_ids"], step=step)
+    extras = {"contrastive": loss, **extras}
+    if strategy.loss_term is not None:
+      extra_loss, extra_extras = strategy.loss_term(params, batch, img, txt)
+      loss = loss + extra_loss
+      extras.update(extra_extras)
+    return loss, extras
+
+  def train_step(state, batch):
+    (loss, extras), grads = jax.value_and_grad(loss_and_extras, has_aux=True)(
+        state["params"], batch, state["step"])
+    updates, opt = optimizer.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **extras}
+    return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
+
+  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  return jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
+
+
+def train_task(state: dict, train_step: Callable, batch_fn: Callable[[int], dict],
+               *, first_step: int, num_steps: int, mesh: Mesh,
+               checkpoint_every: int, checkpoint_fn: Callable[[dict, int], None],
+               log_every: int, task: int) -> dict:
+  """Runs steps `first_step .. num_steps-1` of one task and returns the state.
+
+  Args:
+    batch_fn: step within the task -> host batch (a pure function of the step,
+      so a resumed task draws the same batches).
+    checkpoint_fn: called as (state, next step within task) every
+      `checkpoint_every` steps.
+  Raises:
+    FloatingPointError: when the loss is not finite, naming the step range;
+      the last state checkpoint on disk is left as it was.
+  """
+  metrics_sum, since = None, first_step
+  for step in range(first_step, num_steps):
+    batch = sharding.shard_batch(batch_fn(step), mesh)
+    state, metrics = train_step(state, batch)
+    metrics_sum = metrics if metrics_sum is None else jax.tree.map(
+        jnp.add, metrics_sum, metrics)
+    done = step + 1
+    if done % log_every == 0 or done == num_steps:
+      # The only host sync in the loop: reading the metrics to log them.
+      host = jax.tree.map(lambda x: float(x) / (done - since),
+                          jax.device_get(metrics_sum))
+      if not np.isfinite(host["loss"]):
+        raise FloatingPointError(
+            f"task {task}: loss became {host['loss']} between steps {since} and "
+            f"{done}; the last good state checkpoint is left intact. Lower "
+            "--config.optim.learning_rate or check the data.")
+      logging.info("task %d step %d/%d  %s", task, done, num_steps,
+                   "  ".join(f"{k}={v:.4g}" for k, v in sorted(host.items())))
+      metrics_sum, since = None, done
+    if checkpoint_every and done % checkpoint_every == 0 and done < num_steps:
+      checkpoint_fn(state, done)
+  return state
+
+
+def make_embed_fns(model: DualEncoder, mesh: Mesh) -> tuple[Callable, Callable]:
+  """Jitted (embed_images(params, images), embed_texts(params, tokens, lengths))."""
+  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  embed_images = jax.jit(
+      lambda p, x: model.apply({"params": p}, x, method=DualEncoder.embed_images),
+      in_shardings=(rep, data), out_shardings=data)
+  embed_texts = jax.jit(
+      lambda p, t, l: model.apply({"params": p}, t, l, method=DualEncoder.embed_texts),
+      in_shardings=(rep, data, data), out_shardings=data)
+  return embed_images, embed_texts
+
+
+def embed_in_batches(embed_fn: Callable, params: Any, arrays: tuple[np.ndarray, ...],
+                     batch_size: int, mesh: Mesh) -> np.ndarray:
+  """Embeds rows of `arrays` (each [N, ...]) in fixed-size batches -> [N, dim] float32.
+
+  The last batch is padded to `batch_size` (by repeating row 0) so one compiled
+  program serves every gallery size.
+  """
+  n = len(arrays[0])
+  out = []
+  for start in range(0, n, batch_size):
+    chunk = [a[start:start + batch_size] for a in arrays]
+    pad = batch_size - len(chunk[0])
+    if pad:
+      chunk = [np.concatenate([c, np.repeat(c[:1], pad, axis=0)]) for c in chunk]
+    placed = [jax.device_put(c, sharding.batch_sharded(mesh)) for c in chunk]
+    out.append(np.asarray(embed_fn(params, *placed))[:batch_size - pad])
+  return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
