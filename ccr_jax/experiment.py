@@ -116,6 +116,17 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 # --------------------------------------------------------------------- training
 
 
+def initial_params(setup: Setup) -> Any:
+  """The model's initial params from `config.seed`, replicated on the mesh."""
+  # One jitted init: op-by-op initialisation compiles every initializer apart.
+  init = jax.jit(
+      lambda rng: dual_encoder.init_params(
+          setup.model, rng, setup.encoded[0]["train"].images.shape[1:],
+          setup.config.data.max_caption_len),
+      out_shardings=sharding.replicated(setup.mesh))
+  return init(jax.random.PRNGKey(setup.config.seed))
+
+
 def _snapshot_meta(setup: Setup, task: int) -> dict:
   return {"task": task, "vocab": setup.vocab.to_json(),
           "config": _config_subset(setup.config)}
@@ -138,7 +149,8 @@ def train_one_task(setup: Setup, t: int, params: Any, train_step, optimizer,
   """Trains task index t (0-based) from `params`, resuming a saved state if any."""
   cfg = setup.config
   steps = cfg.train.steps_per_task
-  state = train_lib.create_train_state(params, optimizer, step=t * steps)
+  state = train_lib.create_train_state(params, optimizer, setup.mesh,
+                                       step=t * steps)
   first_step = 0
   resumed = checkpoints.restore_latest_state(
       setup.workdir, jax.eval_shape(lambda: state), sharding.replicated(setup.mesh))
@@ -411,9 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       params = None  # Loaded below only if this task's later stages are missing.
     else:
       if params is None:
-        params = (load_snapshot(setup, t) if t > 0 else dual_encoder.init_params(
-            setup.model, jax.random.PRNGKey(config.seed),
-            setup.encoded[0]["train"].images.shape[1:], config.data.max_caption_len))
+        params = load_snapshot(setup, t) if t > 0 else initial_params(setup)
       params = timed("train_s", train_one_task, setup, t, params, train_step,
                      optimizer, strategy)
       checkpoints.save_snapshot(workdir, t + 1, params, _snapshot_meta(setup, t + 1))

@@ -57,10 +57,16 @@ def make_loss(loss_config: ml_collections.ConfigDict) -> Callable:
 
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation,
-                       step: int = 0) -> dict:
-  """{"params", "opt", "step"} with a fresh optimizer state at global `step`."""
-  return {"params": params, "opt": optimizer.init(params),
-          "step": jnp.asarray(step, jnp.int32)}
+                       mesh: Mesh, step: int = 0) -> dict:
+  """{"params", "opt", "step"} with a fresh optimizer state at global `step`.
+
+  Placed replicated on `mesh`, exactly as `train_step` returns it: a state
+  placed otherwise would compile the step a second time.
+  """
+  # Jitted: an eager optimizer.init compiles one tiny program per leaf.
+  return jax.jit(lambda p, s: {"params": p, "opt": optimizer.init(p), "step": s},
+                 out_shardings=sharding.replicated(mesh))(
+                     params, jnp.asarray(step, jnp.int32))
 
 
 def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,

@@ -43,7 +43,7 @@ TWO_DEVICE_SCRIPT = textwrap.dedent("""
       step = train_lib.make_train_step(model, opt, train_lib.make_loss(loss_cfg),
                                        mesh, strategy)
       params = dual_encoder.init_params(model, jax.random.PRNGKey(0), (8, 8, 3), 6)
-      state = sharding.replicate(train_lib.create_train_state(params, opt), mesh)
+      state = train_lib.create_train_state(params, opt, mesh)
       losses = []
       for b in batches:
         state, m = step(state, sharding.shard_batch(b, mesh))

@@ -1,0 +1,149 @@
+"""DualEncoder: an image tower and a text tower into one L2-normalised space.
+
+The towers are submodules named `img` and `txt`, so the parameter tree reads
+`{"img": ..., "txt": ...}`: per-tower policies (freezing, learning rates) match
+on those prefixes, and one modality can be embedded alone (a gallery) with
+
+  model.apply({"params": params}, images, method=DualEncoder.embed_images)
+"""
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ccr_jax.models import image_towers
+from ccr_jax.models import text_towers
+
+# Added to the squared norm: keeps the normalisation (and its gradient) finite
+# for an all-zero vector while leaving unit-scale vectors unchanged in float32.
+NORM_EPS = 1e-12
+
+
+def l2_normalize(x, eps=NORM_EPS):
+  """Scales each row to unit L2 norm; a zero row stays zero.
+
+  Args:
+    x: `[batch, dim]`.
+    eps: added to the squared norm before the reciprocal square root.
+
+  Returns:
+    `[batch, dim]`, rows of norm 1 (or 0 for zero rows).
+  """
+  return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + eps)
+
+
+class DualEncoder(nn.Module):
+  """Two towers whose normalised outputs are compared by dot product (cosine).
+
+  Attributes:
+    img: image tower, `images -> [batch, dim]`.
+    txt: text tower, `(tokens, lengths) -> [batch, dim]`.
+  """
+  img: nn.Module
+  txt: nn.Module
+
+  def embed_images(self, images):
+    """Embeds images.
+
+    Args:
+      images: `[batch, H, W, 3]` pixels, or `[batch, D]` / `[batch, R, D]`
+        precomputed features, whichever the image tower takes.
+
+    Returns:
+      `[batch, dim]` unit-norm float32 embeddings.
+    """
+    return l2_normalize(self.img(images))
+
+  def embed_texts(self, tokens, lengths):
+    """Embeds captions.
+
+    Args:
+      tokens: `[batch, max_len]` int32 padded token ids.
+      lengths: `[batch]` int32 true caption lengths.
+
+    Returns:
+      `[batch, dim]` unit-norm float32 embeddings.
+    """
+    return l2_normalize(self.txt(tokens, lengths))
+
+  def __call__(self, images, tokens, lengths):
+    """Embeds paired images and captions.
+
+    Args:
+      images: as in `embed_images`, batch `B`.
+      tokens: `[B, max_len]` int32.
+      lengths: `[B]` int32.
+
+    Returns:
+      `(img_emb [B, dim], txt_emb [B, dim])`, both unit norm.
+    """
+    return self.embed_images(images), self.embed_texts(tokens, lengths)
+
+
+def _cnn(model_config):
+  return image_towers.SmallCNN(
+      embed_dim=model_config.embed_dim,
+      widths=tuple(model_config.get("cnn_widths", (32, 64, 128))))
+
+
+def _precomputed(model_config):
+  return image_towers.PrecomputedProjection(embed_dim=model_config.embed_dim)
+
+
+def _gru(model_config, vocab_size):
+  return text_towers.GRUTextEncoder(
+      vocab_size=vocab_size, hidden_dim=model_config.embed_dim,
+      word_dim=model_config.get("word_dim", 300))
+
+
+IMAGE_TOWERS = {"cnn": _cnn, "precomputed": _precomputed}
+TEXT_TOWERS = {"gru": _gru}
+
+
+def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> DualEncoder:
+  """Builds the dual encoder a config names.
+
+  Args:
+    model_config: fields `image_tower` (one of `IMAGE_TOWERS`), `text_tower`
+      (one of `TEXT_TOWERS`), `embed_dim`, and optionally `word_dim` (300) and
+      `cnn_widths` ((32, 64, 128)).
+    vocab_size: size of the caption vocabulary, `<pad>` included.
+
+  Returns:
+    An unbound `DualEncoder`.
+
+  Raises:
+    ValueError: for an unknown tower name.
+  """
+  image_name, text_name = model_config.image_tower, model_config.text_tower
+  if image_name not in IMAGE_TOWERS:
+    raise ValueError(f"Unknown image_tower {image_name!r}; valid: {sorted(IMAGE_TOWERS)}")
+  if text_name not in TEXT_TOWERS:
+    raise ValueError(f"Unknown text_tower {text_name!r}; valid: {sorted(TEXT_TOWERS)}")
+  return DualEncoder(img=IMAGE_TOWERS[image_name](model_config),
+                     txt=TEXT_TOWERS[text_name](model_config, vocab_size))
+
+
+def init_params(model: DualEncoder, rng, image_shape: Sequence[int], max_len: int):
+  """Initialises the parameters from dummy inputs of the given shapes.
+
+  Only `jnp` arrays are created, so `jax.eval_shape(lambda r: init_params(model,
+  r, image_shape, max_len), rng)` gives the parameter shapes without allocating.
+
+  Args:
+    model: the dual encoder.
+    rng: a PRNG key.
+    image_shape: one image's shape without the batch dim: `(H, W, 3)` for
+      pixels, `(D,)` or `(R, D)` for precomputed features.
+    max_len: caption length bucket (the GRU's parameters do not depend on it).
+
+  Returns:
+    The `params` pytree, `{"img": ..., "txt": ...}`.
+  """
+  images = jnp.zeros((1, *image_shape), jnp.float32)
+  tokens = jnp.zeros((1, max_len), jnp.int32)
+  lengths = jnp.ones((1,), jnp.int32)
+  # One compilation of the whole init beats op-by-op dispatch of each initializer.
+  return jax.jit(model.init)(rng, images, tokens, lengths)["params"]

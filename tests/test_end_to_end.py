@@ -1,0 +1,121 @@
+"""The whole experiment through `main` on the tiny config: results, resume, evaluate."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ccr_jax import checkpoints
+from ccr_jax import experiment
+from configs import default
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+def _run_main(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, "-m", "ccr_jax.main", *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("tiny"))
+  proc = _run_main("--config=configs/default.py:tiny", f"--workdir={workdir}",
+                   "--config.eval.save_embeddings=True")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+def test_main_writes_every_output(tiny_run):
+  res = json.load(open(os.path.join(tiny_run, "results", "results.json")))
+  assert res["tasks_completed"] == 2
+  assert checkpoints.completed_snapshots(tiny_run) == [1, 2]
+  for regime in ("fixed", "reindex"):
+    for scope in ("task_aware", "task_agnostic"):
+      for d in ("i2t", "t2i"):
+        r1 = np.array(res["metrics"][regime][scope][d]["r1"], dtype=float)
+        assert r1.shape == (2, 2)
+        assert np.isnan(r1[0, 1]) and np.isfinite(r1[1]).all()
+        assert ((0 <= r1[np.isfinite(r1)]) & (r1[np.isfinite(r1)] <= 100)).all()
+  # After task 1 only one gallery exists: both regimes search the same index.
+  assert (res["metrics"]["fixed"]["task_aware"]["t2i"]["r1"][0][0] ==
+          res["metrics"]["reindex"]["task_aware"]["t2i"]["r1"][0][0])
+  for rel in ("indices/snap_1/task_1/images", "indices/snap_2/task_1/texts",
+              "indices/snap_2/task_2/images", "results/results.md",
+              "results/plots/results_r1.png", "results/timing.json"):
+    assert os.path.exists(os.path.join(tiny_run, rel)), rel
+
+
+def test_saved_embeddings_reproduce_reported_recalls(tiny_run):
+  """Recomputes every recall from the .npz files with plain NumPy."""
+  emb_dir = os.path.join(tiny_run, "embeddings")
+  manifest = json.load(open(os.path.join(emb_dir, "manifest.json")))
+  assert len(manifest) == 2 * 2 * 2 * (1 + 2)  # directions x regimes x scopes x (t, j)
+  for entry in manifest:
+    f = np.load(os.path.join(emb_dir, entry["file"]))
+    q, g, t2i = f["query_emb"], f["gallery_emb"], f["text_to_image"]
+    scores = q @ g.T
+    order = np.argsort(-scores, axis=1, kind="stable")
+    if entry["direction"] == "i2t":
+      hit = t2i[order] == np.arange(len(q))[:, None]
+    else:
+      hit = order == t2i[:, None]
+    first = np.where(hit.any(1), hit.argmax(1), len(g))
+    for k in (1, 5, 10):
+      # Tiny galleries use ScaNN's brute-force scoring, which is exact up to
+      # float rounding; near-ties could swap, hence 1e-6 on percentages only
+      # where none occurs in practice.
+      assert abs(100 * np.mean(first < k) - entry[f"r{k}"]) < 1e-6, entry
+
+
+def test_evaluate_mode_matches_training_run(tiny_run):
+  proc = _run_main("--mode=evaluate", f"--workdir={tiny_run}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  train = json.load(open(os.path.join(tiny_run, "results", "results.json")))
+  again = json.load(open(os.path.join(tiny_run, "results", "evaluate.json")))
+  assert again["metrics"] == train["metrics"]
+  assert again["summary"] == train["summary"]
+
+
+def test_rerun_of_finished_workdir_changes_nothing(tiny_run):
+  before = open(os.path.join(tiny_run, "results", "results.json")).read()
+  proc = _run_main("--config=configs/default.py:tiny", f"--workdir={tiny_run}",
+                   "--config.eval.save_embeddings=True")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert open(os.path.join(tiny_run, "results", "results.json")).read() == before
+
+
+def test_workdir_of_another_experiment_is_refused(tiny_run):
+  proc = _run_main("--config=configs/default.py:tiny", f"--workdir={tiny_run}",
+                   "--config.optim.learning_rate=0.5")
+  assert proc.returncode == 2
+  assert "different config" in proc.stderr and "new --workdir" in proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_killed_run_resumes_to_identical_results(tmp_path, monkeypatch):
+  config = default.get_config("tiny")
+  full = experiment.train_and_evaluate(config, str(tmp_path / "full"))
+
+  # Kill the second run while it saves task 2's snapshot: task 2's state
+  # checkpoint (step 2 of 4) is on disk, the snapshot is not.
+  real_save = checkpoints.save_snapshot
+
+  def dying_save(workdir, task, params, meta):
+    if task == 2:
+      raise KeyboardInterrupt("killed")
+    real_save(workdir, task, params, meta)
+
+  monkeypatch.setattr(checkpoints, "save_snapshot", dying_save)
+  with pytest.raises(KeyboardInterrupt):
+    experiment.train_and_evaluate(config, str(tmp_path / "killed"))
+  assert checkpoints.completed_snapshots(str(tmp_path / "killed")) == [1]
+  monkeypatch.setattr(checkpoints, "save_snapshot", real_save)
+  resumed = experiment.train_and_evaluate(config, str(tmp_path / "killed"))
+  # Same device count on CPU: bit-identical.
+  assert resumed["metrics"] == full["metrics"]

@@ -1,0 +1,197 @@
+"""Tests for ccr_jax.losses against plain-loop NumPy references."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ccr_jax import losses
+
+
+def reference_hinge(img, txt, ids, margin, hardest, reduction):
+  """Loop-by-loop VSE0/VSE++ loss and its gradients, in float64 NumPy.
+
+  Returns (loss, d loss / d img, d loss / d txt). The gradient uses
+  d S[a, b] / d img[a] = txt[b] and d S[a, b] / d txt[b] = img[a]; for the
+  hardest variant only the (unique, given random data) argmax is active.
+  """
+  img, txt = np.asarray(img, np.float64), np.asarray(txt, np.float64)
+  n = img.shape[0]
+  s = img @ txt.T
+  d_s = np.zeros_like(s)
+  total = 0.0
+  for i in range(n):
+    # Image i as query over captions j, then caption i as query over images j.
+    for direction in ("i2t", "t2i"):
+      costs = []
+      for j in range(n):
+        if ids[j] == ids[i]:
+          continue
+        neg = (i, j) if direction == "i2t" else (j, i)
+        cost = margin + s[neg] - s[i, i]
+        costs.append((max(cost, 0.0), neg))
+      if not costs:
+        continue
+      chosen = [max(costs, key=lambda c: c[0])] if hardest else costs
+      for cost, neg in chosen:
+        if cost > 0.0:
+          total += cost
+          d_s[neg] += 1.0
+          d_s[i, i] -= 1.0
+  scale = 1.0 if reduction == "sum" else 1.0 / n
+  return total * scale, d_s @ txt * scale, d_s.T @ img * scale
+
+
+def random_embeddings(seed, n, dim):
+  rng = np.random.default_rng(seed)
+  img = rng.normal(size=(n, dim))
+  # Weakly correlated pairs: about half of the hinges are active, so both the
+  # active and the clipped branches of relu are exercised.
+  txt = img + 3.0 * rng.normal(size=(n, dim))
+  img /= np.linalg.norm(img, axis=1, keepdims=True)
+  txt /= np.linalg.norm(txt, axis=1, keepdims=True)
+  return img.astype(np.float32), txt.astype(np.float32)
+
+
+IDS_UNIQUE = np.arange(6)
+IDS_DUPLICATE = np.array([0, 0, 1, 2, 2, 3])  # rows 0,1 and 3,4 share an image
+CASES = [
+    (name, reduction, ids_name, ids)
+    for name in ("vse0", "vse_pp")
+    for reduction in ("sum", "mean")
+    for ids_name, ids in (("unique", IDS_UNIQUE), ("duplicate", IDS_DUPLICATE))
+]
+
+
+@pytest.mark.parametrize("name,reduction,ids_name,ids", CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+def test_loss_and_grads_match_numpy_reference(name, reduction, ids_name, ids):
+  del ids_name
+  img, txt = random_embeddings(3, 6, 8)
+  loss_fn = functools.partial(losses.get_loss(name), image_ids=jnp.asarray(ids),
+                              margin=0.2, reduction=reduction, step=0)
+  (loss, extras), (g_img, g_txt) = jax.jit(
+      jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(img, txt)
+  want, want_g_img, want_g_txt = reference_hinge(
+      img, txt, ids, 0.2, hardest=(name == "vse_pp"), reduction=reduction)
+  # float32 sums of ~60 terms of magnitude <= 2.2: errors ~1e-6, so 1e-5 is tight.
+  assert want > 0.0
+  np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(extras["i2t"] + extras["t2i"], loss, rtol=1e-6)
+  np.testing.assert_allclose(g_img, want_g_img, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(g_txt, want_g_txt, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_cases_are_discriminative():
+  # Guards the data of the test above: with it, VSE0 differs from VSE++ and
+  # the duplicate ids change the loss, so a mask or reduction bug would show.
+  img, txt = random_embeddings(3, 6, 8)
+  value = lambda name, ids: losses.get_loss(name)(img, txt, image_ids=ids)[0]
+  assert abs(value("vse0", IDS_UNIQUE) - value("vse_pp", IDS_UNIQUE)) > 1.0
+  for name in ("vse0", "vse_pp"):
+    assert abs(value(name, IDS_UNIQUE) - value(name, IDS_DUPLICATE)) > 0.1
+
+
+@pytest.mark.parametrize("name", ["vse0", "vse_pp"])
+def test_grads_match_finite_differences_in_float64(name):
+  with jax.enable_x64(True):
+    img, txt = (x.astype(np.float64) for x in random_embeddings(1, 5, 4))
+    ids = jnp.asarray([0, 1, 1, 2, 3])
+    loss_fn = functools.partial(losses.get_loss(name), image_ids=ids, margin=0.2,
+                                reduction="sum", step=0)
+    scalar = jax.jit(lambda a, b: loss_fn(a, b)[0])
+    g_img, g_txt = jax.grad(scalar, argnums=(0, 1))(img, txt)
+    assert g_img.dtype == jnp.float64
+    h = 1e-6
+    for arg, grad in ((0, g_img), (1, g_txt)):
+      numeric = np.zeros_like(np.asarray(grad))
+      for idx in np.ndindex(*numeric.shape):
+        plus = [np.array(img), np.array(txt)]
+        minus = [np.array(img), np.array(txt)]
+        plus[arg][idx] += h
+        minus[arg][idx] -= h
+        numeric[idx] = (scalar(*plus) - scalar(*minus)) / (2 * h)
+      # The loss is piecewise linear in each coordinate (bilinear scores), so
+      # central differences are exact up to float64 rounding (~1e-10) unless a
+      # hinge sits within h of its kink, which these seeds avoid.
+      np.testing.assert_allclose(grad, numeric, atol=1e-7)
+
+
+def test_hand_computed_two_by_two():
+  img = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  txt = jnp.array([[1.0, 0.0], [0.6, 0.8]])
+  # S = [[1, .6], [0, .8]], margin .5:
+  #   i2t row 0: relu(.5 + .6 - 1) = .1;   row 1: relu(.5 + 0 - .8) = 0
+  #   t2i col 0: relu(.5 + 0 - 1) = 0;     col 1: relu(.5 + .6 - .8) = .3
+  # One negative per row, so VSE0 and VSE++ agree: .4 summed, .2 averaged.
+  for name in ("vse0", "vse_pp"):
+    loss_fn = losses.get_loss(name)
+    loss, extras = jax.jit(functools.partial(loss_fn, margin=0.5, reduction="sum", step=0))(
+        img, txt, image_ids=jnp.array([0, 1]))
+    # 1e-6: float32 rounding of 0.6 and 0.8.
+    np.testing.assert_allclose(loss, 0.4, atol=1e-6)
+    np.testing.assert_allclose(extras["i2t"], 0.1, atol=1e-6)
+    np.testing.assert_allclose(extras["t2i"], 0.3, atol=1e-6)
+    np.testing.assert_allclose(extras["mean_positive"], 0.9, atol=1e-6)
+    loss, _ = jax.jit(functools.partial(loss_fn, margin=0.5, reduction="mean", step=0))(
+        img, txt, image_ids=jnp.array([0, 1]))
+    np.testing.assert_allclose(loss, 0.2, atol=1e-6)
+    # Both captions of one image: no negatives at all, zero loss and gradient.
+    same = functools.partial(loss_fn, image_ids=jnp.array([7, 7]), margin=0.5,
+                             reduction="sum", step=0)
+    loss, grads = jax.jit(jax.value_and_grad(lambda a, b: same(a, b)[0], argnums=(0, 1)))(
+        img, txt)
+    assert loss == 0.0
+    assert all(np.all(np.asarray(g) == 0.0) for g in grads)
+
+
+def test_vse_pp_warmup_switches_under_jit_without_retracing():
+  img, txt = random_embeddings(2, 6, 8)
+  ids = jnp.asarray(IDS_DUPLICATE)
+  vse0_value = losses.vse0(img, txt, image_ids=ids, margin=0.2)[0]
+  hardest_value = losses.contrastive_hinge(img, txt, image_ids=ids, margin=0.2,
+                                           hardest=True)[0]
+  assert abs(vse0_value - hardest_value) > 0.1  # the two phases are distinguishable
+
+  traces = []
+  loss_fn = functools.partial(losses.get_loss("vse_pp"), margin=0.2, reduction="sum",
+                              warmup_steps=3)
+
+  @jax.jit
+  def step_fn(a, b, step):
+    traces.append(1)  # runs once per trace, not per call
+    return jax.value_and_grad(lambda x, y: loss_fn(x, y, image_ids=ids, step=step),
+                              argnums=(0, 1), has_aux=True)(a, b)
+
+  for step in range(6):
+    (loss, extras), _ = step_fn(img, txt, jnp.asarray(step, jnp.int32))
+    want = vse0_value if step < 3 else hardest_value
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    assert extras["hardest"] == float(step >= 3)
+  assert len(traces) == 1
+
+
+def test_vse_pp_without_warmup_is_hardest_and_needs_no_step():
+  img, txt = random_embeddings(3, 4, 8)
+  ids = jnp.arange(4)
+  loss, _ = losses.vse_pp(img, txt, image_ids=ids)
+  want, _, _ = reference_hinge(img, txt, np.arange(4), 0.2, hardest=True, reduction="sum")
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  with pytest.raises(ValueError, match="step"):
+    losses.vse_pp(img, txt, image_ids=ids, warmup_steps=2)
+
+
+def test_bfloat16_embeddings_are_scored_in_float32():
+  img, txt = random_embeddings(4, 6, 8)
+  loss, _ = losses.vse0(jnp.asarray(img, jnp.bfloat16), jnp.asarray(txt, jnp.bfloat16),
+                        image_ids=jnp.arange(6))
+  assert loss.dtype == jnp.float32
+
+
+def test_unknown_names_raise():
+  with pytest.raises(ValueError, match="vse0.*vse_pp"):
+    losses.get_loss("infonce_typo")
+  img, txt = random_embeddings(5, 2, 4)
+  with pytest.raises(ValueError, match="reduction"):
+    losses.vse0(img, txt, image_ids=jnp.arange(2), reduction="max")
