@@ -96,7 +96,7 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
         state["params"], batch, state["step"])
     updates, opt = optimizer.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **extras}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **extras}
     return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
 
   rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)

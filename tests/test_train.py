@@ -105,3 +105,30 @@ def test_joint_trains_on_every_seen_task():
   fine = strategies.get_strategy(ml_collections.ConfigDict({"name": "finetune"}))
   assert joint.training_tasks(2) == [0, 1, 2]
   assert fine.training_tasks(2) == [2]
+
+
+def test_train_step_compiles_once_across_tasks():
+  """A new task resets the optimizer state; that must not recompile the step."""
+  from ccr_jax.models import dual_encoder
+  cfg = ml_collections.ConfigDict(dict(image_tower="cnn", text_tower="gru",
+                                       embed_dim=8, word_dim=4, cnn_widths=(4,)))
+  optim = ml_collections.ConfigDict(dict(learning_rate=1e-3, grad_clip=2.0,
+                                         decay_at=0.5, decay_factor=0.1))
+  loss_cfg = ml_collections.ConfigDict(dict(name="vse0", margin=0.2,
+                                            reduction="sum", warmup_steps=0))
+  model = dual_encoder.build_model(cfg, vocab_size=10)
+  mesh = sharding.make_mesh()
+  strategy = strategies.get_strategy(ml_collections.ConfigDict({"name": "finetune"}))
+  opt = train_lib.make_optimizer(optim, 2, strategy)
+  step = train_lib.make_train_step(model, opt, train_lib.make_loss(loss_cfg), mesh,
+                                   strategy)
+  params = dual_encoder.init_params(model, jax.random.PRNGKey(0), (8, 8, 3), 5)
+  batch = dict(images=np.zeros((4, 8, 8, 3), np.uint8),
+               tokens=np.ones((4, 5), np.int32), lengths=np.full((4,), 3, np.int32),
+               image_ids=np.arange(4, dtype=np.int32))
+  for task in range(3):
+    state = train_lib.create_train_state(params, opt, mesh, step=2 * task)
+    for _ in range(2):
+      state, _ = step(state, sharding.shard_batch(batch, mesh))
+    params = state["params"]
+  assert step._cache_size() == 1
