@@ -33,7 +33,7 @@ def _snapshot_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointMa
       enable_async_checkpointing=False)
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "snapshots"), options=options,
-      item_names=("params", "meta"))
+      item_names=("params", "meta", "strategy"))
 
 
 def snapshot_dir(workdir: str, task: int) -> str:
@@ -49,27 +49,35 @@ def completed_snapshots(workdir: str) -> list[int]:
     return sorted(mngr.all_steps())
 
 
-def save_snapshot(workdir: str, task: int, params: Any, meta: dict) -> None:
+def save_snapshot(workdir: str, task: int, params: Any, meta: dict,
+                  strategy: Any = None) -> None:
   """Writes the params snapshot of task `task` (1-based) with JSON `meta`.
 
+  Args:
+    strategy: an optional pytree a continual strategy carries to later tasks
+      (e.g. EWC's importance accumulators), saved beside the params.
   Orbax writes into a temporary directory and renames it when complete, so a
   run killed mid-save leaves no snapshot that `completed_snapshots` lists.
   """
+  items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
+  if strategy is not None:
+    items["strategy"] = ocp.args.StandardSave(strategy)
   with _snapshot_manager(workdir) as mngr:
-    mngr.save(task, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)),
-              force=True)
+    mngr.save(task, args=ocp.args.Composite(**items), force=True)
     mngr.wait_until_finished()
 
 
 def restore_snapshot(workdir: str, task: int, params_template: Any,
-                     sharding: jax.sharding.Sharding) -> tuple[Any, dict]:
+                     sharding: jax.sharding.Sharding,
+                     strategy_template: Any = None) -> tuple[Any, dict]:
   """Restores (params, meta) of task `task` into `params_template`'s structure.
 
   Args:
     params_template: a pytree of arrays or ShapeDtypeStructs with the expected
       structure, shapes and dtypes (e.g. from `jax.eval_shape` of the init).
     sharding: where every restored leaf is placed.
+    strategy_template: when given, the strategy pytree saved with the snapshot
+      is restored too and returned as meta["strategy"].
   Raises:
     CheckpointError: naming the snapshot's path when it is missing, corrupt or
       does not match the template (another model configuration).
@@ -77,16 +85,22 @@ def restore_snapshot(workdir: str, task: int, params_template: Any,
   path = snapshot_dir(workdir, task)
   try:
     with _snapshot_manager(workdir, read_only=True) as mngr:
-      restored = mngr.restore(task, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(_abstract(params_template, sharding)),
-          meta=ocp.args.JsonRestore()))
+      items = {"params": ocp.args.StandardRestore(_abstract(params_template, sharding)),
+               "meta": ocp.args.JsonRestore()}
+      if strategy_template is not None:
+        items["strategy"] = ocp.args.StandardRestore(
+            _abstract(strategy_template, sharding))
+      restored = mngr.restore(task, args=ocp.args.Composite(**items))
   except Exception as e:  # Orbax raises many types, lazily, at restore time.
     raise CheckpointError(
         f"snapshot of task {task} at {path} could not be restored "
         f"({type(e).__name__}: {e}). If the model config changed, use a new "
         "--workdir; if the snapshot is corrupt, delete that directory and "
         "rerun to retrain from the previous task.") from e
-  return restored["params"], dict(restored["meta"])
+  meta = dict(restored["meta"])
+  if strategy_template is not None:
+    meta["strategy"] = restored["strategy"]
+  return restored["params"], meta
 
 
 def _state_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:

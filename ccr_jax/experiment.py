@@ -33,6 +33,7 @@ from ccr_jax.data import pipeline
 from ccr_jax.data import tasks as tasks_lib
 from ccr_jax.data import text as text_lib
 from ccr_jax.models import dual_encoder
+from ccr_jax.strategies import regularizers
 
 MODALITIES = ("images", "texts")
 # Config sections that define the experiment: a workdir that holds results of
@@ -132,25 +133,78 @@ def _snapshot_meta(setup: Setup, task: int) -> dict:
           "config": _config_subset(setup.config)}
 
 
-def load_snapshot(setup: Setup, task: int) -> Any:
-  """Params of snapshot `task` (1-based), checked against this setup's vocabulary."""
+def load_snapshot(setup: Setup, task: int, with_accumulators: bool = False) -> Any:
+  """Params of snapshot `task` (1-based), checked against this setup's vocabulary.
+
+  With `with_accumulators`, returns (params, importance accumulators saved
+  with the snapshot by an EWC / MAS / L2 strategy).
+  """
+  template = None
+  if with_accumulators:
+    template = {"importance": setup.params_template,
+                "weighted_anchor": setup.params_template}
   params, meta = checkpoints.restore_snapshot(
-      setup.workdir, task, setup.params_template, sharding.replicated(setup.mesh))
+      setup.workdir, task, setup.params_template, sharding.replicated(setup.mesh),
+      strategy_template=template)
   if text_lib.Vocabulary.from_json(meta["vocab"]) != setup.vocab:
     raise ValueError(
         f"snapshot {task} in {setup.workdir} was trained with another vocabulary "
         "than this config's data gives; evaluate it with the config it was "
         "trained with (the workdir's config.json).")
+  if with_accumulators:
+    return params, regularizers.ImportanceState(**meta["strategy"])
   return params
 
 
-def train_one_task(setup: Setup, t: int, params: Any, train_step, optimizer,
-                   strategy: strategies.Strategy) -> Any:
-  """Trains task index t (0-based) from `params`, resuming a saved state if any."""
+@dataclasses.dataclass(frozen=True)
+class Training:
+  """The compiled pieces of training, built once per experiment."""
+  strategy: strategies.Strategy
+  optimizer: Any
+  train_step: Any
+  importance_fns: dict
+
+
+def build_training(setup: Setup) -> Training:
+  """Strategy, optimizer and the one compiled train step for the whole sequence."""
   cfg = setup.config
+  sharding.check_batch_size(cfg.train.batch_size, setup.mesh)
+  loss_fn = train_lib.make_loss(cfg.loss)
+  strategy = strategies.get_strategy(cfg.strategy, loss_fn)
+  optimizer = train_lib.make_optimizer(cfg.optim, cfg.train.steps_per_task, strategy)
+  train_step = train_lib.make_train_step(setup.model, optimizer, loss_fn, setup.mesh,
+                                         strategy)
+  importance_fns = (train_lib.make_importance_fns(setup.model, loss_fn, setup.mesh,
+                                                  cfg.loss.reduction)
+                    if strategy.importance else {})
+  return Training(strategy, optimizer, train_step, importance_fns)
+
+
+def replay_pool(setup: Setup, strategy: strategies.Strategy,
+                t: int) -> pipeline.EncodedSplit | None:
+  """The replay memory available while training task t (0-based): past tasks' pairs."""
+  if strategy.replay is None or t == 0:
+    return None
+  rows = tasks_lib.replay_memory(
+      [len(setup.encoded[j]["train"]) for j in range(t)], strategy.replay.memory_size,
+      strategy.replay.policy, setup.config.seed)
+  return pipeline.concatenate([pipeline.subset(setup.encoded[j]["train"], r)
+                               for j, r in enumerate(rows)])
+
+
+def train_one_task(setup: Setup, training: Training, t: int, params: Any,
+                   accumulators: regularizers.ImportanceState | None) -> Any:
+  """Trains task index t (0-based) from `params`, resuming a saved state if any."""
+  cfg, strategy = setup.config, training.strategy
   steps = cfg.train.steps_per_task
-  state = train_lib.create_train_state(params, optimizer, setup.mesh,
-                                       step=t * steps)
+  strategy_state = None
+  if strategy.needs_old_model:
+    # A copy: the train step donates params, the old model must survive it.
+    old = jax.tree.map(lambda x: x.copy(), params) if t > 0 else None
+    strategy_state = train_lib.old_model_state(old, params)
+  state = train_lib.create_train_state(
+      params, training.optimizer, setup.mesh, step=t * steps,
+      strategy_state=strategy_state, accumulators=accumulators)
   first_step = 0
   resumed = checkpoints.restore_latest_state(
       setup.workdir, jax.eval_shape(lambda: state), sharding.replicated(setup.mesh))
@@ -160,18 +214,48 @@ def train_one_task(setup: Setup, t: int, params: Any, train_step, optimizer,
                  setup.workdir)
   pool = pipeline.concatenate(
       [setup.encoded[i]["train"] for i in strategy.training_tasks(t)])
+  memory = replay_pool(setup, strategy, t)
+  ratio = strategy.replay.ratio if strategy.replay else 0.0
 
   def save(state, next_step):
     checkpoints.save_state(setup.workdir, state, {"task": t + 1, "next_step": next_step})
 
   state = train_lib.train_task(
-      state, train_step,
-      lambda s: pipeline.train_batch(pool, cfg.train.batch_size, seed=cfg.seed,
-                                     task=t, step=s),
+      state, training.train_step,
+      lambda s: pipeline.mixed_batch(pool, memory, cfg.train.batch_size, ratio,
+                                     seed=cfg.seed, task=t, step=s),
       first_step=first_step, num_steps=steps, mesh=setup.mesh,
       checkpoint_every=cfg.train.checkpoint_every, checkpoint_fn=save,
       log_every=cfg.train.log_every, task=t + 1)
   return state["params"]
+
+
+def end_of_task(setup: Setup, training: Training, t: int, params: Any,
+                accumulators: regularizers.ImportanceState | None
+                ) -> regularizers.ImportanceState | None:
+  """The importance accumulators after task t (None for strategies without them).
+
+  The estimate averages over `importance_batches` batches of task t's training
+  data, drawn from a stream other than the training order's (seed + 1).
+  """
+  kind = training.strategy.importance
+  if kind is None:
+    return None
+  task_importance = None
+  if kind != "l2":
+    cfg = setup.config
+    pool = setup.encoded[t]["train"]
+    batches = (sharding.shard_batch(pipeline.train_batch(
+        pool, cfg.train.batch_size, seed=cfg.seed + 1, task=t, step=m), setup.mesh)
+               for m in range(training.strategy.importance_batches))
+    if kind == "mas":
+      task_importance = regularizers.mas_importance(
+          training.importance_fns["similarity"], params, batches)
+    else:
+      task_importance = regularizers.fisher_diagonal(
+          training.importance_fns["loss"], params, batches, cfg.train.batch_size)
+  return regularizers.accumulate(kind, accumulators, task_importance, params,
+                                 training.strategy.importance_decay)
 
 
 # --------------------------------------------------------------------- indexing
@@ -407,26 +491,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return out
 
   setup = timed("data_s", build_setup, config, workdir)
-  strategy = strategies.get_strategy(config.strategy)
-  sharding.check_batch_size(config.train.batch_size, setup.mesh)
-  optimizer = train_lib.make_optimizer(config.optim, config.train.steps_per_task,
-                                       strategy)
-  train_step = train_lib.make_train_step(
-      setup.model, optimizer, train_lib.make_loss(config.loss), setup.mesh, strategy)
+  training = build_training(setup)
+  importance = training.strategy.importance is not None
   done = set(checkpoints.completed_snapshots(workdir))
   rows_dir = os.path.join(workdir, "results", "rows")
   emb_dir = (os.path.join(workdir, "embeddings") if config.eval.save_embeddings
              else None)
-  rows, manifest, params = [], [], None
+  rows, manifest, params, accumulators = [], [], None, None
   for t in range(setup.num_tasks):
     if t + 1 in done:
       params = None  # Loaded below only if this task's later stages are missing.
     else:
       if params is None:
-        params = load_snapshot(setup, t) if t > 0 else initial_params(setup)
-      params = timed("train_s", train_one_task, setup, t, params, train_step,
-                     optimizer, strategy)
-      checkpoints.save_snapshot(workdir, t + 1, params, _snapshot_meta(setup, t + 1))
+        if t == 0:
+          params = initial_params(setup)
+          accumulators = regularizers.zeros_like(params) if importance else None
+        elif importance:
+          params, accumulators = load_snapshot(setup, t, with_accumulators=True)
+        else:
+          params = load_snapshot(setup, t)
+      params = timed("train_s", train_one_task, setup, training, t, params,
+                     accumulators)
+      accumulators = timed("strategy_s", end_of_task, setup, training, t, params,
+                           accumulators)
+      checkpoints.save_snapshot(
+          workdir, t + 1, params, _snapshot_meta(setup, t + 1),
+          strategy=accumulators._asdict() if accumulators is not None else None)
     row_path = os.path.join(rows_dir, f"task_{t + 1}.json")
     if os.path.exists(row_path) and emb_dir is None:
       rows.append(reporting.read_json(row_path))
@@ -441,6 +531,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows.append(row)
     _log_row(t, row)
   results = aggregate(setup, rows)
+  results["strategy"] = training.strategy.describe()
+  if training.strategy.replay is not None:
+    memory = tasks_lib.replay_memory(
+        [len(e["train"]) for e in setup.encoded[:-1]],
+        training.strategy.replay.memory_size, training.strategy.replay.policy,
+        config.seed)
+    results["strategy"]["replay_memory_per_task_at_last_task"] = [len(m) for m in memory]
   timed("report_s", write_results, setup, results)
   if emb_dir is not None:
     reporting.write_json(os.path.join(emb_dir, "manifest.json"), manifest)

@@ -20,6 +20,7 @@ from ccr_jax import losses as losses_lib
 from ccr_jax import sharding
 from ccr_jax.models.dual_encoder import DualEncoder
 from ccr_jax.strategies import Strategy
+from ccr_jax.strategies import regularizers
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict,
@@ -57,16 +58,44 @@ def make_loss(loss_config: ml_collections.ConfigDict) -> Callable:
 
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation,
-                       mesh: Mesh, step: int = 0) -> dict:
-  """{"params", "opt", "step"} with a fresh optimizer state at global `step`.
+                       mesh: Mesh, step: int = 0, *, strategy_state: dict | None = None,
+                       accumulators: regularizers.ImportanceState | None = None) -> dict:
+  """{"params", "opt", "step"[, "strategy"]} with a fresh optimizer state at `step`.
 
+  Args:
+    strategy_state: for strategies that need the previous snapshot,
+      {"old_params": params pytree, "active": float32 scalar} (see
+      `old_model_state`); kept unchanged by the train step.
+    accumulators: importance-regulariser accumulators (EWC, MAS, L2) to
+      install in the optimizer state.
   Placed replicated on `mesh`, exactly as `train_step` returns it: a state
   placed otherwise would compile the step a second time.
   """
+
+  def build(p, s, strategy_state, acc):
+    opt = optimizer.init(p)
+    if acc is not None:
+      opt = regularizers.install(opt, acc)
+    state = {"params": p, "opt": opt, "step": s}
+    if strategy_state is not None:
+      state["strategy"] = strategy_state
+    return state
+
   # Jitted: an eager optimizer.init compiles one tiny program per leaf.
-  return jax.jit(lambda p, s: {"params": p, "opt": optimizer.init(p), "step": s},
-                 out_shardings=sharding.replicated(mesh))(
-                     params, jnp.asarray(step, jnp.int32))
+  return jax.jit(build, out_shardings=sharding.replicated(mesh))(
+      params, jnp.asarray(step, jnp.int32), strategy_state, accumulators)
+
+
+def old_model_state(old_params: Any | None, params: Any) -> dict:
+  """state["strategy"] for distillation / compat: the previous snapshot, or none yet.
+
+  On the first task there is no previous snapshot: the current params stand in
+  (same shapes, so nothing recompiles later) and `active` = 0 switches the
+  loss term off.
+  """
+  active = old_params is not None
+  return {"old_params": old_params if active else params,
+          "active": jnp.float32(1.0 if active else 0.0)}
 
 
 def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
@@ -80,24 +109,28 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
   result equals the single-device step up to float reassociation.
   """
 
-  def loss_and_extras(params, batch, step):
-    img, txt = model.apply({"params": params}, batch["images"], batch["tokens"],
-                           batch["lengths"])
+  def embed(params, batch):
+    return model.apply({"params": params}, batch["images"], batch["tokens"],
+                       batch["lengths"])
+
+  def loss_and_extras(params, batch, step, strategy_state):
+    img, txt = embed(params, batch)
     loss, extras = loss_fn(img, txt, image_ids=batch["image_ids"], step=step)
     extras = {"contrastive": loss, **extras}
     if strategy.loss_term is not None:
-      extra_loss, extra_extras = strategy.loss_term(params, batch, img, txt)
-      loss = loss + extra_loss
+      old = embed(jax.lax.stop_gradient(strategy_state["old_params"]), batch)
+      extra_loss, extra_extras = strategy.loss_term(img, txt, old, batch, step)
+      loss = loss + strategy_state["active"] * extra_loss
       extras.update(extra_extras)
     return loss, extras
 
   def train_step(state, batch):
     (loss, extras), grads = jax.value_and_grad(loss_and_extras, has_aux=True)(
-        state["params"], batch, state["step"])
+        state["params"], batch, state["step"], state.get("strategy"))
     updates, opt = optimizer.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **extras}
-    return {"params": params, "opt": opt, "step": state["step"] + 1}, metrics
+    return {**state, "params": params, "opt": opt, "step": state["step"] + 1}, metrics
 
   rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
   return jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep),
@@ -172,3 +205,30 @@ def embed_in_batches(embed_fn: Callable, params: Any, arrays: tuple[np.ndarray, 
     placed = [jax.device_put(c, sharding.batch_sharded(mesh)) for c in chunk]
     out.append(np.asarray(embed_fn(params, *placed))[:batch_size - pad])
   return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
+
+
+def make_importance_fns(model: DualEncoder, loss_fn: Callable, mesh: Mesh,
+                        reduction: str) -> dict[str, Callable]:
+  """Jitted per-batch gradients that importance estimates average over tasks' data.
+
+  Returns {"loss": (params, batch) -> grad of the batch's per-pair mean loss,
+           "similarity": (params, batch) -> grad of ||S||_F^2 / B^2}, with S the
+  batch's image-caption similarity matrix (see strategies/regularizers.py).
+  """
+  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+
+  def mean_loss(params, batch):
+    img, txt = model.apply({"params": params}, batch["images"], batch["tokens"],
+                           batch["lengths"])
+    # The loss the task ended with (after any VSE0 warm-up of vse_pp).
+    loss, _ = loss_fn(img, txt, image_ids=batch["image_ids"],
+                      step=jnp.int32(jnp.iinfo(jnp.int32).max))
+    return loss / img.shape[0] if reduction == "sum" else loss
+
+  def similarity_energy(params, batch):
+    img, txt = model.apply({"params": params}, batch["images"], batch["tokens"],
+                           batch["lengths"])
+    return jnp.sum(jnp.square(img @ txt.T)) / img.shape[0] ** 2
+
+  return {name: jax.jit(jax.grad(fn), in_shardings=(rep, data), out_shardings=rep)
+          for name, fn in (("loss", mean_loss), ("similarity", similarity_energy))}

@@ -10,6 +10,8 @@ Joint training (the upper bound): add --config.strategy.name=joint.
 
 import ml_collections
 
+from ccr_jax import strategies
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The default config; `arg='tiny'` shrinks it to a seconds-long smoke test."""
@@ -56,8 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 200
   config.train.log_every = 50
 
-  config.strategy = ml_collections.ConfigDict()
-  config.strategy.name = "finetune"
+  # name: finetune | joint | freeze | ewc | online_ewc | mas | l2 | lwf | replay |
+  # compat, combined with '+' (e.g. ewc+replay); settings per component below.
+  config.strategy = strategies.default_config()
 
   config.index = ml_collections.ConfigDict()
   config.index.backend = "scann"

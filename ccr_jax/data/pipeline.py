@@ -100,3 +100,31 @@ def caption_arrays(split: EncodedSplit) -> dict[str, np.ndarray]:
       "item_ids": (split.ids[:, None] * c + np.arange(c)[None, :]).reshape(-1),
       "owners": np.repeat(split.ids, c),
   }
+
+
+def subset(split: EncodedSplit, rows: np.ndarray) -> EncodedSplit:
+  """The images `rows` of `split` with all their captions."""
+  return EncodedSplit(*(getattr(split, f.name)[rows]
+                        for f in dataclasses.fields(EncodedSplit)))
+
+
+def mixed_batch(pool: EncodedSplit, memory: EncodedSplit | None, batch_size: int,
+                ratio: float, *, seed: int, task: int, step: int) -> dict[str, np.ndarray]:
+  """A training batch whose last round(ratio * batch) pairs come from `memory`.
+
+  The current-task part follows `train_batch`'s epochs over `pool`; memory
+  pairs (image, caption) are drawn uniformly from their own stream. Memory
+  image ids are offset by len(pool): they are other images than the pool's.
+  Without a memory (first task) the whole batch comes from `pool`.
+  """
+  n_memory = int(round(ratio * batch_size)) if memory is not None and len(memory) else 0
+  batch = train_batch(pool, batch_size - n_memory, seed=seed, task=task, step=step)
+  if not n_memory:
+    return batch
+  rng = np.random.default_rng([seed, task, step, 1])
+  rows = rng.integers(0, len(memory), n_memory)
+  caps = rng.integers(0, memory.captions_per_image, n_memory)
+  extra = {"images": memory.images[rows], "tokens": memory.tokens[rows, caps],
+           "lengths": memory.lengths[rows, caps],
+           "image_ids": (rows + len(pool)).astype(np.int32)}
+  return {k: np.concatenate([batch[k], extra[k]]) for k in batch}

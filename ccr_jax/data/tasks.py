@@ -238,3 +238,41 @@ def load_task_sequence(data_config, data_dir: str) -> TaskSequence:
   return split_into_tasks(
       splits, task_categories,
       synthetic.CATEGORY_NAMES[:data_config.num_categories])
+
+
+def replay_memory(task_sizes: Sequence[int], memory_size: int, policy: str,
+                  seed: int) -> list[np.ndarray]:
+  """Which training examples of the past tasks a replay memory holds.
+
+  A pure function of its arguments, so a resumed run rebuilds the same memory.
+
+  Args:
+    task_sizes: number of training examples of each past task, in task order.
+    memory_size: slots in the memory.
+    policy: 'reservoir' — reservoir sampling (Algorithm R) over the stream of
+      every past example in task order, so each seen example is kept with equal
+      probability; 'balanced' — the same number of slots per task (the first
+      tasks take the remainder), each task's kept rows a random subset.
+  Returns:
+    For each past task, the sorted int64 rows of its training split in memory.
+  """
+  if policy == "balanced":
+    slots = [memory_size // len(task_sizes)] * len(task_sizes) if task_sizes else []
+    for i in range(memory_size - sum(slots)):
+      slots[i % len(slots)] += 1
+    return [np.sort(np.random.default_rng([seed, j]).permutation(n)[:min(m, n)])
+            for j, (n, m) in enumerate(zip(task_sizes, slots))]
+  if policy != "reservoir":
+    raise ValueError(f"unknown replay policy {policy!r}; valid: 'reservoir', 'balanced'.")
+  rng = np.random.default_rng(seed)
+  offsets = np.cumsum([0, *task_sizes])
+  reservoir: list[int] = []
+  for seen in range(int(offsets[-1])):
+    if len(reservoir) < memory_size:
+      reservoir.append(seen)
+    else:
+      slot = rng.integers(0, seen + 1)
+      if slot < memory_size:
+        reservoir[slot] = seen
+  kept = np.sort(np.asarray(reservoir, np.int64))
+  return [kept[(kept >= lo) & (kept < hi)] - lo for lo, hi in zip(offsets[:-1], offsets[1:])]
