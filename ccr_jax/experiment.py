@@ -64,7 +64,10 @@ class Setup:
 
 def _config_subset(config: ml_collections.ConfigDict) -> dict:
   d = json.loads(config.to_json())
-  return {k: d[k] for k in EXPERIMENT_SECTIONS if k in d}
+  subset = {k: d[k] for k in EXPERIMENT_SECTIONS if k in d}
+  # Indices and rows are built on the evaluation split: it defines the workdir.
+  subset["eval_split"] = d.get("eval", {}).get("split", "test")
+  return subset
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -267,12 +270,18 @@ def index_dir(workdir: str, snapshot: int, task: int, modality: str) -> str:
 
 
 def test_queries(setup: Setup, params: Any, j: int) -> dict[str, dict[str, np.ndarray]]:
-  """Task j's (0-based) test images and captions embedded with `params`.
+  """Task j's (0-based) evaluation images and captions embedded with `params`.
+
+  The split is `eval.split`: 'test' for reported numbers, 'val' to choose
+  hyperparameters (strategy strengths) without looking at the test set.
 
   Returns {"images": {"emb" [N, D], "item_ids" [N], "owners" [N]},
            "texts": {"emb" [C*N, D], "item_ids" [C*N], "owners" [C*N]}}.
   """
-  test = setup.encoded[j]["test"]
+  if setup.config.eval.split not in ("val", "test"):
+    raise ValueError(f"--config.eval.split={setup.config.eval.split!r}; valid: "
+                     "'val', 'test'.")
+  test = setup.encoded[j][setup.config.eval.split]
   bs = setup.config.eval.batch_size
   caps = pipeline.caption_arrays(test)
   return {
@@ -351,7 +360,7 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
   cfg = setup.config
   ks = tuple(cfg.eval.ks)
   k = max(ks)
-  cpi = setup.encoded[0]["test"].captions_per_image
+  cpi = setup.encoded[0]["train"].captions_per_image
   queries = queries or {}
   regimes = ("fixed", "reindex") if cfg.index.reindex else ("fixed",)
   index_cache: dict[tuple, indexing.Index] = {}

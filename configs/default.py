@@ -70,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.ks = (1, 5, 10)
   config.eval.batch_size = 256
   config.eval.save_embeddings = False
+  config.eval.split = "test"  # 'val' to tune hyperparameters without the test set
 
   if arg == "tiny":
     config.data.num_categories = 4

@@ -256,6 +256,8 @@ def replay_memory(task_sizes: Sequence[int], memory_size: int, policy: str,
   Returns:
     For each past task, the sorted int64 rows of its training split in memory.
   """
+  if not task_sizes:
+    return []
   if policy == "balanced":
     slots = [memory_size // len(task_sizes)] * len(task_sizes) if task_sizes else []
     for i in range(memory_size - sum(slots)):

@@ -129,10 +129,6 @@ def get_strategy(config: ml_collections.ConfigDict,
   parts = _components(config.name)
   transforms, terms, settings = [], [], {}
   kwargs: dict[str, Any] = {"joint": "joint" in parts}
-  if "freeze" in parts:
-    patterns = tuple(config.freeze.patterns)
-    transforms.append(freeze(patterns))
-    settings["freeze"] = {"patterns": list(patterns)}
   for kind in IMPORTANCE_KINDS:
     if kind in parts:
       section = "ewc" if kind == "online_ewc" else kind
@@ -146,6 +142,13 @@ def get_strategy(config: ml_collections.ConfigDict,
       if kind == "online_ewc":
         kwargs["importance_decay"] = config.ewc.decay
         settings[kind]["decay"] = config.ewc.decay
+  if "freeze" in parts:
+    # Last in the chain: zeroing after the importance pull keeps frozen leaves
+    # exact (the pull's F*theta - B cancels only up to float rounding, which
+    # Adam would scale up to a full step).
+    patterns = tuple(config.freeze.patterns)
+    transforms.append(freeze(patterns))
+    settings["freeze"] = {"patterns": list(patterns)}
   if "lwf" in parts:
     strength = config.lwf.strength
     emb_strength = config.lwf.embedding_strength
