@@ -98,18 +98,22 @@ def test_workdir_of_another_experiment_is_refused(tiny_run):
   assert "Traceback" not in proc.stderr
 
 
-def test_killed_run_resumes_to_identical_results(tmp_path, monkeypatch):
+@pytest.mark.parametrize("strategy", ["finetune", "ewc+lwf+replay"])
+def test_killed_run_resumes_to_identical_results(tmp_path, monkeypatch, strategy):
+  # ewc+lwf+replay carries state across the kill: importance accumulators in
+  # the snapshot, the old model in the train state, the replay memory.
   config = default.get_config("tiny")
+  config.strategy.name = strategy
   full = experiment.train_and_evaluate(config, str(tmp_path / "full"))
 
   # Kill the second run while it saves task 2's snapshot: task 2's state
   # checkpoint (step 2 of 4) is on disk, the snapshot is not.
   real_save = checkpoints.save_snapshot
 
-  def dying_save(workdir, task, params, meta):
+  def dying_save(workdir, task, params, meta, strategy=None):
     if task == 2:
       raise KeyboardInterrupt("killed")
-    real_save(workdir, task, params, meta)
+    real_save(workdir, task, params, meta, strategy)
 
   monkeypatch.setattr(checkpoints, "save_snapshot", dying_save)
   with pytest.raises(KeyboardInterrupt):
