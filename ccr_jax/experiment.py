@@ -207,7 +207,8 @@ def train_one_task(setup: Setup, training: Training, t: int, params: Any,
     strategy_state = train_lib.old_model_state(old, params)
   state = train_lib.create_train_state(
       params, training.optimizer, setup.mesh, step=t * steps,
-      strategy_state=strategy_state, accumulators=accumulators)
+      strategy_state=strategy_state, accumulators=accumulators,
+      freeze_active=strategy.freeze_active(t))
   first_step = 0
   resumed = checkpoints.restore_latest_state(
       setup.workdir, jax.eval_shape(lambda: state), sharding.replicated(setup.mesh))

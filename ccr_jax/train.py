@@ -59,7 +59,8 @@ def make_loss(loss_config: ml_collections.ConfigDict) -> Callable:
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation,
                        mesh: Mesh, step: int = 0, *, strategy_state: dict | None = None,
-                       accumulators: regularizers.ImportanceState | None = None) -> dict:
+                       accumulators: regularizers.ImportanceState | None = None,
+                       freeze_active: float | None = None) -> dict:
   """{"params", "opt", "step"[, "strategy"]} with a fresh optimizer state at `step`.
 
   Args:
@@ -68,14 +69,17 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation,
       `old_model_state`); kept unchanged by the train step.
     accumulators: importance-regulariser accumulators (EWC, MAS, L2) to
       install in the optimizer state.
+    freeze_active: the `freeze` strategy's flag for this task (1.0 frozen).
   Placed replicated on `mesh`, exactly as `train_step` returns it: a state
   placed otherwise would compile the step a second time.
   """
 
-  def build(p, s, strategy_state, acc):
+  def build(p, s, strategy_state, acc, frozen):
     opt = optimizer.init(p)
     if acc is not None:
       opt = regularizers.install(opt, acc)
+    if frozen is not None:
+      opt = optax.tree_utils.tree_set(opt, freeze_active=frozen)
     state = {"params": p, "opt": opt, "step": s}
     if strategy_state is not None:
       state["strategy"] = strategy_state
@@ -83,7 +87,8 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation,
 
   # Jitted: an eager optimizer.init compiles one tiny program per leaf.
   return jax.jit(build, out_shardings=sharding.replicated(mesh))(
-      params, jnp.asarray(step, jnp.int32), strategy_state, accumulators)
+      params, jnp.asarray(step, jnp.int32), strategy_state, accumulators,
+      None if freeze_active is None else jnp.float32(freeze_active))
 
 
 def old_model_state(old_params: Any | None, params: Any) -> dict:

@@ -255,7 +255,7 @@ def test_parameter_labels_match_full_paths():
 def test_freeze_keeps_image_tower_bit_identical(setup):
   _, optimizer, step = build_step(setup, "freeze")
   state = train_lib.create_train_state(host_copy(setup["params"]), optimizer,
-                                       setup["mesh"])
+                                       setup["mesh"], freeze_active=1.0)
   rng = np.random.default_rng(1)
   losses_seen = []
   for _ in range(STEPS):
@@ -271,6 +271,20 @@ def test_freeze_keeps_image_tower_bit_identical(setup):
   for before, after in zip(jax.tree.leaves(setup["params"]["txt"]),
                            jax.tree.leaves(final["txt"])):
     assert not np.array_equal(before, after)
+
+
+def test_freeze_waits_for_its_first_task(setup):
+  """freeze.from_task=2: on task 1 (flag 0) the image tower still learns."""
+  strategy, optimizer, step = build_step(setup, "freeze")
+  assert strategy.freeze_active(0) == 0.0 and strategy.freeze_active(1) == 1.0
+  state = train_lib.create_train_state(host_copy(setup["params"]), optimizer,
+                                       setup["mesh"], freeze_active=0.0)
+  rng = np.random.default_rng(1)
+  for _ in range(3):
+    state, _ = step(state, sharding.shard_batch(random_batch(rng), setup["mesh"]))
+  final = host_copy(state["params"])
+  assert any(not np.array_equal(b, a) for b, a in zip(
+      jax.tree.leaves(setup["params"]["img"]), jax.tree.leaves(final["img"])))
 
 
 def test_freeze_pattern_matching_nothing_raises(setup):

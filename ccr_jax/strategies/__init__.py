@@ -13,7 +13,7 @@ component's settings live in `config.strategy.<component>`.
 
 import dataclasses
 import re
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,8 +51,15 @@ class Strategy:
   importance_decay: float = 1.0   # online_ewc's gamma
   importance_batches: int = 0     # batches the Fisher / MAS estimate averages over
   joint: bool = False
+  freeze_from_task: int | None = None  # 1-based task from which `freeze` applies
   replay: Replay | None = None
   settings: dict = dataclasses.field(default_factory=dict)
+
+  def freeze_active(self, t: int) -> float | None:
+    """`freeze`'s flag for task t (0-based), or None without `freeze`."""
+    if self.freeze_from_task is None:
+      return None
+    return 1.0 if t + 1 >= self.freeze_from_task else 0.0
 
   def training_tasks(self, t: int) -> list[int]:
     """Tasks (0-based) whose training data task t trains on."""
@@ -75,11 +82,35 @@ def parameter_labels(params: Any, patterns: tuple[str, ...]) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
+class FreezeState(NamedTuple):
+  """Whether `freeze` zeroes its parameters during the current task (1.0) or not (0.0)."""
+  freeze_active: jax.Array
+
+
+def _zero_when_active() -> optax.GradientTransformation:
+  """optax.set_to_zero() that a task can switch on (see `FreezeState`)."""
+
+  def init_fn(params):
+    del params
+    return FreezeState(jnp.float32(1.0))
+
+  def update_fn(updates, state, params=None):
+    del params
+    # where, not a product: 0 * inf would leak a NaN into a frozen leaf.
+    return jax.tree.map(lambda g: jnp.where(state.freeze_active > 0, jnp.zeros_like(g), g),
+                        updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def freeze(patterns: tuple[str, ...]) -> optax.GradientTransformation:
   """Zeroes the gradient of parameters whose path matches any regex in `patterns`.
 
-  Chained before Adam, a zero gradient gives a zero update (Adam's moments stay
-  0), so frozen parameters stay bit-identical.
+  `optax.multi_transform` routes matching leaves to a set-to-zero branch whose
+  `freeze_active` flag the experiment sets per task (`freeze.from_task`): the
+  whole model learns the first task, then the matched part is frozen. Chained
+  before Adam (whose moments restart at every task), a zero gradient gives a
+  zero update, so frozen parameters stay bit-identical.
   """
   if not patterns:
     raise ValueError("freeze needs --config.strategy.freeze.patterns, e.g. ('img/.*',).")
@@ -94,7 +125,7 @@ def freeze(patterns: tuple[str, ...]) -> optax.GradientTransformation:
     return out
 
   return optax.multi_transform(
-      {"frozen": optax.set_to_zero(), "trainable": optax.identity()}, labels)
+      {"frozen": _zero_when_active(), "trainable": optax.identity()}, labels)
 
 
 def _components(name: str) -> list[str]:
@@ -148,7 +179,11 @@ def get_strategy(config: ml_collections.ConfigDict,
     # Adam would scale up to a full step).
     patterns = tuple(config.freeze.patterns)
     transforms.append(freeze(patterns))
-    settings["freeze"] = {"patterns": list(patterns)}
+    kwargs["freeze_from_task"] = int(config.freeze.from_task)
+    if kwargs["freeze_from_task"] < 1:
+      raise ValueError("--config.strategy.freeze.from_task must be >= 1 (1-based).")
+    settings["freeze"] = {"patterns": list(patterns),
+                          "from_task": kwargs["freeze_from_task"]}
   if "lwf" in parts:
     strength = config.lwf.strength
     emb_strength = config.lwf.embedding_strength
@@ -203,7 +238,8 @@ def default_config() -> ml_collections.ConfigDict:
   """
   c = ml_collections.ConfigDict()
   c.name = "finetune"
-  c.freeze = ml_collections.ConfigDict({"patterns": ("img/.*",)})
+  # The whole model learns task 1; the image tower is frozen from task 2 on.
+  c.freeze = ml_collections.ConfigDict({"patterns": ("img/.*",), "from_task": 2})
   # EWC and online EWC (decay = online EWC's gamma; 1.0 would be plain EWC).
   c.ewc = ml_collections.ConfigDict({"strength": 1.0, "batches": 20, "decay": 0.9})
   c.mas = ml_collections.ConfigDict({"strength": 1.0, "batches": 20})
