@@ -660,7 +660,8 @@ def test_lwf_compat_step_equals_finetune_until_a_snapshot_exists(setup):
   # Same values, different programs: rtol 1e-5.
   np.testing.assert_allclose(float(metrics["compat"]),
                              2 * float(metrics["contrastive"]), rtol=1e-5)
+  weights = strategy_config("lwf+compat")
   np.testing.assert_allclose(
       float(metrics["loss"]),
-      float(metrics["contrastive"]) + float(metrics["compat"]) + float(
-          metrics["lwf_kl"]), rtol=1e-5)
+      float(metrics["contrastive"]) + weights.compat.strength * float(metrics["compat"])
+      + weights.lwf.strength * float(metrics["lwf_kl"]), rtol=1e-5)

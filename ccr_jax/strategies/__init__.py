@@ -241,12 +241,12 @@ def default_config() -> ml_collections.ConfigDict:
   # The whole model learns task 1; the image tower is frozen from task 2 on.
   c.freeze = ml_collections.ConfigDict({"patterns": ("img/.*",), "from_task": 2})
   # EWC and online EWC (decay = online EWC's gamma; 1.0 would be plain EWC).
-  c.ewc = ml_collections.ConfigDict({"strength": 1.0, "batches": 20, "decay": 0.9})
-  c.mas = ml_collections.ConfigDict({"strength": 1.0, "batches": 20})
-  c.l2 = ml_collections.ConfigDict({"strength": 0.01})
+  c.ewc = ml_collections.ConfigDict({"strength": 300.0, "batches": 20, "decay": 0.9})
+  c.mas = ml_collections.ConfigDict({"strength": 1000.0, "batches": 20})
+  c.l2 = ml_collections.ConfigDict({"strength": 0.03})
   c.lwf = ml_collections.ConfigDict(
       {"strength": 1.0, "embedding_strength": 0.0, "temperature": 2.0})
   c.replay = ml_collections.ConfigDict(
       {"memory_size": 200, "ratio": 0.25, "policy": "reservoir"})
-  c.compat = ml_collections.ConfigDict({"strength": 1.0})
+  c.compat = ml_collections.ConfigDict({"strength": 0.1})
   return c

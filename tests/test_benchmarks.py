@@ -1,0 +1,152 @@
+"""The benchmark scripts: their inputs, their references, and a --smoke run of each.
+
+The --smoke runs (subprocesses, marked slow, ~1 min together) check that each
+script prints parseable JSON lines with the keys results are compared by, then
+its table. No wall-clock time is asserted anywhere: the machine is shared.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from benchmarks import eval_speed
+from benchmarks import harness
+from benchmarks import index_bench
+from benchmarks import train_throughput
+from ccr_jax import evaluation
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_smoke(module, *args):
+  """Runs `python -m module --smoke args`; returns its JSON lines."""
+  proc = subprocess.run([sys.executable, "-m", module, "--smoke", *args], cwd=REPO,
+                        env=harness.worker_env(), capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  records = harness.parse_json_lines(proc.stdout)
+  assert records, proc.stdout[-2000:]
+  assert "|---" in proc.stdout, "the markdown table is missing"
+  return records
+
+
+def _assert_keys(records, keys):
+  for record in records:
+    missing = set(keys) - record.keys()
+    assert not missing, (missing, record)
+
+
+# ------------------------------------------------------------ inputs, references
+
+
+def test_vsepp_batch_has_coco_like_shapes():
+  setup = train_throughput.make_setup("vsepp")
+  batch = train_throughput.synthetic_batch(np.random.default_rng(0), setup)
+  assert batch["images"].shape == (128, 2048) and batch["images"].dtype == np.float32
+  assert batch["tokens"].shape == (128, 32) and batch["tokens"].max() < 10_000
+  lengths = train_throughput.caption_lengths(np.random.default_rng(1), 100_000, 12.5, 32)
+  # Mean of 2 + Poisson(10.5): 12.5 up to sampling error (sd 3.2 / sqrt(1e5)).
+  assert abs(lengths.mean() - 12.5) < 0.05 and lengths.max() <= 32
+  # Padding: every position at or past a caption's length is token 0.
+  past = np.arange(32)[None, :] >= batch["lengths"][:, None]
+  assert (batch["tokens"][past] == 0).all() and (batch["tokens"][~past] > 0).all()
+
+
+def test_default_setup_matches_default_config():
+  from configs import default
+  setup = train_throughput.make_setup("default")
+  config = default.get_config()
+  assert setup.batch_size == config.train.batch_size == 128
+  assert setup.image_shape == (32, 32, 3) and setup.max_len == config.data.max_caption_len
+  assert setup.config.model.to_dict() == config.model.to_dict()
+
+
+def test_vsepp_loops_equal_exact_ranks():
+  """The per-query VSE++ reference and the library's blocked ranks agree."""
+  rng = np.random.default_rng(0)
+  images, captions, owner = eval_speed.synthetic_embeddings(rng, 30, 5, 16, noise=3.0)
+  i2t, t2i = eval_speed.library_ranks(images, captions, owner)
+  np.testing.assert_array_equal(eval_speed.vsepp_i2t_loop(images, captions, 30), i2t)
+  np.testing.assert_array_equal(eval_speed.vsepp_t2i_loop(images, captions, 30), t2i)
+  assert i2t.min() == 0 and t2i.max() > 0  # neither trivial nor hopeless
+
+
+def test_recall_vs_exact_matches_library():
+  rng = np.random.default_rng(0)
+  gallery = index_bench.clustered_gallery(rng, 500, 16, 5)
+  queries = index_bench.cross_modal_queries(rng, gallery, 40)
+  from ccr_jax import indexing
+  index = indexing.build_index(gallery, np.arange(500), backend="scann", snapshot=1,
+                               task=1, modality="texts",
+                               scann_options={"mode": "tree_ah", "num_leaves": 10,
+                                              "num_leaves_to_search": 1})
+  _, exact_rows = indexing.exact_search(queries, gallery, 10)
+  _, found = indexing.search(index, queries, 10)
+  assert index_bench.recall_vs_exact(found, exact_rows) == pytest.approx(
+      indexing.recall_against_exact(index, queries, 10))
+
+
+def test_markdown_table_and_json_lines_round_trip():
+  text = "noise\n" + '{"a": 1, "b": 2.5}\n' + harness.markdown_table(
+      [{"a": 1, "b": 2.5}], [("a", "A"), ("b", "B")])
+  assert harness.parse_json_lines(text) == [{"a": 1, "b": 2.5}]
+  assert "| A | B |" in text and "| 1 | 2.5 |" in text
+
+
+# ----------------------------------------------------------------- smoke runs
+
+
+@pytest.mark.slow
+def test_train_throughput_smoke():
+  # The 2-device worker covers the sharded step and the host-device env; the
+  # 1-device step is the same code with a 1-device mesh.
+  records = _run_smoke("benchmarks.train_throughput", "--setups=vsepp", "--devices=2")
+  _assert_keys(records, ["pairs_per_s", "step_s", "compile_s", "flops_per_step",
+                         "flops_per_s", "peak_rss_mb", "devices"])
+  assert [r["devices"] for r in records] == [2]
+  assert records[0]["flops_per_step"] > 0 and np.isfinite(records[0]["final_loss"])
+
+
+@pytest.mark.slow
+def test_eval_speed_smoke():
+  (record,) = _run_smoke("benchmarks.eval_speed")
+  _assert_keys([record], ["eval_s", "matmul_s", "loop_s"])
+  assert record["ranks_match"] and record["ranks_checked"] > 0
+  assert record["loop_extrapolated"]
+
+
+@pytest.fixture(scope="module")
+def tiny_workdir(tmp_path_factory):
+  """A tiny experiment run by end_to_end --smoke, kept for index_bench's real galleries."""
+  workdir = str(tmp_path_factory.mktemp("e2e") / "run")
+  records = _run_smoke("benchmarks.end_to_end", f"--workdir={workdir}")
+  return workdir, records
+
+
+@pytest.mark.slow
+def test_end_to_end_smoke(tiny_workdir):
+  workdir, (record,) = tiny_workdir
+  _assert_keys([record], ["wall_s", "data_s", "compile_s", "train_s", "index_s",
+                          "evaluate_s", "peak_rss_mb"])
+  assert record["config"] == "configs/default.py:tiny"
+  assert os.path.exists(os.path.join(workdir, "results", "timing.json"))
+
+
+@pytest.mark.slow
+def test_index_bench_smoke(tiny_workdir):
+  workdir, _ = tiny_workdir
+  records = _run_smoke("benchmarks.index_bench", f"--real_workdir={workdir}")
+  _assert_keys(records, ["items", "build_s", "qps", "exact_qps", "recall_at_10",
+                         "bytes_on_disk"])
+  galleries = {r["gallery"] for r in records}
+  assert galleries == {"clustered", "real_texts", "real_images"}
+  assert {r["measurement"] for r in records} == {"default", "curve"}
+  assert all(0.0 <= r["recall_at_10"] <= 1.0 for r in records)
+  # Brute force is exact: the real galleries' library-rule rows (below
+  # BRUTE_FORCE_MAX_COUNT) must agree with exact search.
+  for r in records:
+    if r["scann_mode"] == "brute_force":
+      assert r["recall_at_10"] == pytest.approx(1.0)
