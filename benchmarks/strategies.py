@@ -141,6 +141,32 @@ def table(lines: list[dict]) -> str:
   return "\n".join(rows)
 
 
+def header(chosen: dict, lines: list[dict]) -> str:
+  """How the table was made: config, seeds, strength selection."""
+  seeds = sorted({l["seed"] for l in lines})
+  out = ["# Continual strategies on the embedded benchmark", "",
+         "`configs/default.py` (4 tasks x 3 shapes, CNN + GRU, VSE0) with 200 steps "
+         "per task at batch 64 (`sweep_config` in benchmarks/strategies.py); "
+         f"seeds {seeds} (training seed; the benchmark data is fixed); mean ± std "
+         "over seeds. R@1 in percent; forgetting = mean over earlier tasks of "
+         "max_t R[t][j] − R[T][j]; BWT = mean of R[T][j] − R[j][j]. Machine: 2 CPU "
+         "cores, shared with other jobs (wall times in strategies.json).", "",
+         "Commands: `python benchmarks/strategies.py --stage=select` (strengths), "
+         "then `--stage=final` (runs; here split over processes and merged with "
+         "`--stage=table --logs=benchmarks/results/strategies_runs.jsonl`).", "",
+         "## Strengths, chosen on the validation split (seed 0)", "",
+         "Score: mean over {fixed, reindex} x {i2t, t2i} of the task-aware final "
+         "average R@1 on each task's validation images (the test split is never "
+         "used). `online_ewc` and `ewc+replay` use EWC's strength.", "",
+         "| strategy | field | candidates → validation score | chosen |",
+         "|---|---|---|---|"]
+  for name, c in chosen.items():
+    cands = ", ".join(f"{float(v):g} → {score:.1f}" for v, score in c["val_scores"].items())
+    out.append(f"| {name} | `strategy.{c['field']}` | {cands} | {float(c['value']):g} |")
+  out += ["", "## Results on the test split", ""]
+  return "\n".join(out) + "\n"
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
@@ -175,6 +201,7 @@ def main(argv):
         lines.append(run(name, seed, "test", overrides, FLAGS.quick))
   md = table(lines)
   print(md)
+  md = header(chosen, lines) + md
   if not FLAGS.quick:
     with open(os.path.join(FLAGS.out, "strategies.json"), "w") as f:
       json.dump({"selection": chosen, "runs": lines}, f, indent=1)
