@@ -1,0 +1,195 @@
+r"""The default experiment's wall time and peak memory, split by stage.
+
+  python -m benchmarks.end_to_end            # full: configs/default.py, ~4 min on 2 CPU cores
+  python -m benchmarks.end_to_end --quick    # configs/default.py:tiny, ~1 min
+
+Two worker processes:
+  run      `experiment.train_and_evaluate(config, workdir)` into a fresh
+           workdir, timed around the call (wall_s) and around the process
+           (process_wall_s: + Python and JAX start-up); its stage times are
+           the experiment's own `results/timing.json`; peak RSS is the
+           process's.
+  compile  in a fresh process on the same workdir (its data already on
+           disk): the experiment's train step lowered and compiled ahead of
+           time (compile_s), then a few steps timed the way `train.train_task`
+           runs them, host batch assembly included (step_s).
+The experiment compiles its train step inside its train stage, so train_s
+here is timing.json's train_s minus compile_s (train_incl_compile_s keeps the
+raw value). pairs_per_s = batch * steps / train_s is the throughput the run
+achieved, state checkpoints and logging syncs included; step_s is the step
+alone. other_s = wall_s - every stage (snapshot saving, setup
+between stages).
+
+Keys: wall_s, data_s, compile_s, train_s, embed_s, index_s, evaluate_s,
+report_s, other_s, peak_rss_mb.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import jax
+
+from benchmarks import harness
+from ccr_jax import experiment
+from ccr_jax import sharding
+from ccr_jax import strategies
+from ccr_jax import train as train_lib
+from ccr_jax.data import pipeline
+from configs import default
+
+MODULE = "benchmarks.end_to_end"
+# timing.json's stages, in the order the experiment runs them.
+STAGES = ("data_s", "train_s", "embed_s", "index_s", "evaluate_s", "report_s")
+
+
+def config_for(name: str):
+  """configs/default.py with `name` 'default' or 'tiny'."""
+  return default.get_config(None if name == "default" else name)
+
+
+def run_experiment(config_name: str, workdir: str) -> dict:
+  """Runs the whole experiment into `workdir`; its wall time, stages and peak RSS."""
+  if os.path.exists(os.path.join(workdir, "config.json")):
+    raise ValueError(f"{workdir} already holds a run: the experiment would resume "
+                     "it and skip stages. Give an empty --workdir.")
+  wall_s, _ = harness.timed(
+      lambda: experiment.train_and_evaluate(config_for(config_name), workdir))
+  with open(os.path.join(workdir, "results", "timing.json")) as f:
+    timing = json.load(f)
+  return {"wall_s": wall_s, "timing": timing, "devices": jax.device_count(),
+          "peak_rss_mb": harness.peak_rss_mb()}
+
+
+def time_train_step(config_name: str, workdir: str, steps: int) -> dict:
+  """Compile time and steady step time of the experiment's train step.
+
+  Builds the step exactly as `experiment.train_and_evaluate` does, on task
+  1's data in `workdir`; steps draw and place their batch on the host each
+  time, as `train.train_task` does, and block on the result.
+  """
+  config = config_for(config_name)
+  setup = experiment.build_setup(config, workdir)
+  strategy = strategies.get_strategy(config.strategy)
+  optimizer = train_lib.make_optimizer(config.optim, config.train.steps_per_task,
+                                       strategy)
+  train_step = train_lib.make_train_step(
+      setup.model, optimizer, train_lib.make_loss(config.loss), setup.mesh, strategy)
+  state = train_lib.create_train_state(experiment.initial_params(setup), optimizer,
+                                       setup.mesh)
+  pool = setup.encoded[0]["train"]
+
+  def batch(step):
+    return sharding.shard_batch(
+        pipeline.train_batch(pool, config.train.batch_size, seed=config.seed, task=0,
+                             step=step), setup.mesh)
+
+  compile_s, compiled = harness.timed(lambda: train_step.lower(state, batch(0)).compile())
+  times = []
+  for step in range(steps + 1):  # the first step is a warm-up
+    start = time.perf_counter()
+    state, metrics = compiled(state, batch(step))
+    jax.block_until_ready((state, metrics))
+    times.append(time.perf_counter() - start)
+  return {"compile_s": compile_s, "step_s": statistics.median(times[1:]),
+          "final_loss": float(metrics["loss"])}
+
+
+def combine(run: dict, step: dict, config_name: str, process_wall_s: float) -> dict:
+  """The end-to-end record: stages from the run, compile split out of train."""
+  config = config_for(config_name)
+  timing = run["timing"]
+  steps = config.data.num_tasks * config.train.steps_per_task
+  train_s = timing.get("train_s", 0.0) - step["compile_s"]
+  stage_sum = sum(timing.get(s, 0.0) for s in STAGES)
+  return {
+      "benchmark": "end_to_end", "config": f"configs/default.py:{config_name}",
+      "wall_s": run["wall_s"], "process_wall_s": process_wall_s,
+      "data_s": timing.get("data_s", 0.0), "compile_s": step["compile_s"],
+      "train_s": train_s, "train_incl_compile_s": timing.get("train_s", 0.0),
+      "embed_s": timing.get("embed_s", 0.0), "index_s": timing.get("index_s", 0.0),
+      "evaluate_s": timing.get("evaluate_s", 0.0),
+      "report_s": timing.get("report_s", 0.0), "other_s": run["wall_s"] - stage_sum,
+      "steps": steps, "batch_size": config.train.batch_size, "step_s": step["step_s"],
+      "pairs_per_s": config.train.batch_size * steps / train_s if train_s > 0 else None,
+      "devices": run["devices"], "peak_rss_mb": run["peak_rss_mb"],
+      "load_average": harness.load_average(),
+  }
+
+
+TABLE_COLUMNS = (
+    ("config", "config"), ("wall_s", "wall s"), ("data_s", "data s"),
+    ("compile_s", "compile s"), ("train_s", "train s (steps)"),
+    ("embed_s", "embed s"), ("index_s", "index s"), ("evaluate_s", "evaluate s"),
+    ("report_s", "report s"), ("other_s", "other s"), ("steps", "steps"),
+    ("pairs_per_s", "pairs/s in train"), ("step_ms", "step ms (isolated)"),
+    ("peak_rss_mb", "peak RSS MB"),
+)
+
+NOTES = """
+wall s = `experiment.train_and_evaluate` (process_wall_s in the JSON adds the
+interpreter and imports). compile s: the train step's `lower().compile()` in a
+fresh process; train s = timing.json's train_s − compile s. pairs/s in train =
+batch × steps / train s (Orbax state checkpoints, optimizer-state creation per
+task and logging syncs included); step ms (isolated): the same step timed alone
+in the compile worker, host batch assembly included, at another moment (under
+another background load on a shared machine). other s = wall − the stages (mostly Orbax
+snapshot saving, which no stage times).
+"""
+
+
+def main(argv):
+  del argv
+  FLAGS = flags.FLAGS
+  mode = harness.run_mode(FLAGS.quick, FLAGS.smoke)
+  config_name = "default" if mode == "full" else "tiny"
+  steps = FLAGS.steps or {"full": 20, "quick": 10, "smoke": 3}[mode]
+  if FLAGS.worker == "run":
+    harness.emit(run_experiment(config_name, FLAGS.workdir))
+    return
+  if FLAGS.worker == "compile":
+    harness.emit(time_train_step(config_name, FLAGS.workdir, steps))
+    return
+
+  workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="end_to_end_")
+  common = [f"--quick={FLAGS.quick}", f"--smoke={FLAGS.smoke}", f"--workdir={workdir}",
+            f"--steps={steps}"]
+  try:
+    start = time.perf_counter()
+    (run,) = harness.run_worker(MODULE, ["--worker=run", *common], host_devices=1)
+    process_wall_s = time.perf_counter() - start
+    (step,) = harness.run_worker(MODULE, ["--worker=compile", *common], host_devices=1)
+  finally:
+    if not FLAGS.workdir:
+      shutil.rmtree(workdir, ignore_errors=True)
+  record = {**combine(run, step, config_name, process_wall_s), "mode": mode}
+  if FLAGS.workdir:
+    record["workdir"] = FLAGS.workdir
+  harness.emit(record)
+  table = harness.markdown_table([{**record, "step_ms": 1e3 * record["step_s"]}],
+                                 TABLE_COLUMNS)
+  print(table)
+  if FLAGS.write_results:
+    harness.write_results("end_to_end", [record], table,
+                          command=harness.command_line(MODULE), mode=mode, notes=NOTES)
+
+
+def define_flags():
+  harness.define_common_flags(flags)
+  flags.DEFINE_string("workdir", "", "Where the experiment writes (must be empty or "
+                      "new; kept). Empty: a temp dir, deleted afterwards.")
+  flags.DEFINE_integer("steps", 0, "Steps timed in the compile worker (0: 20 full, "
+                       "10 quick, 3 smoke).")
+  flags.DEFINE_enum("worker", "", ["", "run", "compile"], "Internal.")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,0 +1,371 @@
+r"""ScaNN against exact search: build time, QPS, recall@10, size on disk, the curve.
+
+  python -m benchmarks.index_bench --real_workdir=/tmp/ccr_default   # full: 100k and 1M
+  python -m benchmarks.index_bench --quick                           # 20k and 100k, tiny run
+
+Galleries:
+  clustered  N unit 256-d embeddings around N/100 random centres; queries are
+             gallery items moved by noise plus one shared offset (a modality
+             gap: queries come from the other tower, a distribution the tree
+             was not trained on).
+  real_*     embeddings from an embedded-benchmark run: the last snapshot's
+             caption galleries of every task (real_texts, queried by the
+             images) and image galleries (real_images, queried by the
+             captions), read from `<workdir>/indices/snap_<T>/task_*/`. Without
+             --real_workdir, the tiny (quick/smoke) or default (full) config is
+             trained first with `experiment.train_and_evaluate` into a temp dir.
+Every index is built with `indexing.build_index` (the library's ScaNN rule,
+`indexing.scann_parameters`) and searched with `indexing.search`; the exact
+backend is the same calls with backend='exact'. Galleries below
+`indexing.BRUTE_FORCE_MAX_COUNT` get ScaNN brute force by that rule, so real
+galleries are also built with mode='tree_ah' forced, to measure the tree on
+real cross-modal queries.
+
+Keys (every line): items, build_s, qps (queries / median search time),
+exact_qps, recall_at_10 (mean |ScaNN top-10 ∩ exact top-10| / 10, as
+`indexing.recall_against_exact`), bytes_on_disk (the `save_index` directory),
+plus the query-time parameters. `measurement` is 'default' (the library's
+parameters) or 'curve' (the same searcher with `num_leaves_to_search` and
+`reorder_num_neighbors` overridden in its metadata, which is where
+`indexing.search` reads them: the tree is not rebuilt per point).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import tempfile
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from benchmarks import harness
+from ccr_jax import experiment
+from ccr_jax import indexing
+from configs import default
+
+MODULE = "benchmarks.index_bench"
+K = 10
+
+
+def clustered_gallery(rng: np.random.Generator, count: int, dim: int,
+                      num_clusters: int, spread: float = 1.0) -> np.ndarray:
+  """Unit embeddings around random unit centres: float32 [count, dim].
+
+  Each point is its centre plus isotropic noise of norm ~`spread`, so it
+  scores ~1/sqrt(1 + spread^2) with its centre: clusters overlap as
+  categories of real embeddings do.
+  """
+  centres = rng.standard_normal((num_clusters, dim), dtype=np.float32)
+  centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+  points = rng.standard_normal((count, dim), dtype=np.float32)
+  points *= spread / math.sqrt(dim)
+  points += centres[rng.integers(0, num_clusters, count)]
+  points /= np.linalg.norm(points, axis=1, keepdims=True)
+  return points
+
+
+def cross_modal_queries(rng: np.random.Generator, gallery: np.ndarray, num_queries: int,
+                        noise: float = 0.5, shift: float = 0.3) -> np.ndarray:
+  """Queries from the 'other modality': float32 [num_queries, dim], unit rows.
+
+  Gallery items plus noise of norm ~`noise` plus one offset of norm `shift`
+  shared by every query (the modality gap of dual encoders).
+  """
+  dim = gallery.shape[1]
+  offset = rng.standard_normal(dim).astype(np.float32)
+  offset *= shift / np.linalg.norm(offset)
+  rows = rng.choice(len(gallery), num_queries, replace=False)
+  queries = gallery[rows] + offset + (noise / math.sqrt(dim)) * rng.standard_normal(
+      (num_queries, dim), dtype=np.float32)
+  return queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
+def recall_vs_exact(found_ids: np.ndarray, exact_ids: np.ndarray) -> float:
+  """Mean over queries of |found ∩ exact| / k; both int [num_queries, k].
+
+  The formula of `indexing.recall_against_exact`, on results already computed
+  (the exact search is the expensive part and is shared by every curve point).
+  """
+  hits = (exact_ids[:, :, None] == found_ids[:, None, :]).any(axis=2)
+  return float(hits.mean())
+
+
+def time_search(index: indexing.Index, queries: np.ndarray, repeats: int
+                ) -> tuple[float, np.ndarray]:
+  """(median seconds, item ids [num_queries, K]) of `indexing.search`, warmed up.
+
+  The warm-up call compiles the exact backend's jitted block and lets ScaNN
+  start its threads; it is not timed.
+  """
+  _, ids = indexing.search(index, queries, K)
+  seconds, _ = harness.median_seconds(lambda: indexing.search(index, queries, K),
+                                      repeats)
+  return seconds, ids
+
+
+def with_query_params(index: indexing.Index, leaves: int, reorder: int
+                      ) -> indexing.Index:
+  """The same searcher with other query-time `num_leaves_to_search` / reorder depth.
+
+  `indexing.search` reads both from the metadata at query time, so this equals
+  `build_index(..., scann_options={'num_leaves_to_search': leaves,
+  'reorder_num_neighbors': reorder})` with the same tree, without retraining it.
+  """
+  params = {**index.metadata.scann_params, "num_leaves_to_search": int(leaves),
+            "reorder_num_neighbors": int(reorder)}
+  return dataclasses.replace(
+      index, metadata=dataclasses.replace(index.metadata, scann_params=params))
+
+
+def effective_query_params(params: dict, count: int) -> tuple[int | None, int | None]:
+  """(leaves searched, candidates reordered) for K, as `indexing.search` derives them.
+
+  Mirrors `indexing._scann_search`: at least 20*K candidates are reordered, and
+  enough leaves are searched to hold twice the candidates on average.
+  """
+  if params.get("mode") != "tree_ah":
+    return None, None
+  pre = min(count, max(int(params["reorder_num_neighbors"]), 20 * K))
+  num_leaves = int(params["num_leaves"])
+  leaves = max(int(params["num_leaves_to_search"]), math.ceil(2 * pre * num_leaves / count))
+  return min(num_leaves, leaves), pre
+
+
+def dir_bytes(path: str) -> int:
+  """Total size of the files under `path`."""
+  return sum(os.path.getsize(os.path.join(root, name))
+             for root, _, names in os.walk(path) for name in names)
+
+
+def saved_size(index: indexing.Index, scratch: str) -> tuple[int, float]:
+  """(bytes on disk, save seconds) of `indexing.save_index` into `scratch`."""
+  path = os.path.join(scratch, f"{index.metadata.backend}_{index.metadata.count}")
+  save_s, _ = harness.timed(lambda: indexing.save_index(index, path))
+  size = dir_bytes(path)
+  shutil.rmtree(path, ignore_errors=True)
+  return size, save_s
+
+
+def bench_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, *,
+                  repeats: int, scann_options: dict | None,
+                  curve_fractions: list[float], curve_reorder: list[int],
+                  scratch: str) -> list[dict]:
+  """ScaNN (library rule, then the curve) against exact on one gallery.
+
+  Args:
+    gallery: float32 [count, dim], unit rows.
+    queries: float32 [num_queries, dim], unit rows.
+    scann_options: passed to `build_index` (None: the library's rule).
+  Returns:
+    One record for the library's parameters, then one per curve point
+    (tree_ah only).
+  """
+  count, dim = gallery.shape
+  ids = np.arange(count, dtype=np.int64)
+  build = lambda backend, **kw: indexing.build_index(  # noqa: E731
+      gallery, ids, backend=backend, snapshot=1, task=1, modality="texts", **kw)
+  exact = build("exact")
+  exact_s, exact_ids = time_search(exact, queries, repeats)
+  exact_bytes, _ = saved_size(exact, scratch)
+  build_s, scann = harness.timed(lambda: build("scann", scann_options=scann_options))
+  scann_bytes, save_s = saved_size(scann, scratch)
+  params = scann.metadata.scann_params
+  common = {
+      "benchmark": "index_bench", "gallery": name, "items": count, "dim": dim,
+      "queries": len(queries), "k": K, "backend": scann.metadata.backend,
+      "scann_mode": params.get("mode"), "num_leaves": params.get("num_leaves"),
+      "build_s": build_s, "save_s": save_s, "bytes_on_disk": scann_bytes,
+      "exact_bytes_on_disk": exact_bytes, "exact_qps": len(queries) / exact_s,
+  }
+
+  def point(index, measurement):
+    seconds, found = time_search(index, queries, repeats)
+    leaves, reorder = effective_query_params(index.metadata.scann_params, count)
+    return {**common, "measurement": measurement, "qps": len(queries) / seconds,
+            "recall_at_10": recall_vs_exact(found, exact_ids),
+            "leaves_to_search_set": index.metadata.scann_params.get("num_leaves_to_search"),
+            "leaves_to_search": leaves, "reorder": reorder,
+            "peak_rss_mb": harness.peak_rss_mb(), "load_average": harness.load_average()}
+
+  records = [point(scann, "default")]
+  if params.get("mode") == "tree_ah":
+    num_leaves = int(params["num_leaves"])
+    seen = set()
+    for fraction in curve_fractions:
+      leaves = min(num_leaves, max(1, math.ceil(fraction * num_leaves)))
+      for reorder in curve_reorder:
+        index = with_query_params(scann, leaves, reorder)
+        # Small galleries clamp many grid points to the same search: time it once.
+        effective = effective_query_params(index.metadata.scann_params, count)
+        if effective in seen:
+          continue
+        seen.add(effective)
+        records.append({**point(index, "curve"), "leaves_fraction": fraction})
+  return records
+
+
+def real_embeddings(workdir: str) -> dict[str, np.ndarray]:
+  """The last snapshot's galleries of every task, from `<workdir>/indices/`.
+
+  Returns {"images": float32 [N, D], "texts": float32 [C*N, D]}: the rows of
+  `indices/snap_<T>/task_<j>/<modality>/embeddings.npy` for every j, in task
+  order (with index.reindex=False only task T's gallery exists there).
+  """
+  root = os.path.join(workdir, "indices")
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"{workdir} has no indices/: not a ccr_jax workdir, or "
+                            "its indexing stage has not run.")
+  snap = max(int(d.split("_")[1]) for d in os.listdir(root) if d.startswith("snap_"))
+  snap_dir = os.path.join(root, f"snap_{snap}")
+  tasks = sorted((d for d in os.listdir(snap_dir) if d.startswith("task_")),
+                 key=lambda d: int(d.split("_")[1]))
+  return {m: np.concatenate([np.load(os.path.join(snap_dir, t, m, "embeddings.npy"))
+                             for t in tasks]) for m in ("images", "texts")}
+
+
+def train_real_workdir(config_name: str, workdir: str) -> None:
+  """Runs the embedded-benchmark experiment (configs/default.py, 'tiny' or 'default')."""
+  experiment.train_and_evaluate(
+      default.get_config(None if config_name == "default" else config_name), workdir)
+
+
+def real_records(workdir: str, config_name: str, worker_flags: list[str]) -> list[dict]:
+  """Records of the real galleries of `workdir`, or of a run trained for them.
+
+  Training and benchmarking run in worker processes (the benchmark's peak RSS
+  is its own); a trained temp workdir is deleted afterwards.
+  """
+  temp = None
+  if not workdir:
+    workdir = temp = tempfile.mkdtemp(prefix="index_bench_real_")
+    harness.run_worker(MODULE, [f"--train_real={temp}", f"--real_config={config_name}"])
+  try:
+    records = harness.run_worker(MODULE, ["--worker=real", f"--real_workdir={workdir}",
+                                          *worker_flags])
+  finally:
+    if temp:
+      shutil.rmtree(temp, ignore_errors=True)
+  source = f"trained configs/default.py:{config_name}" if temp else workdir
+  return [{**r, "real_source": source} for r in records]
+
+
+TABLE_COLUMNS = (
+    ("gallery", "gallery"), ("items", "items"), ("dim", "dim"),
+    ("measurement", "params"), ("scann_mode", "ScaNN mode"),
+    ("leaves", "leaves searched / total"), ("reorder", "reorder"),
+    ("build_s", "build s"), ("qps", "ScaNN QPS"), ("exact_qps", "exact QPS"),
+    ("speedup", "QPS / exact"), ("recall_at_10", "recall@10 vs exact"),
+    ("mb_on_disk", "MB on disk"), ("exact_mb", "exact MB"), ("peak_rss_mb", "peak RSS MB"),
+)
+
+
+def table_row(record: dict) -> dict:
+  leaves = (None if record.get("leaves_to_search") is None
+            else f"{record['leaves_to_search']} / {record['num_leaves']}")
+  return {**record, "leaves": leaves, "speedup": record["qps"] / record["exact_qps"],
+          "mb_on_disk": record["bytes_on_disk"] / 2**20,
+          "exact_mb": record["exact_bytes_on_disk"] / 2**20}
+
+
+NOTES = """
+QPS = queries / median wall time of one `indexing.search` call over all queries
+(ScaNN: `search_batched_parallel`, every core; exact: jitted blocked matmul +
+top-k). recall@10 = overlap of ScaNN's top-10 with exact top-10. 'default' rows
+use the library's parameters (`indexing.scann_parameters`: sqrt(N) leaves, 20%
+searched, reorder 200); 'curve' rows override leaves searched and reorder depth
+on the same tree. `indexing.search` never reorders fewer than 20·k = 200
+candidates and searches at least enough leaves to hold twice them, so the
+curve's low end is clamped there ("leaves searched" is the effective value;
+grid points clamped to a search already timed are skipped).
+MB on disk = the `save_index` directory (embeddings.npy + ScaNN assets, which
+hold their own copy of the float32 dataset for reordering).
+"""
+
+
+def main(argv):
+  del argv
+  FLAGS = flags.FLAGS
+  mode = harness.run_mode(FLAGS.quick, FLAGS.smoke)
+  sizes = FLAGS.sizes or {"full": ["100000", "1000000"], "quick": ["20000", "100000"],
+                          "smoke": ["12000"]}[mode]
+  repeats = FLAGS.repeats or {"full": 3, "quick": 2, "smoke": 1}[mode]
+  num_queries = FLAGS.num_queries or (200 if mode == "smoke" else 1000)
+  dim = 32 if mode == "smoke" and FLAGS.dim == 256 else FLAGS.dim
+  curve = dict(curve_fractions=[float(x) for x in FLAGS.curve_fractions],
+               curve_reorder=[int(x) for x in FLAGS.curve_reorder])
+  if mode == "smoke":
+    curve = dict(curve_fractions=[0.05, 0.2], curve_reorder=[200])
+
+  if FLAGS.train_real:
+    train_real_workdir(FLAGS.real_config, FLAGS.train_real)
+    return
+  if FLAGS.worker:  # one gallery in this process (its own peak RSS)
+    with tempfile.TemporaryDirectory(prefix="index_bench_") as scratch:
+      if FLAGS.worker == "real":
+        emb = real_embeddings(FLAGS.real_workdir)
+        # Galleries of one modality, queried by the other (as the experiment does).
+        for gallery_m, query_m in (("texts", "images"), ("images", "texts")):
+          for options in (None, {"mode": "tree_ah"}):
+            for record in bench_gallery(
+                f"real_{gallery_m}", emb[gallery_m], emb[query_m], repeats=repeats,
+                scann_options=options, scratch=scratch, **curve):
+              harness.emit(record)
+      else:
+        count = int(FLAGS.worker)
+        rng = np.random.default_rng(0)
+        gallery = clustered_gallery(rng, count, dim, max(1, count // 100))
+        queries = cross_modal_queries(rng, gallery, num_queries)
+        for record in bench_gallery("clustered", gallery, queries, repeats=repeats,
+                                    scann_options=None, scratch=scratch, **curve):
+          harness.emit(record)
+    return
+
+  worker_flags = [f"--quick={FLAGS.quick}", f"--smoke={FLAGS.smoke}",
+                  f"--repeats={repeats}", f"--num_queries={num_queries}", f"--dim={dim}",
+                  f"--curve_fractions={','.join(FLAGS.curve_fractions)}",
+                  f"--curve_reorder={','.join(FLAGS.curve_reorder)}"]
+  records = []
+  for size in sizes:
+    records += harness.run_worker(MODULE, [f"--worker={int(size)}", *worker_flags])
+  if FLAGS.real:
+    records += real_records(FLAGS.real_workdir,
+                            FLAGS.real_config or ("tiny" if mode != "full" else "default"),
+                            worker_flags)
+  for record in records:
+    record["mode"] = mode
+    harness.emit(record)
+  table = harness.markdown_table([table_row(r) for r in records], TABLE_COLUMNS)
+  print(table)
+  if FLAGS.write_results:
+    harness.write_results("index_bench", records, table,
+                          command=harness.command_line(MODULE), mode=mode, notes=NOTES)
+
+
+def define_flags():
+  harness.define_common_flags(flags)
+  flags.DEFINE_list("sizes", [], "Clustered gallery sizes (default: 100k,1M full;"
+                    " 20k,100k quick; 12k smoke).")
+  flags.DEFINE_integer("dim", 256, "Clustered embedding size (smoke: 32).")
+  flags.DEFINE_integer("num_queries", 0, "Queries (0: 1000; smoke 200).")
+  flags.DEFINE_integer("repeats", 0, "Timed searches per point (0: 3 full, 2 quick,"
+                       " 1 smoke).")
+  flags.DEFINE_list("curve_fractions", ["0.01", "0.02", "0.05", "0.1", "0.2", "0.4"],
+                    "Fractions of the leaves searched on the recall/QPS curve.")
+  flags.DEFINE_list("curve_reorder", ["200", "1000"], "Reorder depths on the curve.")
+  flags.DEFINE_bool("real", True, "Also benchmark real embeddings of a ccr_jax run.")
+  flags.DEFINE_string("real_workdir", "", "A ccr_jax workdir whose indices/ give the"
+                      " real embeddings; empty: train one into a temp dir.")
+  flags.DEFINE_string("real_config", "", "configs/default.py argument to train when"
+                      " --real_workdir is empty: 'tiny' or 'default' (empty: tiny for"
+                      " --quick/--smoke, default otherwise).")
+  flags.DEFINE_string("worker", "", "Internal: a gallery size, or 'real'.")
+  flags.DEFINE_string("train_real", "", "Internal: train the real run into this dir.")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
