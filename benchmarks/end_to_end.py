@@ -1,7 +1,7 @@
 r"""The default experiment's wall time and peak memory, split by stage.
 
-  python -m benchmarks.end_to_end            # full: configs/default.py, ~4 min on 2 CPU cores
-  python -m benchmarks.end_to_end --quick    # configs/default.py:tiny, ~1 min
+  python -m benchmarks.end_to_end            # full: configs/default.py, ~3.5 min on 2 CPU cores
+  python -m benchmarks.end_to_end --quick    # configs/default.py:tiny, ~30 s
 
 Two worker processes:
   run      `experiment.train_and_evaluate(config, workdir)` into a fresh

@@ -1,7 +1,7 @@
 r"""Recall@K evaluation at COCO-5K size: the library's path, the matmul, the VSE++ loop.
 
-  python -m benchmarks.eval_speed            # full: ~4 min on 2 CPU cores
-  python -m benchmarks.eval_speed --quick    # ~2 min: loop timed on 500 images, extrapolated
+  python -m benchmarks.eval_speed            # full: ~3 min on 2 CPU cores
+  python -m benchmarks.eval_speed --quick    # ~70 s: loop timed on 500 images, extrapolated
 
 COCO-5K: 5,000 images and 25,000 captions, 1024-d (VSE++'s joint space).
 Embeddings are random but structured as retrieval embeddings are: image

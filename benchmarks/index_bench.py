@@ -1,7 +1,7 @@
 r"""ScaNN against exact search: build time, QPS, recall@10, size on disk, the curve.
 
-  python -m benchmarks.index_bench --real_workdir=/tmp/ccr_default   # full: 100k and 1M
-  python -m benchmarks.index_bench --quick                           # 20k and 100k, tiny run
+  python -m benchmarks.index_bench --real_workdir=/tmp/ccr_default  # 100k + 1M, ~10 min
+  python -m benchmarks.index_bench --quick                          # 20k + 100k, ~1 min
 
 Galleries:
   clustered  N unit 256-d embeddings around N/100 random centres; queries are

@@ -1,7 +1,7 @@
 r"""Train-step throughput: pairs/s, step time, compile time, FLOPs, peak memory.
 
-  python -m benchmarks.train_throughput            # full: ~7 min on 2 busy CPU cores
-  python -m benchmarks.train_throughput --quick    # ~3 min: 6 timed steps instead of 20
+  python -m benchmarks.train_throughput            # full: ~4 min on 2 idle CPU cores
+  python -m benchmarks.train_throughput --quick    # ~75 s: 6 timed steps instead of 20
 
 Two setups, each on 1 and 2 host devices:
   default  configs/default.py: small CNN + GRU on 32x32 uint8 images, batch 128.

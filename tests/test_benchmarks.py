@@ -16,7 +16,6 @@ from benchmarks import eval_speed
 from benchmarks import harness
 from benchmarks import index_bench
 from benchmarks import train_throughput
-from ccr_jax import evaluation
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
