@@ -112,6 +112,17 @@ def accumulate(kind: str, accumulators: ImportanceState, task_importance: Any,
   return ImportanceState(importance, jax.tree.map(jnp.multiply, importance, anchor))
 
 
+def _mean_over_batches(fn: Callable[[Any, dict], Any], elementwise: Callable,
+                       params: Any, batches: Iterable[dict]) -> Any:
+  """mean_m elementwise(fn(params, batch_m)), leaf by leaf."""
+  total, count = None, 0
+  for batch in batches:
+    value = jax.tree.map(elementwise, fn(params, batch))
+    total = value if total is None else jax.tree.map(jnp.add, total, value)
+    count += 1
+  return jax.tree.map(lambda s: s / count, total)
+
+
 def fisher_diagonal(grad_fn: Callable[[Any, dict], Any], params: Any,
                     batches: Iterable[dict], batch_size: int) -> Any:
   """Batch-level empirical Fisher diagonal (see the module docstring).
@@ -120,12 +131,8 @@ def fisher_diagonal(grad_fn: Callable[[Any, dict], Any], params: Any,
     grad_fn: (params, batch) -> gradient of the batch's per-pair mean loss.
     batches: the task's training batches to average over.
   """
-  total, count = None, 0
-  for batch in batches:
-    sq = jax.tree.map(jnp.square, grad_fn(params, batch))
-    total = sq if total is None else jax.tree.map(jnp.add, total, sq)
-    count += 1
-  return jax.tree.map(lambda s: batch_size * s / count, total)
+  mean_sq = _mean_over_batches(grad_fn, jnp.square, params, batches)
+  return jax.tree.map(lambda s: batch_size * s, mean_sq)
 
 
 def mas_importance(sensitivity_fn: Callable[[Any, dict], Any], params: Any,
@@ -136,9 +143,4 @@ def mas_importance(sensitivity_fn: Callable[[Any, dict], Any], params: Any,
     sensitivity_fn: (params, batch) -> gradient of ||S||_F^2 / B^2, S the
       batch's image-caption similarity matrix.
   """
-  total, count = None, 0
-  for batch in batches:
-    a = jax.tree.map(jnp.abs, sensitivity_fn(params, batch))
-    total = a if total is None else jax.tree.map(jnp.add, total, a)
-    count += 1
-  return jax.tree.map(lambda s: s / count, total)
+  return _mean_over_batches(sensitivity_fn, jnp.abs, params, batches)
