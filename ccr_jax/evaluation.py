@@ -19,6 +19,7 @@ queries after training task t, NaN where j > t); see `continual_summary`.
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Sequence
 
 import jax
@@ -30,15 +31,126 @@ from ccr_jax import indexing
 DEFAULT_KS = (1, 5, 10)
 
 
-@jax.jit
-def _best_positive_ranks(queries, gallery, query_owner, gallery_owner):
-  # HIGHEST: accelerators otherwise multiply float32 in bfloat16, which would
-  # turn near-ties into ties (or break real ones) and shift ranks.
-  scores = jnp.matmul(queries, gallery.T, precision=jax.lax.Precision.HIGHEST)
+# HIGHEST: accelerators otherwise multiply float32 in bfloat16, which would
+# turn near-ties into ties (or break real ones) and shift ranks.
+_PRECISION = jax.lax.Precision.HIGHEST
+# Above this many bytes of scores, `paired_ranks` ranks each direction in
+# query blocks instead of holding the whole [images, texts] score matrix.
+DEFAULT_MAX_SCORE_BYTES = 2 << 30
+
+
+def _ranks_from_scores(scores, positive, axis):
+  """Items strictly above the best positive along `axis`; any positive at all."""
+  best = jnp.max(jnp.where(positive, scores, -jnp.inf), axis=axis, keepdims=True)
+  ranks = jnp.sum(scores > best, axis=axis, dtype=jnp.int32)
+  return ranks, jnp.any(positive, axis=axis)
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _ranks_and_topk_block(queries, gallery, query_owner, gallery_owner, k):
+  scores = jnp.matmul(queries, gallery.T, precision=_PRECISION)
   positive = query_owner[:, None] == gallery_owner[None, :]
-  best = jnp.max(jnp.where(positive, scores, -jnp.inf), axis=1)
-  ranks = jnp.sum(scores > best[:, None], axis=1, dtype=jnp.int32)
-  return ranks, jnp.any(positive, axis=1)
+  ranks, has_positive = _ranks_from_scores(scores, positive, axis=1)
+  # The index-agreement check needs the exact top-k of the very same scores;
+  # taking it here saves a second pass over the gallery.
+  top = (jax.lax.top_k(scores, k)[1] if k
+         else jnp.zeros((queries.shape[0], 0), jnp.int32))
+  return ranks, has_positive, top
+
+
+@jax.jit
+def _paired_ranks_dense(images, texts, image_codes, text_codes):
+  # One score matrix ranked along both axes: rows give image->text ranks,
+  # columns text->image ranks.
+  scores = jnp.matmul(images, texts.T, precision=_PRECISION)
+  positive = image_codes[:, None] == text_codes[None, :]
+  i2t, image_has = _ranks_from_scores(scores, positive, axis=1)
+  t2i, text_has = _ranks_from_scores(scores, positive, axis=0)
+  return i2t, t2i, image_has, text_has
+
+
+def _check_pair(query_emb, gallery_emb, query_owner, gallery_owner):
+  query_emb = np.asarray(query_emb, np.float32)
+  gallery_emb = np.asarray(gallery_emb, np.float32)
+  query_owner = np.asarray(query_owner)
+  gallery_owner = np.asarray(gallery_owner)
+  if (query_emb.ndim != 2 or gallery_emb.ndim != 2
+      or query_emb.shape[1] != gallery_emb.shape[1]
+      or query_owner.shape != (query_emb.shape[0],)
+      or gallery_owner.shape != (gallery_emb.shape[0],)):
+    raise ValueError(
+        "expected query_emb [Q, D], gallery_emb [G, D], query_owner [Q],"
+        f" gallery_owner [G]; got {query_emb.shape}, {gallery_emb.shape},"
+        f" {query_owner.shape}, {gallery_owner.shape}")
+  return query_emb, gallery_emb, query_owner, gallery_owner
+
+
+def _owner_codes(query_owner, gallery_owner):
+  # Dense int32 codes: owner ids may exceed int32 (JAX's default int), and
+  # -1 (padding) then matches nothing.
+  _, codes = np.unique(np.concatenate([query_owner, gallery_owner]),
+                       return_inverse=True)
+  codes = codes.astype(np.int32).reshape(-1)
+  return codes[:len(query_owner)], codes[len(query_owner):]
+
+
+def _require_positive(has_positive, query_owner):
+  if not has_positive.all():
+    missing = np.flatnonzero(~has_positive)
+    raise ValueError(
+        f"{missing.size} queries have no positive in the gallery, e.g. query"
+        f" {int(missing[0])} (owner {query_owner[missing[0]]!r}); the gallery"
+        " must hold every query's image/captions")
+
+
+def exact_ranks_and_topk(query_emb, gallery_emb, query_owner, gallery_owner, k: int,
+                         *, block_size: int = indexing.DEFAULT_BLOCK_SIZE
+                         ) -> tuple[np.ndarray, np.ndarray]:
+  """Exact ranks (`exact_ranks`) and the exact top-k, from one scoring pass.
+
+  Args:
+    query_emb: float [num_queries, dim].
+    gallery_emb: float [num_gallery, dim].
+    query_owner: int [num_queries], the owner (image id) of each query.
+    gallery_owner: int [num_gallery], the owner of each gallery item.
+    k: top-k rows wanted (clamped to num_gallery); 0 for ranks only.
+    block_size: queries per compiled block.
+
+  Returns:
+    ranks: int64 [num_queries], 0-based, in [0, num_gallery).
+    top_rows: int64 [num_queries, min(k, num_gallery)], gallery rows by
+      decreasing score (`lax.top_k`: equal scores keep the lower row first).
+
+  Raises:
+    ValueError: shapes disagree, or a query has no positive in the gallery
+      (its rank would be undefined).
+  """
+  query_emb, gallery_emb, query_owner, gallery_owner = _check_pair(
+      query_emb, gallery_emb, query_owner, gallery_owner)
+  num_queries = query_emb.shape[0]
+  k = max(0, min(int(k), gallery_emb.shape[0]))
+  if num_queries == 0:
+    return np.zeros((0,), np.int64), np.zeros((0, k), np.int64)
+  query_codes, gallery_codes = _owner_codes(query_owner, gallery_owner)
+  block, num_blocks = indexing.query_blocks(num_queries, block_size)
+  padded = np.zeros((block * num_blocks, query_emb.shape[1]), np.float32)
+  padded[:num_queries] = query_emb
+  padded_codes = np.full((block * num_blocks,), -1, np.int32)
+  padded_codes[:num_queries] = query_codes
+  gallery_device = jnp.asarray(gallery_emb)
+  gallery_codes_device = jnp.asarray(gallery_codes)
+  # Dispatch every block before reading any back.
+  results = [
+      _ranks_and_topk_block(padded[b * block:(b + 1) * block], gallery_device,
+                            padded_codes[b * block:(b + 1) * block],
+                            gallery_codes_device, k)
+      for b in range(num_blocks)
+  ]
+  ranks, has_positive, top = (
+      np.concatenate([np.asarray(r[i]) for r in results])[:num_queries]
+      for i in range(3))
+  _require_positive(has_positive, query_owner)
+  return ranks.astype(np.int64), top.astype(np.int64)
 
 
 def exact_ranks(query_emb, gallery_emb, query_owner, gallery_owner, *,
@@ -68,52 +180,51 @@ def exact_ranks(query_emb, gallery_emb, query_owner, gallery_owner, *,
     ValueError: shapes disagree, or a query has no positive in the gallery
       (its rank would be undefined).
   """
-  query_emb = np.asarray(query_emb, np.float32)
-  gallery_emb = np.asarray(gallery_emb, np.float32)
-  query_owner = np.asarray(query_owner)
-  gallery_owner = np.asarray(gallery_owner)
-  num_queries = query_emb.shape[0]
-  if (query_emb.ndim != 2 or gallery_emb.ndim != 2
-      or query_emb.shape[1] != gallery_emb.shape[1]
-      or query_owner.shape != (num_queries,)
-      or gallery_owner.shape != (gallery_emb.shape[0],)):
-    raise ValueError(
-        "expected query_emb [Q, D], gallery_emb [G, D], query_owner [Q],"
-        f" gallery_owner [G]; got {query_emb.shape}, {gallery_emb.shape},"
-        f" {query_owner.shape}, {gallery_owner.shape}")
-  if num_queries == 0:
-    return np.zeros((0,), np.int64)
-  # Dense int32 codes: owner ids may exceed int32 (JAX's default int) and
-  # padded query rows get a code (-1) that matches no gallery item.
-  _, codes = np.unique(np.concatenate([query_owner, gallery_owner]),
-                       return_inverse=True)
-  codes = codes.astype(np.int32).reshape(-1)
-  query_codes, gallery_codes = codes[:num_queries], codes[num_queries:]
+  return exact_ranks_and_topk(query_emb, gallery_emb, query_owner, gallery_owner,
+                              0, block_size=block_size)[0]
 
-  block, num_blocks = indexing.query_blocks(num_queries, block_size)
-  padded = np.zeros((block * num_blocks, query_emb.shape[1]), np.float32)
-  padded[:num_queries] = query_emb
-  padded_codes = np.full((block * num_blocks,), -1, np.int32)
-  padded_codes[:num_queries] = query_codes
-  gallery_device = jnp.asarray(gallery_emb)
-  gallery_codes_device = jnp.asarray(gallery_codes)
-  # Dispatch every block before reading any back.
-  results = [
-      _best_positive_ranks(padded[b * block:(b + 1) * block], gallery_device,
-                           padded_codes[b * block:(b + 1) * block],
-                           gallery_codes_device)
-      for b in range(num_blocks)
-  ]
-  ranks = np.concatenate([np.asarray(r) for r, _ in results])[:num_queries]
-  has_positive = np.concatenate([np.asarray(h) for _, h in results])
-  has_positive = has_positive[:num_queries]
-  if not has_positive.all():
-    missing = np.flatnonzero(~has_positive)
-    raise ValueError(
-        f"{missing.size} queries have no positive in the gallery, e.g. query"
-        f" {int(missing[0])} (owner {query_owner[missing[0]]!r}); the gallery"
-        " must hold every query's image/captions")
-  return ranks.astype(np.int64)
+
+def paired_ranks(image_emb, text_emb, image_owner, text_owner, *,
+                 max_score_bytes: int = DEFAULT_MAX_SCORE_BYTES,
+                 block_size: int = indexing.DEFAULT_BLOCK_SIZE
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Image->text and text->image ranks when both sides are one embedding set.
+
+  The standard (non-continual) protocol, e.g. COCO-5K: images query the
+  captions and captions query the images, so both directions rank the same
+  score matrix. It is computed once and ranked along both axes, which halves
+  the matmul work of two `exact_ranks` calls. Ranks equal theirs exactly.
+
+  Args:
+    image_emb: float [num_images, dim].
+    text_emb: float [num_texts, dim].
+    image_owner: int [num_images] (an image owns itself: its id).
+    text_owner: int [num_texts], the id of each text's image.
+    max_score_bytes: above num_images * num_texts * 4 bytes, the two
+      directions are ranked separately in query blocks (memory
+      [block_size, gallery] instead of the whole matrix; twice the matmuls).
+    block_size: queries per block in that case.
+
+  Returns:
+    i2t: int64 [num_images], t2i: int64 [num_texts]; 0-based ranks.
+
+  Raises:
+    ValueError: as `exact_ranks`, for either direction.
+  """
+  image_emb, text_emb, image_owner, text_owner = _check_pair(
+      image_emb, text_emb, image_owner, text_owner)
+  num_images, num_texts = image_emb.shape[0], text_emb.shape[0]
+  if not num_images or not num_texts or num_images * num_texts * 4 > max_score_bytes:
+    return (exact_ranks(image_emb, text_emb, image_owner, text_owner,
+                        block_size=block_size),
+            exact_ranks(text_emb, image_emb, text_owner, image_owner,
+                        block_size=block_size))
+  image_codes, text_codes = _owner_codes(image_owner, text_owner)
+  i2t, t2i, image_has, text_has = (np.asarray(x) for x in _paired_ranks_dense(
+      image_emb, text_emb, image_codes, text_codes))
+  _require_positive(image_has, image_owner)
+  _require_positive(text_has, text_owner)
+  return i2t.astype(np.int64), t2i.astype(np.int64)
 
 
 def ranks_from_topk(topk_owner, query_owner) -> np.ndarray:

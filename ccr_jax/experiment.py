@@ -392,9 +392,8 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
           query_emb, query_owner = q[qm]["emb"], q[qm]["owners"]
           _, top_ids = indexing.search_many(indices, query_emb, k)
           ranks = evaluation.ranks_from_topk(_owner_of(gm, top_ids, cpi), query_owner)
-          exact = evaluation.exact_ranks(query_emb, gallery_emb, query_owner,
-                                         gallery_owner)
-          _, exact_rows = indexing.exact_search(query_emb, gallery_emb, k)
+          exact, exact_rows = evaluation.exact_ranks_and_topk(
+              query_emb, gallery_emb, query_owner, gallery_owner, k)
           agreement = np.mean([len(set(a) & set(b)) / k for a, b in
                                zip(top_ids.tolist(), gallery_ids[exact_rows].tolist())])
           m = {**evaluation.recall_at_k(ranks, ks), **evaluation.rank_stats(exact),

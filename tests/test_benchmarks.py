@@ -114,6 +114,7 @@ def test_eval_speed_smoke():
   (record,) = _run_smoke("benchmarks.eval_speed")
   _assert_keys([record], ["eval_s", "matmul_s", "loop_s"])
   assert record["ranks_match"] and record["ranks_checked"] > 0
+  assert record["per_direction_ranks_equal"]
   assert record["loop_extrapolated"]
 
 

@@ -178,3 +178,36 @@ def test_continual_summary_single_task_and_errors():
     evaluation.continual_summary([[1.0, np.nan], [np.nan, 2.0]])
   with pytest.raises(ValueError, match="T, T"):
     evaluation.continual_summary([[1.0, 2.0]])
+
+
+@pytest.mark.parametrize("max_score_bytes", [0, evaluation.DEFAULT_MAX_SCORE_BYTES])
+def test_paired_ranks_equal_reference_both_directions(max_score_bytes):
+  # 0 forces the blocked per-direction fallback; the default holds the dense
+  # matrix. Both must give the definition's ranks.
+  images, image_ids, captions, caption_owner = _retrieval_data(seed=5)
+  i2t, t2i = evaluation.paired_ranks(images, captions, image_ids, caption_owner,
+                                     max_score_bytes=max_score_bytes, block_size=16)
+  np.testing.assert_array_equal(
+      i2t, _reference_ranks(images, captions, image_ids, caption_owner))
+  np.testing.assert_array_equal(
+      t2i, _reference_ranks(captions, images, caption_owner, image_ids))
+
+
+def test_paired_ranks_raise_for_a_caption_without_its_image():
+  images, image_ids, captions, caption_owner = _retrieval_data(seed=6)
+  with pytest.raises(ValueError, match="no positive"):
+    evaluation.paired_ranks(images[1:], captions, image_ids[1:], caption_owner)
+
+
+@pytest.mark.parametrize("k", [0, 10, 10_000])
+def test_exact_ranks_and_topk_is_one_pass_of_both(k):
+  images, image_ids, captions, caption_owner = _retrieval_data(seed=7)
+  ranks, top = evaluation.exact_ranks_and_topk(images, captions, image_ids,
+                                               caption_owner, k, block_size=16)
+  np.testing.assert_array_equal(
+      ranks, _reference_ranks(images, captions, image_ids, caption_owner))
+  kk = min(k, len(captions))  # clamped to the gallery size
+  assert top.shape == (len(images), kk)
+  order = np.argsort(-(images.astype(np.float64) @ captions.T), axis=1,
+                     kind="stable")[:, :kk]
+  np.testing.assert_array_equal(top, order)
