@@ -10,18 +10,17 @@ Two worker processes:
            the experiment's own `results/timing.json`; peak RSS is the
            process's.
   compile  in a fresh process on the same workdir (its data already on
-           disk): the experiment's train step lowered and compiled ahead of
-           time (compile_s), then a few steps timed the way `train.train_task`
-           runs them, host batch assembly included (step_s).
-The experiment compiles its train step inside its train stage, so train_s
-here is timing.json's train_s minus compile_s (train_incl_compile_s keeps the
-raw value). pairs_per_s = batch * steps / train_s is the throughput the run
-achieved, state checkpoints and logging syncs included; step_s is the step
-alone. other_s = wall_s - every stage (snapshot saving, setup
-between stages).
+           disk): the experiment's train step built and compiled the same
+           way, then a few steps timed the way `train.train_task` runs them,
+           host batch assembly included (step_s: the step alone).
+The experiment compiles its train step ahead of time once
+(`experiment.compiled_train_step`) and times that as its compile stage, so
+train_s is the steps only. pairs_per_s = batch * steps / train_s is the
+throughput the run achieved, state checkpoints and logging syncs included.
+other_s = wall_s - every stage (setup between stages).
 
-Keys: wall_s, data_s, compile_s, train_s, embed_s, index_s, evaluate_s,
-report_s, other_s, peak_rss_mb.
+Keys: wall_s, one <stage>_s per timing.json stage (data, compile, train,
+strategy, snapshot, embed, index, evaluate, report), other_s, peak_rss_mb.
 """
 
 from __future__ import annotations
@@ -47,7 +46,8 @@ from configs import default
 
 MODULE = "benchmarks.end_to_end"
 # timing.json's stages, in the order the experiment runs them.
-STAGES = ("data_s", "train_s", "embed_s", "index_s", "evaluate_s", "report_s")
+STAGES = ("data_s", "compile_s", "train_s", "strategy_s", "snapshot_s", "embed_s",
+          "index_s", "evaluate_s", "report_s")
 
 
 def config_for(name: str):
@@ -103,21 +103,17 @@ def time_train_step(config_name: str, workdir: str, steps: int) -> dict:
 
 
 def combine(run: dict, step: dict, config_name: str, process_wall_s: float) -> dict:
-  """The end-to-end record: stages from the run, compile split out of train."""
+  """The end-to-end record: the run's stages, and the isolated step time."""
   config = config_for(config_name)
   timing = run["timing"]
   steps = config.data.num_tasks * config.train.steps_per_task
-  train_s = timing.get("train_s", 0.0) - step["compile_s"]
-  stage_sum = sum(timing.get(s, 0.0) for s in STAGES)
+  stages = {s: timing.get(s, 0.0) for s in STAGES}
+  train_s = stages["train_s"]
   return {
       "benchmark": "end_to_end", "config": f"configs/default.py:{config_name}",
-      "wall_s": run["wall_s"], "process_wall_s": process_wall_s,
-      "data_s": timing.get("data_s", 0.0), "compile_s": step["compile_s"],
-      "train_s": train_s, "train_incl_compile_s": timing.get("train_s", 0.0),
-      "embed_s": timing.get("embed_s", 0.0), "index_s": timing.get("index_s", 0.0),
-      "evaluate_s": timing.get("evaluate_s", 0.0),
-      "report_s": timing.get("report_s", 0.0), "other_s": run["wall_s"] - stage_sum,
-      "steps": steps, "batch_size": config.train.batch_size, "step_s": step["step_s"],
+      "wall_s": run["wall_s"], "process_wall_s": process_wall_s, **stages,
+      "other_s": run["wall_s"] - sum(stages.values()),
+      "isolated_compile_s": step["compile_s"], "steps": steps, "batch_size": config.train.batch_size, "step_s": step["step_s"],
       "pairs_per_s": config.train.batch_size * steps / train_s if train_s > 0 else None,
       "devices": run["devices"], "peak_rss_mb": run["peak_rss_mb"],
       "load_average": harness.load_average(),
@@ -127,7 +123,7 @@ def combine(run: dict, step: dict, config_name: str, process_wall_s: float) -> d
 TABLE_COLUMNS = (
     ("config", "config"), ("wall_s", "wall s"), ("data_s", "data s"),
     ("compile_s", "compile s"), ("train_s", "train s (steps)"),
-    ("embed_s", "embed s"), ("index_s", "index s"), ("evaluate_s", "evaluate s"),
+    ("snapshot_s", "snapshot s"), ("embed_s", "embed s"), ("index_s", "index s"), ("evaluate_s", "evaluate s"),
     ("report_s", "report s"), ("other_s", "other s"), ("steps", "steps"),
     ("pairs_per_s", "pairs/s in train"), ("step_ms", "step ms (isolated)"),
     ("peak_rss_mb", "peak RSS MB"),
@@ -135,13 +131,14 @@ TABLE_COLUMNS = (
 
 NOTES = """
 wall s = `experiment.train_and_evaluate` (process_wall_s in the JSON adds the
-interpreter and imports). compile s: the train step's `lower().compile()` in a
-fresh process; train s = timing.json's train_s − compile s. pairs/s in train =
-batch × steps / train s (Orbax state checkpoints, optimizer-state creation per
-task and logging syncs included); step ms (isolated): the same step timed alone
-in the compile worker, host batch assembly included, at another moment (under
-another background load on a shared machine). other s = wall − the stages (mostly Orbax
-snapshot saving, which no stage times).
+interpreter and imports); the stages are the run's own timing.json. compile s:
+the train step's one ahead-of-time `lower().compile()`; train s: the steps.
+pairs/s in train = batch × steps / train s (Orbax state checkpoints,
+optimizer-state creation per task and logging syncs included); step ms
+(isolated): the same step timed alone in the compile worker, host batch
+assembly included, at another moment (under another background load on a
+shared machine). snapshot s: the per-task Orbax parameter snapshots. other s
+= wall − the stages.
 """
 
 

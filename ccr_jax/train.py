@@ -74,6 +74,21 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation,
   placed otherwise would compile the step a second time.
   """
 
+  args = (params, jnp.asarray(step, jnp.int32), strategy_state, accumulators,
+          None if freeze_active is None else jnp.float32(freeze_active))
+  # Placed first: freshly initialised (unplaced) and trained (replicated)
+  # params are different input types to jit, two compilations otherwise.
+  return _state_builder(optimizer, mesh)(
+      *jax.device_put(args, sharding.replicated(mesh)))
+
+
+@functools.lru_cache(maxsize=None)
+def _state_builder(optimizer: optax.GradientTransformation, mesh: Mesh) -> Callable:
+  # One jitted builder per (optimizer, mesh): a fresh closure per call would
+  # be a new function to jit, traced and compiled again at every task.
+  # Jitted at all because an eager optimizer.init compiles one tiny program
+  # per leaf.
+
   def build(p, s, strategy_state, acc, frozen):
     opt = optimizer.init(p)
     if acc is not None:
@@ -85,10 +100,7 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation,
       state["strategy"] = strategy_state
     return state
 
-  # Jitted: an eager optimizer.init compiles one tiny program per leaf.
-  return jax.jit(build, out_shardings=sharding.replicated(mesh))(
-      params, jnp.asarray(step, jnp.int32), strategy_state, accumulators,
-      None if freeze_active is None else jnp.float32(freeze_active))
+  return jax.jit(build, out_shardings=sharding.replicated(mesh))
 
 
 def old_model_state(old_params: Any | None, params: Any) -> dict:

@@ -49,6 +49,10 @@ def test_main_writes_every_output(tiny_run):
               "indices/snap_2/task_2/images", "results/results.md",
               "results/plots/results_r1.png", "results/timing.json"):
     assert os.path.exists(os.path.join(tiny_run, rel)), rel
+  timing = json.load(open(os.path.join(tiny_run, "results", "timing.json")))
+  for stage in ("data_s", "compile_s", "train_s", "snapshot_s", "embed_s",
+                "index_s", "evaluate_s", "report_s"):
+    assert timing[stage] > 0, stage
 
 
 def test_saved_embeddings_reproduce_reported_recalls(tiny_run):

@@ -132,3 +132,5 @@ def test_train_step_compiles_once_across_tasks():
       state, _ = step(state, sharding.shard_batch(batch, mesh))
     params = state["params"]
   assert step._cache_size() == 1
+  # The state builder too: a new jit per task would retrace and recompile it.
+  assert train_lib._state_builder(opt, mesh)._cache_size() == 1
