@@ -25,6 +25,7 @@ from absl import logging
 from ccr_jax import checkpoints
 from ccr_jax import evaluation
 from ccr_jax import indexing
+from ccr_jax import losses
 from ccr_jax import reporting
 from ccr_jax import sharding
 from ccr_jax import strategies
@@ -109,8 +110,9 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   model = dual_encoder.build_model(config.model, vocab.size)
   image_shape = encoded[0]["train"].images.shape[1:]
   params_template = jax.eval_shape(
-      lambda: dual_encoder.init_params(model, jax.random.PRNGKey(0), image_shape,
-                                       config.data.max_caption_len))
+      lambda: _with_loss_params(dual_encoder.init_params(
+          model, jax.random.PRNGKey(0), image_shape, config.data.max_caption_len),
+          config))
   mesh = sharding.make_mesh()
   embed_images, embed_texts = train_lib.make_embed_fns(model, mesh)
   return Setup(config, workdir, sequence, vocab, tuple(encoded), truncated, model,
@@ -120,13 +122,20 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 # --------------------------------------------------------------------- training
 
 
+def _with_loss_params(params: dict, config: ml_collections.ConfigDict) -> dict:
+  # The loss's own trainable values (a learnable temperature) train, snapshot
+  # and restore with the towers' params, under their own "loss" subtree.
+  loss_params = losses.initial_params(config.loss)
+  return params if loss_params is None else {**params, "loss": loss_params}
+
+
 def initial_params(setup: Setup) -> Any:
-  """The model's initial params from `config.seed`, replicated on the mesh."""
+  """The initial params {img, txt[, loss]} from `config.seed`, replicated on the mesh."""
   # One jitted init: op-by-op initialisation compiles every initializer apart.
   init = jax.jit(
-      lambda rng: dual_encoder.init_params(
+      lambda rng: _with_loss_params(dual_encoder.init_params(
           setup.model, rng, setup.encoded[0]["train"].images.shape[1:],
-          setup.config.data.max_caption_len),
+          setup.config.data.max_caption_len), setup.config),
       out_shardings=sharding.replicated(setup.mesh))
   return init(jax.random.PRNGKey(setup.config.seed))
 

@@ -2,23 +2,134 @@
 
 Every registered loss is a pure, jit-compatible function
 
-  loss_fn(img_emb, txt_emb, *, image_ids, margin, reduction, step) -> (loss, extras)
+  loss_fn(img_emb, txt_emb, *, image_ids, step, loss_params, <settings>)
+      -> (loss, extras)
 
 with `img_emb`, `txt_emb` `[B, D]` L2-normalised embeddings where row i of each
 is a positive pair, `image_ids` `[B]` ints (rows with equal ids share an image
 and are never negatives of each other), `step` the (possibly traced) global
-step, `loss` a float scalar and `extras` a dict of float scalars for logging.
-Config values are bound with `functools.partial(get_loss(name), margin=...)`.
+step, `loss_params` the loss's own trainable parameters (`initial_params`:
+InfoNCE's and SigLIP's learnable temperature and bias; None for the hinge
+losses or a fixed temperature), `loss` a float scalar and `extras` a dict of
+float scalars for logging. Config values are bound with `make_loss`.
+
+Compiled variants (settings of every loss; the same loss mathematically):
+  block_size   0: the dense [B, B] score matrix. b > 0: the caption side in
+               blocks of b, scanned, so the scores live as [B, b] blocks; with
+               `remat` the backward pass recomputes each block instead of
+               storing it, and temporary memory grows with B * b, not B^2.
+  matmul_dtype 'float32' (HIGHEST precision) or 'bfloat16' (inputs rounded to
+               bfloat16, products accumulated in float32).
+  remat        wrap the score computation in `jax.checkpoint`.
+In the blocked form the positive scores come from a row-wise dot product
+rather than the matrix diagonal: equal up to float rounding.
+
+Each loss is a score-block function: given a block of scores (all image rows,
+a block of caption columns) it returns a per-image partial (combined across
+blocks by sum, max or logaddexp) and complete per-caption values. The dense
+form is the one-block case of the same function.
 """
 import functools
+import math
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 REDUCTIONS = ("sum", "mean")
+MATMUL_DTYPES = ("float32", "bfloat16")
+# CLIP clips its learnable logit scale at 100 (temperature 0.01) for stability.
+MAX_LOGIT_SCALE = 100.0
 
 
-def contrastive_hinge(img_emb, txt_emb, *, image_ids, margin=0.2, hardest, reduction="sum"):
+class _Block(NamedTuple):
+  """How a loss reduces one block of scores; see the module docstring.
+
+  fn(scores [B, c], pos_row [B], pos_col [c], negative [B, c] bool,
+     diagonal [B, c] bool) -> (row partial [B], column values [c]).
+  """
+  fn: Callable
+  row_identity: float
+  row_combine: Callable
+
+
+def _scores(img, txt, matmul_dtype):
+  if matmul_dtype == "bfloat16":
+    return jnp.matmul(img.astype(jnp.bfloat16), txt.astype(jnp.bfloat16).T,
+                      preferred_element_type=jnp.float32)
+  # HIGHEST avoids TF32/bf16 passes on accelerators.
+  return jnp.matmul(img, txt.T, precision=jax.lax.Precision.HIGHEST)
+
+
+def _reduce_scores(img_emb, txt_emb, image_ids, block: _Block, *, block_size=0,
+                   matmul_dtype="float32", remat=False):
+  """Runs `block.fn` over the score matrix, densely or in caption blocks.
+
+  Returns (rows [B], cols [B], positive [B]): the combined per-image values,
+  the per-caption values, and the positive-pair scores.
+  """
+  if matmul_dtype not in MATMUL_DTYPES:
+    raise ValueError(f"Unknown matmul_dtype {matmul_dtype!r}; valid: {list(MATMUL_DTYPES)}")
+  # At least float32 even for bf16 embeddings: the hinge compares score
+  # differences of order 1e-2 against the margin.
+  dtype = jnp.promote_types(jnp.result_type(img_emb, txt_emb), jnp.float32)
+  img, txt = img_emb.astype(dtype), txt_emb.astype(dtype)
+  image_ids = jnp.asarray(image_ids)
+  n = img.shape[0]
+  if not block_size or block_size >= n:
+    def dense(img, txt):
+      scores = _scores(img, txt, matmul_dtype)  # [B, B]
+      positive = jnp.diagonal(scores)
+      negative = image_ids[:, None] != image_ids[None, :]
+      rows, cols = block.fn(scores, positive, positive, negative,
+                            jnp.eye(n, dtype=bool))
+      return rows, cols, positive
+
+    return (jax.checkpoint(dense) if remat else dense)(img, txt)
+  if n % block_size:
+    raise ValueError(f"block_size {block_size} must divide the batch size {n}")
+  num_blocks = n // block_size
+  rounded = ((img, txt) if matmul_dtype == "float32" else
+             (img.astype(jnp.bfloat16).astype(dtype), txt.astype(jnp.bfloat16).astype(dtype)))
+  positive = jnp.einsum("bd,bd->b", *rounded, precision=jax.lax.Precision.HIGHEST)
+
+  def body(rows, xs):
+    txt_block, ids_block, pos_block, first = xs
+    scores = _scores(img, txt_block, matmul_dtype)  # [B, block]
+    negative = image_ids[:, None] != ids_block[None, :]
+    diagonal = jnp.arange(n)[:, None] == first + jnp.arange(block_size)[None, :]
+    part, cols = block.fn(scores, positive, pos_block, negative, diagonal)
+    return block.row_combine(rows, part), cols
+
+  xs = (txt.reshape(num_blocks, block_size, -1), image_ids.reshape(num_blocks, -1),
+        positive.reshape(num_blocks, -1), jnp.arange(num_blocks) * block_size)
+  rows, cols = jax.lax.scan(jax.checkpoint(body) if remat else body,
+                            jnp.full((n,), block.row_identity, dtype), xs)
+  return rows, cols.reshape(n), positive
+
+
+def _check_reduction(reduction):
+  if reduction not in REDUCTIONS:
+    raise ValueError(f"Unknown reduction {reduction!r}; valid: {list(REDUCTIONS)}")
+
+
+def _hinge_block(margin, hardest) -> _Block:
+  reduce = jnp.max if hardest else jnp.sum
+
+  def fn(scores, pos_row, pos_col, negative, diagonal):
+    del diagonal  # never a negative: same image id.
+    # Masked entries are 0 and costs are >= 0, so a max over a row without
+    # negatives is 0 and no gradient reaches a non-negative.
+    cost_i2t = jnp.where(negative, jax.nn.relu(margin + scores - pos_row[:, None]), 0.0)
+    cost_t2i = jnp.where(negative, jax.nn.relu(margin + scores - pos_col[None, :]), 0.0)
+    return reduce(cost_i2t, axis=1), reduce(cost_t2i, axis=0)
+
+  return _Block(fn, 0.0, jnp.maximum if hardest else jnp.add)
+
+
+def contrastive_hinge(img_emb, txt_emb, *, image_ids, margin=0.2, hardest,
+                      reduction="sum", block_size=0, matmul_dtype="float32",
+                      remat=False):
   """Bidirectional hinge ranking loss of VSE0 (all negatives) / VSE++ (hardest).
 
   With scores `S = img_emb @ txt_emb.T` and positives on the diagonal:
@@ -36,37 +147,20 @@ def contrastive_hinge(img_emb, txt_emb, *, image_ids, margin=0.2, hardest, reduc
     margin: hinge margin (VSE++: 0.2).
     hardest: keep only the hardest negative per query (VSE++).
     reduction: 'sum' over the batch (as VSE++) or 'mean' (sum divided by B).
+    block_size, matmul_dtype, remat: the compiled variant (module docstring).
 
   Returns:
     `(loss, extras)`: loss a float scalar; extras {'i2t', 't2i'} (the two
     directions, reduced like the loss) and 'mean_positive' (mean of diag S).
 
   Raises:
-    ValueError: for an unknown reduction.
+    ValueError: for an unknown reduction or matmul dtype, or a block size
+      that does not divide the batch.
   """
-  if reduction not in REDUCTIONS:
-    raise ValueError(f"Unknown reduction {reduction!r}; valid: {list(REDUCTIONS)}")
-  # At least float32 even for bf16 embeddings: the hinge compares score
-  # differences of order 1e-2 against the margin.
-  dtype = jnp.promote_types(jnp.result_type(img_emb, txt_emb), jnp.float32)
-  img_emb, txt_emb = img_emb.astype(dtype), txt_emb.astype(dtype)
-  # HIGHEST avoids TF32/bf16 passes on accelerators; B x B x D is cheap anyway.
-  scores = jnp.matmul(img_emb, txt_emb.T, precision=jax.lax.Precision.HIGHEST)  # [B, B]
-  positive = jnp.diagonal(scores)  # [B]
-  image_ids = jnp.asarray(image_ids)
-  negative = image_ids[:, None] != image_ids[None, :]  # [B, B], symmetric
-
-  # cost_i2t[i, j]: caption j ranked against image i's own caption.
-  cost_i2t = jnp.where(negative, jax.nn.relu(margin + scores - positive[:, None]), 0.0)
-  # cost_t2i[j, i]: image j ranked against caption i's own image.
-  cost_t2i = jnp.where(negative, jax.nn.relu(margin + scores - positive[None, :]), 0.0)
-
-  # Masked entries are 0 and costs are >= 0, so a max over a row without
-  # negatives is 0 and no gradient reaches a non-negative.
-  row_reduce = jnp.max if hardest else jnp.sum
-  per_image = row_reduce(cost_i2t, axis=1)  # [B]
-  per_caption = row_reduce(cost_t2i, axis=0)  # [B]
-
+  _check_reduction(reduction)
+  per_image, per_caption, positive = _reduce_scores(
+      img_emb, txt_emb, image_ids, _hinge_block(margin, hardest),
+      block_size=block_size, matmul_dtype=matmul_dtype, remat=remat)
   scale = 1.0 if reduction == "sum" else 1.0 / img_emb.shape[0]
   i2t = jnp.sum(per_image) * scale
   t2i = jnp.sum(per_caption) * scale
@@ -74,7 +168,8 @@ def contrastive_hinge(img_emb, txt_emb, *, image_ids, margin=0.2, hardest, reduc
   return i2t + t2i, extras
 
 
-def vse0(img_emb, txt_emb, *, image_ids, margin=0.2, reduction="sum", step=None):
+def vse0(img_emb, txt_emb, *, image_ids, margin=0.2, reduction="sum", step=None,
+         loss_params=None, **variant):
   """VSE0: hinge loss summed over all negatives. See `contrastive_hinge`.
 
   Args:
@@ -83,18 +178,20 @@ def vse0(img_emb, txt_emb, *, image_ids, margin=0.2, reduction="sum", step=None)
     image_ids: `[B]` ints.
     margin: hinge margin.
     reduction: 'sum' or 'mean' over the batch.
-    step: unused; accepted so all registered losses share one signature.
+    step, loss_params: unused; accepted so all registered losses share one
+      signature.
+    **variant: block_size, matmul_dtype, remat (module docstring).
 
   Returns:
     `(loss, extras)` as `contrastive_hinge`.
   """
-  del step
+  del step, loss_params
   return contrastive_hinge(img_emb, txt_emb, image_ids=image_ids, margin=margin,
-                           hardest=False, reduction=reduction)
+                           hardest=False, reduction=reduction, **variant)
 
 
 def vse_pp(img_emb, txt_emb, *, image_ids, margin=0.2, reduction="sum", step=None,
-           warmup_steps=0):
+           warmup_steps=0, loss_params=None, **variant):
   """VSE++: hinge loss on the hardest negative, after `warmup_steps` of VSE0.
 
   Trained from scratch, the hardest-negative loss tends to collapse all
@@ -111,6 +208,8 @@ def vse_pp(img_emb, txt_emb, *, image_ids, margin=0.2, reduction="sum", step=Non
     step: int scalar (Python or traced): the global step; required when
       `warmup_steps > 0`.
     warmup_steps: Python int; VSE0 is used while `step < warmup_steps`.
+    loss_params: unused.
+    **variant: block_size, matmul_dtype, remat (module docstring).
 
   Returns:
     `(loss, extras)` as `contrastive_hinge`, plus extras['hardest'] (1.0 when
@@ -119,8 +218,9 @@ def vse_pp(img_emb, txt_emb, *, image_ids, margin=0.2, reduction="sum", step=Non
   Raises:
     ValueError: if `warmup_steps > 0` and no step is given.
   """
+  del loss_params
   hinge = functools.partial(contrastive_hinge, image_ids=image_ids, margin=margin,
-                            reduction=reduction)
+                            reduction=reduction, **variant)
   if warmup_steps <= 0:
     loss, extras = hinge(img_emb, txt_emb, hardest=True)
     return loss, {**extras, "hardest": jnp.ones((), loss.dtype)}
@@ -135,7 +235,114 @@ def vse_pp(img_emb, txt_emb, *, image_ids, margin=0.2, reduction="sum", step=Non
   return loss, {**extras, "hardest": use_hardest.astype(loss.dtype)}
 
 
-LOSSES = {"vse0": vse0, "vse_pp": vse_pp}
+def _logit_scale(loss_params, temperature):
+  """exp(log_scale) from the learnable params, clipped; else 1 / temperature."""
+  if loss_params is not None and "log_scale" in loss_params:
+    return jnp.minimum(jnp.exp(loss_params["log_scale"]), MAX_LOGIT_SCALE)
+  return jnp.float32(1.0 / temperature)
+
+
+def infonce(img_emb, txt_emb, *, image_ids, temperature=0.07, reduction="mean",
+            step=None, loss_params=None, **variant):
+  """Symmetric InfoNCE (CLIP): cross-entropy over captions and over images.
+
+  With logits `L = S / T` (T the temperature, learnable when `loss_params`
+  holds 'log_scale' = log(1/T), clipped at 1/T <= 100 as CLIP does):
+    image->text, row i:    logsumexp_j L[i, j] - L[i, i]
+    text->image, column i: logsumexp_j L[j, i] - L[i, i]
+  where j ranges over i itself and the negatives of i: other rows with the
+  same image id are left out of the softmax (they are not negatives, and
+  they are not this row's target either). The loss is the mean of the two
+  directions' cross-entropies.
+
+  Args:
+    img_emb: `[B, D]`; txt_emb: `[B, D]`; image_ids: `[B]` ints.
+    temperature: the fixed temperature when not learnable (CLIP: 0.07).
+    reduction: 'mean' over the batch (CLIP) or 'sum'.
+    step: unused.
+    loss_params: None or {'log_scale': float scalar}.
+    **variant: block_size, matmul_dtype, remat (module docstring).
+
+  Returns:
+    `(loss, extras)`: extras {'i2t', 't2i', 'mean_positive', 'temperature'}.
+  """
+  del step
+  _check_reduction(reduction)
+  scale = _logit_scale(loss_params, temperature)
+
+  def fn(scores, pos_row, pos_col, negative, diagonal):
+    del pos_row, pos_col
+    logits = jnp.where(negative | diagonal, scores * scale, -jnp.inf)
+    return (jax.nn.logsumexp(logits, axis=1), jax.nn.logsumexp(logits, axis=0))
+
+  row_lse, col_lse, positive = _reduce_scores(
+      img_emb, txt_emb, image_ids, _Block(fn, -jnp.inf, jnp.logaddexp), **variant)
+  reduce = jnp.mean if reduction == "mean" else jnp.sum
+  i2t = reduce(row_lse - scale * positive)
+  t2i = reduce(col_lse - scale * positive)
+  extras = {"i2t": i2t, "t2i": t2i, "mean_positive": jnp.mean(positive),
+            "temperature": 1.0 / scale}
+  return 0.5 * (i2t + t2i), extras
+
+
+def siglip(img_emb, txt_emb, *, image_ids, temperature=0.1, bias=-10.0,
+           reduction="mean", step=None, loss_params=None, **variant):
+  """Pairwise sigmoid loss of SigLIP (Zhai et al. 2023).
+
+  With logits `L = S * t + b` (t = exp(log_scale), b the bias, both learnable
+  from `loss_params`; else t = 1 / temperature and b = `bias`):
+    sum over pairs (i, j) of -log sigmoid(z_ij * L[i, j]),
+  z = +1 on the diagonal, -1 for negatives; pairs of different rows with the
+  same image id are left out (neither positive nor negative).
+  'mean' divides by B, as SigLIP does; 'sum' does not.
+
+  Args:
+    img_emb: `[B, D]`; txt_emb: `[B, D]`; image_ids: `[B]` ints.
+    temperature, bias: fixed values when `loss_params` is None (SigLIP's
+      initialisation: t = 10, b = -10).
+    reduction: 'mean' or 'sum'.
+    step: unused.
+    loss_params: None or {'log_scale': scalar, 'bias': scalar}.
+    **variant: block_size, matmul_dtype, remat (module docstring).
+
+  Returns:
+    `(loss, extras)`: extras {'positive_term', 'negative_term',
+    'mean_positive', 'temperature', 'bias'}; the terms sum to the loss.
+  """
+  del step
+  _check_reduction(reduction)
+  scale = _logit_scale(loss_params, temperature)
+  b = loss_params["bias"] if loss_params is not None and "bias" in loss_params else bias
+
+  def fn(scores, pos_row, pos_col, negative, diagonal):
+    del pos_row, pos_col
+    logits = scores * scale + b
+    neg_cost = jnp.where(negative, -jax.nn.log_sigmoid(-logits), 0.0)
+    # Positives' costs go in a column value so that the two terms can be
+    # reported apart; each column holds at most one diagonal entry.
+    pos_cost = jnp.where(diagonal, -jax.nn.log_sigmoid(logits), 0.0)
+    return jnp.sum(neg_cost, axis=1), jnp.sum(pos_cost, axis=0)
+
+  negative_rows, positive_cols, positive = _reduce_scores(
+      img_emb, txt_emb, image_ids, _Block(fn, 0.0, jnp.add), **variant)
+  scale_out = 1.0 / img_emb.shape[0] if reduction == "mean" else 1.0
+  pos_term = jnp.sum(positive_cols) * scale_out
+  neg_term = jnp.sum(negative_rows) * scale_out
+  extras = {"positive_term": pos_term, "negative_term": neg_term,
+            "mean_positive": jnp.mean(positive), "temperature": 1.0 / scale,
+            "bias": jnp.asarray(b, jnp.float32)}
+  return pos_term + neg_term, extras
+
+
+LOSSES = {"vse0": vse0, "vse_pp": vse_pp, "infonce": infonce, "siglip": siglip}
+# The config keys each loss reads (beyond the variant keys, read by all).
+LOSS_SETTINGS = {
+    "vse0": ("margin", "reduction"),
+    "vse_pp": ("margin", "reduction", "warmup_steps"),
+    "infonce": ("temperature", "reduction"),
+    "siglip": ("temperature", "bias", "reduction"),
+}
+VARIANT_SETTINGS = ("block_size", "matmul_dtype", "remat")
 
 
 def get_loss(name):
@@ -145,7 +352,7 @@ def get_loss(name):
     name: a key of `LOSSES`.
 
   Returns:
-    `loss_fn(img_emb, txt_emb, *, image_ids, margin, reduction, step)`.
+    `loss_fn(img_emb, txt_emb, *, image_ids, step, loss_params, **settings)`.
 
   Raises:
     ValueError: for an unknown name, listing the valid ones.
@@ -153,3 +360,48 @@ def get_loss(name):
   if name not in LOSSES:
     raise ValueError(f"Unknown loss {name!r}; valid: {sorted(LOSSES)}")
   return LOSSES[name]
+
+
+def make_loss(config) -> Callable:
+  """The loss `config.name` names, with its settings and variant bound.
+
+  Args:
+    config: the config's `loss` section (configs/default.py).
+
+  Returns:
+    `loss_fn(img_emb, txt_emb, *, image_ids, step, loss_params=None)`.
+
+  Raises:
+    ValueError: unknown name, reduction or matmul dtype; a negative block
+      size; a non-positive temperature.
+  """
+  fn = get_loss(config.name)
+  kwargs = {key: config[key] for key in LOSS_SETTINGS[config.name]}
+  _check_reduction(kwargs["reduction"])
+  if "temperature" in kwargs and not kwargs["temperature"] > 0:
+    raise ValueError(f"--config.loss.temperature must be > 0, got {kwargs['temperature']}")
+  variant = {key: config.get(key, default) for key, default in
+             (("block_size", 0), ("matmul_dtype", "float32"), ("remat", False))}
+  if variant["matmul_dtype"] not in MATMUL_DTYPES:
+    raise ValueError(f"--config.loss.matmul_dtype={variant['matmul_dtype']!r};"
+                     f" valid: {list(MATMUL_DTYPES)}")
+  if variant["block_size"] < 0:
+    raise ValueError(f"--config.loss.block_size must be >= 0 (0: dense), got"
+                     f" {variant['block_size']}")
+  return functools.partial(fn, **kwargs, **variant)
+
+
+def initial_params(config) -> dict[str, Any] | None:
+  """The loss's trainable parameters at initialisation, or None if it has none.
+
+  InfoNCE learns log(1/T) when `config.learn_temperature`; SigLIP learns
+  log(1/T) and the bias b when `config.learn_temperature` (SigLIP's
+  initialisation: T = 0.1, b = -10). Scalars, float32.
+  """
+  if config.name not in ("infonce", "siglip") or not config.get("learn_temperature",
+                                                                 False):
+    return None
+  params = {"log_scale": jnp.float32(math.log(1.0 / config.temperature))}
+  if config.name == "siglip":
+    params["bias"] = jnp.float32(config.bias)
+  return params

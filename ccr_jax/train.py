@@ -50,11 +50,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, steps_per_task: int,
 
 
 def make_loss(loss_config: ml_collections.ConfigDict) -> Callable:
-  """The registered loss with the config's values bound: (img, txt, *, image_ids, step)."""
-  kwargs = {"margin": loss_config.margin, "reduction": loss_config.reduction}
-  if loss_config.name == "vse_pp":
-    kwargs["warmup_steps"] = loss_config.warmup_steps
-  return functools.partial(losses_lib.get_loss(loss_config.name), **kwargs)
+  """The registered loss with the config's values bound (`losses.make_loss`)."""
+  return losses_lib.make_loss(loss_config)
 
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation,
@@ -132,11 +129,14 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
 
   def loss_and_extras(params, batch, step, strategy_state):
     img, txt = embed(params, batch)
-    loss, extras = loss_fn(img, txt, image_ids=batch["image_ids"], step=step)
+    loss_params = params.get("loss")
+    loss, extras = loss_fn(img, txt, image_ids=batch["image_ids"], step=step,
+                           loss_params=loss_params)
     extras = {"contrastive": loss, **extras}
     if strategy.loss_term is not None:
       old = embed(jax.lax.stop_gradient(strategy_state["old_params"]), batch)
-      extra_loss, extra_extras = strategy.loss_term(img, txt, old, batch, step)
+      extra_loss, extra_extras = strategy.loss_term(img, txt, old, batch, step,
+                                                    loss_params)
       loss = loss + strategy_state["active"] * extra_loss
       extras.update(extra_extras)
     return loss, extras
@@ -239,7 +239,8 @@ def make_importance_fns(model: DualEncoder, loss_fn: Callable, mesh: Mesh,
                            batch["lengths"])
     # The loss the task ended with (after any VSE0 warm-up of vse_pp).
     loss, _ = loss_fn(img, txt, image_ids=batch["image_ids"],
-                      step=jnp.int32(jnp.iinfo(jnp.int32).max))
+                      step=jnp.int32(jnp.iinfo(jnp.int32).max),
+                      loss_params=params.get("loss"))
     return loss / img.shape[0] if reduction == "sum" else loss
 
   def similarity_energy(params, batch):

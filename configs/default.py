@@ -45,6 +45,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.loss.margin = 0.2
   config.loss.reduction = "sum"
   config.loss.warmup_steps = 0  # vse_pp only: VSE0 steps before hardest negatives
+  # infonce / siglip: the logit temperature (CLIP 0.07; SigLIP starts at 0.1),
+  # learnt from that start when learn_temperature; siglip's bias starts at `bias`.
+  config.loss.temperature = 0.07
+  config.loss.learn_temperature = False
+  config.loss.bias = -10.0
+  # Compiled variant, the same loss (ccr_jax/losses.py): 0 = dense [B, B]
+  # scores, b > 0 = caption blocks of b; float32 or bfloat16 matmuls; remat
+  # recomputes the scores in the backward pass instead of storing them.
+  config.loss.block_size = 0
+  config.loss.matmul_dtype = "float32"
+  config.loss.remat = False
 
   config.optim = ml_collections.ConfigDict()
   config.optim.learning_rate = 5e-4

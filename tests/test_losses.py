@@ -3,6 +3,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -195,3 +196,187 @@ def test_unknown_names_raise():
   img, txt = random_embeddings(5, 2, 4)
   with pytest.raises(ValueError, match="reduction"):
     losses.vse0(img, txt, image_ids=jnp.arange(2), reduction="max")
+
+
+# ------------------------------------------------------------ InfoNCE, SigLIP
+
+
+def _log_sigmoid(x):
+  return -np.logaddexp(0.0, -x)
+
+
+def reference_infonce(img, txt, ids, scale, reduction="mean"):
+  """CLIP's symmetric cross-entropy, loop by loop in float64 NumPy.
+
+  Row i's softmax runs over i itself and the j with another image id.
+  """
+  s = np.asarray(img, np.float64) @ np.asarray(txt, np.float64).T
+  n = len(ids)
+  i2t, t2i = [], []
+  for i in range(n):
+    allowed = [j for j in range(n) if j == i or ids[j] != ids[i]]
+    i2t.append(np.log(sum(np.exp(scale * s[i, j]) for j in allowed)) - scale * s[i, i])
+    t2i.append(np.log(sum(np.exp(scale * s[j, i]) for j in allowed)) - scale * s[i, i])
+  reduce = np.mean if reduction == "mean" else np.sum
+  return 0.5 * (reduce(i2t) + reduce(t2i))
+
+
+def reference_siglip(img, txt, ids, scale, bias, reduction="mean"):
+  """SigLIP's pairwise sigmoid loss, loop by loop in float64 NumPy."""
+  s = np.asarray(img, np.float64) @ np.asarray(txt, np.float64).T
+  n = len(ids)
+  total = 0.0
+  for i in range(n):
+    for j in range(n):
+      if i == j:
+        total -= _log_sigmoid(scale * s[i, j] + bias)
+      elif ids[i] != ids[j]:
+        total -= _log_sigmoid(-(scale * s[i, j] + bias))
+  return total / n if reduction == "mean" else total
+
+
+def _numeric_grad(fn, args, h=1e-6):
+  """Central differences of a float64 NumPy function w.r.t. every entry of args."""
+  grads = []
+  for a, arg in enumerate(args):
+    arg = np.asarray(arg, np.float64)
+    grad = np.zeros_like(arg)
+    for idx in np.ndindex(*arg.shape):
+      plus = [np.array(x, np.float64) for x in args]
+      minus = [np.array(x, np.float64) for x in args]
+      plus[a][idx] += h
+      minus[a][idx] -= h
+      grad[idx] = (fn(*plus) - fn(*minus)) / (2 * h)
+    grads.append(grad)
+  return grads
+
+
+SMOOTH_CASES = [(name, reduction, ids_name, ids)
+                for name in ("infonce", "siglip")
+                for reduction in ("mean", "sum")
+                for ids_name, ids in (("unique", IDS_UNIQUE), ("duplicate", IDS_DUPLICATE))]
+
+
+@pytest.mark.parametrize("name,reduction,ids_name,ids", SMOOTH_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in SMOOTH_CASES])
+def test_smooth_losses_and_grads_match_numpy_reference(name, reduction, ids_name, ids):
+  """Values and gradients (embeddings and learnable temperature / bias)."""
+  del ids_name
+  img, txt = random_embeddings(4, 6, 8)
+  log_scale, bias = np.log(1 / 0.1), -2.0
+  params = {"log_scale": jnp.float32(log_scale)}
+  if name == "siglip":
+    params["bias"] = jnp.float32(bias)
+
+  def loss_of(a, b, p):
+    return losses.get_loss(name)(a, b, image_ids=jnp.asarray(ids), reduction=reduction,
+                                 loss_params=p)[0]
+
+  loss, grads = jax.jit(jax.value_and_grad(loss_of, argnums=(0, 1, 2)))(img, txt, params)
+  if name == "infonce":
+    ref = lambda a, b, ls: reference_infonce(a, b, ids, np.exp(ls), reduction)
+    ref_args = (img, txt, np.array(log_scale))
+  else:
+    ref = lambda a, b, ls, bb: reference_siglip(a, b, ids, np.exp(ls), bb, reduction)
+    ref_args = (img, txt, np.array(log_scale), np.array(bias))
+  # float32 logits up to 10 summed over 36 pairs: ~1e-6 relative error.
+  np.testing.assert_allclose(loss, ref(*ref_args), rtol=1e-5)
+  want = _numeric_grad(ref, ref_args)
+  got = [grads[0], grads[1], grads[2]["log_scale"]]
+  if name == "siglip":
+    got.append(grads[2]["bias"])
+  for g, w in zip(got, want):
+    # Gradient entries are O(1-10) (logit scale 10); float32 accumulation and
+    # the O(h^2) = 1e-12 difference error stay far below 1e-4.
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+  # The learnable scalars do receive gradient.
+  assert all(abs(float(x)) > 1e-4 for x in jax.tree.leaves(grads[2]))
+
+
+def test_duplicates_change_the_smooth_losses():
+  # Guards the case above: the masking is visible in the values.
+  img, txt = random_embeddings(4, 6, 8)
+  for name in ("infonce", "siglip"):
+    value = lambda ids: losses.get_loss(name)(img, txt, image_ids=jnp.asarray(ids))[0]
+    assert abs(value(IDS_UNIQUE) - value(IDS_DUPLICATE)) > 1e-3
+
+
+def test_infonce_hand_computed_two_by_two():
+  # S = [[1, 0], [0, 1]] at temperature 1: every row and column is
+  # log(e + 1) - 1; both directions equal, so the loss is that too.
+  eye = jnp.eye(2)
+  loss, extras = losses.infonce(eye, eye, image_ids=jnp.arange(2), temperature=1.0)
+  np.testing.assert_allclose(loss, np.log(np.e + 1) - 1, rtol=1e-6)
+  np.testing.assert_allclose(extras["temperature"], 1.0, rtol=1e-6)
+  # SigLIP at t=1, b=0: 2 positives of -log sigmoid(1), 2 negatives of
+  # -log sigmoid(-0) = log 2, divided by B = 2.
+  loss, _ = losses.siglip(eye, eye, image_ids=jnp.arange(2), temperature=1.0, bias=0.0)
+  np.testing.assert_allclose(loss, (-2 * _log_sigmoid(1.0) + 2 * np.log(2)) / 2,
+                             rtol=1e-6)
+
+
+def test_learnable_logit_scale_is_clipped_like_clip():
+  img, txt = random_embeddings(4, 4, 8)
+  big = {"log_scale": jnp.float32(np.log(1000.0))}
+  _, extras = losses.infonce(img, txt, image_ids=jnp.arange(4), loss_params=big)
+  np.testing.assert_allclose(extras["temperature"], 1 / losses.MAX_LOGIT_SCALE, rtol=1e-6)
+
+
+# -------------------------------------------------------- compiled variants
+
+ALL_LOSSES = ("vse0", "vse_pp", "infonce", "siglip")
+VARIANTS = [dict(block_size=b, remat=r) for b in (0, 4, 8) for r in (False, True)]
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: f"b{v['block_size']}-r{v['remat']}")
+def test_float32_variants_equal_dense(name, variant):
+  img, txt = random_embeddings(6, 16, 8)
+  ids = jnp.asarray(np.repeat(np.arange(8), 2))  # every image twice
+  params = losses.initial_params(ml_collections.ConfigDict(dict(
+      name=name, temperature=0.1, learn_temperature=True, bias=-2.0)))
+
+  def run(**v):
+    fn = functools.partial(losses.get_loss(name), image_ids=ids, loss_params=params, **v)
+    return jax.jit(jax.value_and_grad(lambda a, b: fn(a, b)[0], argnums=(0, 1)))(img, txt)
+
+  (want, want_grads), (got, got_grads) = run(), run(**variant)
+  # The blocked form takes positives from a row-wise dot product instead of
+  # the matrix diagonal: equal up to float32 rounding (~1e-7 per score).
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+@pytest.mark.parametrize("block_size", [0, 4])
+def test_bfloat16_matmul_variant_is_close_to_float32(name, block_size):
+  img, txt = random_embeddings(7, 16, 32)
+  ids = jnp.arange(16)
+  value = lambda dtype: losses.get_loss(name)(
+      img, txt, image_ids=ids, matmul_dtype=dtype, block_size=block_size)[0]
+  want, got = value("float32"), value("bfloat16")
+  # bfloat16 keeps 8 mantissa bits: each input rounds by up to 2^-9 relative,
+  # so a unit-norm dot product moves by ~2^-8; the losses are sums of smooth or
+  # piecewise-linear functions of scores with slope <= 1/T = 14, so 5% bounds it.
+  np.testing.assert_allclose(got, want, rtol=5e-2)
+  assert got != want  # the variant really rounds
+
+
+def test_block_size_must_divide_the_batch():
+  img, txt = random_embeddings(1, 6, 4)
+  with pytest.raises(ValueError, match="divide"):
+    losses.vse0(img, txt, image_ids=jnp.arange(6), block_size=4)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("reduction", "max", "reduction"), ("matmul_dtype", "float16", "matmul_dtype"),
+    ("block_size", -1, "block_size"), ("temperature", 0.0, "temperature")])
+def test_make_loss_rejects_bad_settings(field, value, match):
+  cfg = ml_collections.ConfigDict(dict(
+      name="infonce", margin=0.2, reduction="mean", warmup_steps=0, temperature=0.07,
+      learn_temperature=False, bias=-10.0, block_size=0, matmul_dtype="float32",
+      remat=False))
+  cfg[field] = value
+  with pytest.raises(ValueError, match=match):
+    losses.make_loss(cfg)

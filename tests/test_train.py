@@ -134,3 +134,26 @@ def test_train_step_compiles_once_across_tasks():
   assert step._cache_size() == 1
   # The state builder too: a new jit per task would retrace and recompile it.
   assert train_lib._state_builder(opt, mesh)._cache_size() == 1
+
+
+def test_learnable_loss_params_train_and_snapshot_with_the_towers(tmp_path):
+  """infonce with learn_temperature: params["loss"] exists, gets updated, restores."""
+  from ccr_jax import checkpoints
+  from ccr_jax import experiment
+  from configs import default
+  cfg = default.get_config("tiny")
+  cfg.loss.name = "siglip"
+  cfg.loss.learn_temperature = True
+  cfg.loss.temperature = 0.1
+  setup = experiment.build_setup(cfg, str(tmp_path))
+  training = experiment.build_training(setup)
+  params = experiment.initial_params(setup)
+  assert set(params["loss"]) == {"log_scale", "bias"}
+  before = jax.device_get(params["loss"])
+  trained = experiment.train_one_task(setup, training, 0, params, None)
+  after = jax.device_get(trained["loss"])
+  for key in ("log_scale", "bias"):
+    assert after[key] != before[key], key
+  checkpoints.save_snapshot(str(tmp_path), 1, trained, experiment._snapshot_meta(setup, 1))
+  restored = experiment.load_snapshot(setup, 1)
+  assert jax.device_get(restored["loss"]) == after

@@ -12,6 +12,7 @@ component's settings live in `config.strategy.<component>`.
 """
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, NamedTuple
 
@@ -43,7 +44,8 @@ class Strategy:
   name: str
   transform: optax.GradientTransformation = dataclasses.field(
       default_factory=optax.identity)
-  # (img, txt, old, batch, step) -> (loss, extras); old = (old_img, old_txt) or
+  # (img, txt, old, batch, step, loss_params) -> (loss, extras); old =
+  # (old_img, old_txt) or
   # None; the train step multiplies the loss by 0 until a previous snapshot exists.
   loss_term: Callable | None = None
   needs_old_model: bool = False
@@ -189,7 +191,7 @@ def get_strategy(config: ml_collections.ConfigDict,
     emb_strength = config.lwf.embedding_strength
     temperature = _positive(config, "lwf", "temperature")
 
-    def lwf_term(img, txt, old, batch, step):
+    def lwf_term(img, txt, old, batch, step, loss_params):
       kl = distillation.similarity_distillation(img, txt, *old, temperature=temperature)
       emb = distillation.embedding_distillation(img, txt, *old)
       return strength * kl + emb_strength * emb, {"lwf_kl": kl, "lwf_embedding": emb}
@@ -202,9 +204,10 @@ def get_strategy(config: ml_collections.ConfigDict,
       raise ValueError("compat needs the training loss: pass loss_fn to get_strategy.")
     strength = _positive(config, "compat", "strength")
 
-    def compat_term(img, txt, old, batch, step):
-      c = compat.compatibility_loss(loss_fn, img, txt, *old,
-                                    image_ids=batch["image_ids"], step=step)
+    def compat_term(img, txt, old, batch, step, loss_params):
+      c = compat.compatibility_loss(
+          functools.partial(loss_fn, loss_params=loss_params), img, txt, *old,
+          image_ids=batch["image_ids"], step=step)
       return strength * c, {"compat": c}
 
     terms.append(compat_term)
@@ -219,10 +222,10 @@ def get_strategy(config: ml_collections.ConfigDict,
                        "--config.strategy.replay.memory_size >= 1.")
     kwargs["replay"] = Replay(int(r.memory_size), float(r.ratio), r.policy)
   if terms:
-    def loss_term(img, txt, old, batch, step):
+    def loss_term(img, txt, old, batch, step, loss_params=None):
       total, extras = jnp.float32(0.0), {}
       for term in terms:
-        value, ex = term(img, txt, old, batch, step)
+        value, ex = term(img, txt, old, batch, step, loss_params)
         total, extras = total + value, {**extras, **ex}
       return total, extras
     kwargs.update(loss_term=loss_term, needs_old_model=True)
