@@ -110,7 +110,7 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   model = dual_encoder.build_model(config.model, vocab.size)
   image_shape = encoded[0]["train"].images.shape[1:]
   params_template = jax.eval_shape(
-      lambda: _with_loss_params(dual_encoder.init_params(
+      lambda: with_loss_params(dual_encoder.init_params(
           model, jax.random.PRNGKey(0), image_shape, config.data.max_caption_len),
           config))
   mesh = sharding.make_mesh()
@@ -122,9 +122,12 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
 # --------------------------------------------------------------------- training
 
 
-def _with_loss_params(params: dict, config: ml_collections.ConfigDict) -> dict:
-  # The loss's own trainable values (a learnable temperature) train, snapshot
-  # and restore with the towers' params, under their own "loss" subtree.
+def with_loss_params(params: dict, config: ml_collections.ConfigDict) -> dict:
+  """Model params {img, txt} plus the loss's own, if any, as params["loss"].
+
+  The loss's trainable values (a learnable temperature, SigLIP's bias) train,
+  snapshot and restore with the towers' params, in their own subtree.
+  """
   loss_params = losses.initial_params(config.loss)
   return params if loss_params is None else {**params, "loss": loss_params}
 
@@ -133,7 +136,7 @@ def initial_params(setup: Setup) -> Any:
   """The initial params {img, txt[, loss]} from `config.seed`, replicated on the mesh."""
   # One jitted init: op-by-op initialisation compiles every initializer apart.
   init = jax.jit(
-      lambda rng: _with_loss_params(dual_encoder.init_params(
+      lambda rng: with_loss_params(dual_encoder.init_params(
           setup.model, rng, setup.encoded[0]["train"].images.shape[1:],
           setup.config.data.max_caption_len), setup.config),
       out_shardings=sharding.replicated(setup.mesh))

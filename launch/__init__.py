@@ -1,0 +1,1 @@
+"""Launch scripts: absl-flag entry points for ablations and runs."""
