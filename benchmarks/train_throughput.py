@@ -19,12 +19,16 @@ is fixed when JAX starts, and each measurement gets a peak RSS of its own.
 
 Keys: pairs_per_s (batch / step_s), step_s (median over timed steps, each
 blocked on), compile_s, flops_per_step (matmul + convolution FLOPs of the
-step's jaxpr, scan bodies times their length: `jaxpr_matmul_flops`),
+step as if every caption ran to the padded length: `jaxpr_matmul_flops`
+outside the GRU plus `gru_flops`),
 flops_per_s (flops_per_step / step_s), peak_rss_mb (the worker's), devices;
 xla_flops_per_step (XLA's `cost_analysis()` of the compiled step, summed over
-devices; it counts the GRU's while-loop body once, so it is far lower);
+devices; it counts each GRU while-loop body once, so it is far lower);
 also matmul_flops_per_s (a square float32 matmul on the same process, the
 practical limit of this CPU) and fraction_of_matmul (flops_per_s over it).
+real_flops_per_step counts the GRU's work on real tokens only (padding is
+not work), real_flops_per_s = real_flops_per_step / step_s, and
+real_fraction_of_matmul = real_flops_per_s / matmul_flops_per_s.
 """
 
 from __future__ import annotations
@@ -161,12 +165,13 @@ def _sub_jaxprs(value) -> list:
 
 
 def jaxpr_matmul_flops(jaxpr) -> float:
-  """Matmul and convolution FLOPs of a jaxpr, scan bodies times their length.
+  """Matmul and convolution FLOPs of a jaxpr, scans times their length, `while` loops not.
 
   The usual "model FLOPs" of MFU figures: 2 * multiply-adds of every
   `dot_general` and `conv_general_dilated`; elementwise work is not counted.
-  `cond` counts its costliest branch; a `while` body is counted once (its trip
-  count is not static; none occurs in these train steps).
+  `cond` counts its costliest branch. A `while` loop is not counted at all:
+  its trip count is not static. In these train steps the only `while` loops
+  are the GRU's (`text_towers.packed_gru`), counted by `gru_flops` instead.
 
   Args:
     jaxpr: a `jax.extend.core.Jaxpr` (e.g. `jax.make_jaxpr(f)(*args).jaxpr`).
@@ -184,12 +189,27 @@ def jaxpr_matmul_flops(jaxpr) -> float:
       out_features = rhs[eqn.params["dimension_numbers"].rhs_spec[0]]
       # Each output element sums (input features per group) x (kernel window).
       total += 2.0 * np.prod(eqn.outvars[0].aval.shape) * np.prod(rhs) / out_features
-    else:
+    elif name != "while":
       per_param = [[jaxpr_matmul_flops(j) for j in _sub_jaxprs(v)]
                    for v in eqn.params.values()]
       inner = sum(max(f) for f in per_param if f)
       total += inner * (eqn.params["length"] if name == "scan" else 1)
   return float(total)
+
+
+def gru_flops(num_tokens: float, word_dim: int, hidden_dim: int) -> float:
+  """Matmul FLOPs of a train step's GRU (forward and backward) over `num_tokens` tokens.
+
+  Per token the forward runs the input projection [word_dim] @ [word_dim,
+  3 * hidden_dim] and the recurrent one [hidden_dim] @ [hidden_dim, 3 *
+  hidden_dim]. The backward runs two matmuls per forward matmul, of the same
+  size (the gradient of the weights, and of the input: the word vectors are
+  trained, and the state feeds the previous step), so a step costs 3x the
+  forward. What this counts is the model's work, whatever the implementation
+  does: e.g. the step-0 recurrent matmul on the zero state counts.
+  """
+  forward = 2.0 * 3 * hidden_dim * (word_dim + hidden_dim)
+  return 3.0 * forward * num_tokens
 
 
 def matmul_flops_per_s(n: int, repeats: int) -> float:
@@ -231,8 +251,17 @@ def measure(setup: Setup, *, warmup: int, steps: int, matmul_n: int) -> dict:
   compile_s, compiled = harness.timed(
       lambda: train_step.lower(state, batches[0]).compile())
   per_device_xla_flops = xla_flops(compiled)
-  # The global batch's FLOPs: the same on any device count.
-  flops = jaxpr_matmul_flops(jax.make_jaxpr(train_step)(state, batches[0]).jaxpr)
+  # The global batch's FLOPs (the same on any device count): the jaxpr's
+  # outside the GRU's loops, plus the GRU's over padded or over real tokens.
+  # The timed steps cycle through `batches`: their mean token count is the
+  # real work.
+  if cfg.model.text_tower != "gru":
+    raise ValueError(f"FLOPs are counted for the GRU text tower, not {cfg.model.text_tower!r}")
+  outside_gru = jaxpr_matmul_flops(jax.make_jaxpr(train_step)(state, batches[0]).jaxpr)
+  real_tokens = float(np.mean([np.sum(b["lengths"]) for b in batches]))
+  flops, real_flops = (
+      outside_gru + gru_flops(tokens, cfg.model.word_dim, cfg.model.embed_dim)
+      for tokens in (setup.batch_size * setup.max_len, real_tokens))
 
   times = []
   for i in range(warmup + steps):
@@ -258,6 +287,9 @@ def measure(setup: Setup, *, warmup: int, steps: int, matmul_n: int) -> dict:
       else per_device_xla_flops * devices,
       "xla_flops_per_device_step": per_device_xla_flops,
       "matmul_flops_per_s": limit, "fraction_of_matmul": flops / step_s / limit,
+      "real_tokens_per_step": real_tokens, "real_flops_per_step": real_flops,
+      "real_flops_per_s": real_flops / step_s,
+      "real_fraction_of_matmul": real_flops / step_s / limit,
       "param_count": int(sum(x.size for x in jax.tree.leaves(params))),
       "final_loss": loss, "peak_rss_mb": harness.peak_rss_mb(),
       "load_average": harness.load_average(),
@@ -270,7 +302,9 @@ TABLE_COLUMNS = (
     ("compile_s", "compile s"), ("gflops_per_step", "GFLOP/step"),
     ("xla_gflops_per_step", "XLA GFLOP/step"),
     ("gflops_per_s", "GFLOP/s"), ("matmul_gflops_per_s", "matmul GFLOP/s"),
-    ("pct_of_matmul", "% of matmul"), ("peak_rss_mb", "peak RSS MB"),
+    ("pct_of_matmul", "% of matmul"), ("real_gflops_per_step", "real GFLOP/step"),
+    ("real_gflops_per_s", "real GFLOP/s"), ("real_pct_of_matmul", "real % of matmul"),
+    ("peak_rss_mb", "peak RSS MB"),
 )
 
 
@@ -278,28 +312,40 @@ def table_row(record: dict) -> dict:
   """A record with the table's derived units (ms, GFLOP, %)."""
   def giga(key):
     return None if record.get(key) is None else record[key] / 1e9
+
+  def pct(key):
+    return None if record.get(key) is None else 100 * record[key]
+
   return {**record, "step_ms": 1e3 * record["step_s"],
           "gflops_per_step": giga("flops_per_step"), "gflops_per_s": giga("flops_per_s"),
           "xla_gflops_per_step": giga("xla_flops_per_step"),
           "matmul_gflops_per_s": giga("matmul_flops_per_s"),
-          "pct_of_matmul": None if record.get("fraction_of_matmul") is None
-          else 100 * record["fraction_of_matmul"]}
+          "pct_of_matmul": pct("fraction_of_matmul"),
+          "real_gflops_per_step": giga("real_flops_per_step"),
+          "real_gflops_per_s": giga("real_flops_per_s"),
+          "real_pct_of_matmul": pct("real_fraction_of_matmul")}
 
 
 NOTES = """
 pairs/s = batch / median step time (each step blocked on, inputs already on the
 device, after 2 warm-up steps). compile s = `lower(...).compile()` of the train
-step. GFLOP/step: matmul and convolution FLOPs of the step's jaxpr for the
-global batch, scan bodies (the GRU over time, forward and backward) times their
-length. XLA GFLOP/step: XLA's `cost_analysis()` of the compiled step, summed
-over devices; XLA counts a while loop's body once whatever its trip count, and
-`lax.scan` lowers to one, so it undercounts these GRU models by about the
-caption length (kept for reference, not used for GFLOP/s). matmul GFLOP/s:
-a float32 2048² matmul in JAX in the same process, the practical peak of this
-CPU; % of matmul = GFLOP/s over it. 2 devices are 2 XLA host devices on the
+step. GFLOP/step: matmul and convolution FLOPs of the step for the global
+batch as if every caption ran to the padded length: the step's jaxpr (image
+tower, loss) plus the GRU's forward and backward matmuls, counted as 3x the
+forward's per token (the GRU's loops have dynamic trip counts, which a
+jaxpr cannot multiply out). real GFLOP/step: the same with only the real
+tokens (the sum of the true lengths, averaged over the timed batches);
+padding is not work, and the GRU skips it. XLA GFLOP/step: XLA's
+`cost_analysis()` of the compiled step, summed over devices; XLA counts a
+while loop's body once whatever its trip count, so it undercounts these GRU
+models by about the caption length (kept for reference, not used for
+GFLOP/s). matmul GFLOP/s: a float32 2048² matmul in JAX in the same process,
+the practical peak of this CPU; % of matmul = GFLOP/s over it, real % of
+matmul = real GFLOP/s over it. 2 devices are 2 XLA host devices on the
 same 2 cores: they add no compute, only another way to run it (each device
 runs its half-batch on its own thread, then the gradients are all-reduced and
-the optimizer update runs on both).
+the optimizer update runs on both). The GRU sorts the whole batch by length,
+so XLA gathers the captions and each device runs the whole batch's GRU.
 """
 
 
