@@ -104,9 +104,12 @@ def test_train_throughput_smoke():
   # 1-device step is the same code with a 1-device mesh.
   records = _run_smoke("benchmarks.train_throughput", "--setups=vsepp", "--devices=2")
   _assert_keys(records, ["pairs_per_s", "step_s", "compile_s", "flops_per_step",
-                         "flops_per_s", "peak_rss_mb", "devices"])
+                         "flops_per_s", "peak_rss_mb", "devices", "real_flops_per_step",
+                         "real_flops_per_s", "real_fraction_of_matmul"])
   assert [r["devices"] for r in records] == [2]
   assert records[0]["flops_per_step"] > 0 and np.isfinite(records[0]["final_loss"])
+  # Padding is not work: real-token FLOPs are fewer than the padded count.
+  assert 0 < records[0]["real_flops_per_step"] < records[0]["flops_per_step"]
 
 
 @pytest.mark.slow
