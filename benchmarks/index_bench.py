@@ -1,13 +1,18 @@
 r"""ScaNN against exact search: build time, QPS, recall@10, size on disk, the curve.
 
   python -m benchmarks.index_bench --real_workdir=/tmp/ccr_default  # 100k + 1M, ~10 min
-  python -m benchmarks.index_bench --quick                          # 20k + 100k, ~1 min
+  python -m benchmarks.index_bench --quick                          # 20k + 100k, ~2 min
 
 Galleries:
-  clustered  N unit 256-d embeddings around N/100 random centres; queries are
-             gallery items moved by noise plus one shared offset (a modality
-             gap: queries come from the other tower, a distribution the tree
-             was not trained on).
+  clustered  N unit 256-d embeddings in clusters of ~100 (N/100 cluster
+             centres), the centres grouped under sqrt(N/100) topics
+             (`clustered_gallery`); queries are gallery items moved by noise
+             plus one shared offset (a modality gap: queries come from the
+             other tower, a distribution the tree was not trained on).
+  clustered_flat
+             the same without topics: N/100 independent uniform centres. A
+             worst case for a partition tree, kept to show what it costs (see
+             "Data model" below); --noflat skips it.
   real_*     embeddings from an embedded-benchmark run: the last snapshot's
              caption galleries of every task (real_texts, queried by the
              images) and image galleries (real_images, queried by the
@@ -27,7 +32,31 @@ exact_qps, recall_at_10 (mean |ScaNN top-10 ∩ exact top-10| / 10, as
 plus the query-time parameters. `measurement` is 'default' (the library's
 parameters) or 'curve' (the same searcher with `num_leaves_to_search` and
 `reorder_num_neighbors` overridden in its metadata, which is where
-`indexing.search` reads them: the tree is not rebuilt per point).
+`indexing.search` reads them: the tree is not rebuilt per point). build_cpu_s
+is the build's CPU time over all threads: on a shared machine, a build_s above
+it means the build waited for a core.
+
+Data model. Real embeddings are organised at several scales (a category, its
+sub-categories, near-duplicate items; captions of one image), and that is what
+lets a k-means tree with fewer leaves than there are clusters keep
+neighbourhoods together: leaves group related clusters. The flat model has no
+scale above its clusters: 10k independent directions of the 256-d sphere at
+1M items (participation ratio of its covariance ~230 of 256 dims; the real
+galleries of a default run: ~10 of 128). Measured at 1M with the library's
+1000 leaves, k-means cuts its clusters apart: each cluster's ~100 points fall
+into ~38 leaves (the largest holding 25%) and a query's exact top-10 into 7
+leaves whose centroids mostly stand for unrelated clusters, so recall@10
+grows slowly with the leaves searched (0.62 at 50 of 1000, 0.86 at 200).
+Other trees did not change that (2000 leaves, 100k training sample, 50
+searched): 0.65; with spherical k-means, 0.74 from k-means++ centres and 0.82
+with SOAR spilling, building 1.7-2.4x longer. With topics, clusters are
+split too (6.8 leaves each; a query's top-10 in 3.6) but those leaves lie in
+the query's topic and rank first. The topic level is the one assumption that
+changes this, and recall depends on its strength: at 1M, 1000 leaves, 50 /
+200 searched, recall@10 was 0.62 / 0.86 with topic similarity 0 (flat), 0.70
+/ 0.90 with 0.3, 1.0 / 1.0 with 0.5 and 0.7. The default 0.5 puts two
+clusters of one topic at cosine ~0.25 (items of one cluster: ~0.5; unrelated
+items: ~0 +- 0.06).
 """
 
 from __future__ import annotations
@@ -37,6 +66,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 
 from absl import app
 from absl import flags
@@ -49,18 +79,36 @@ from configs import default
 
 MODULE = "benchmarks.index_bench"
 K = 10
+# Default cosine of a cluster centre with its topic (see `clustered_gallery`).
+TOPIC_SIMILARITY = 0.5
+# The synthetic galleries: name -> topic similarity.
+SYNTHETIC = {"clustered": TOPIC_SIMILARITY, "clustered_flat": 0.0}
 
 
 def clustered_gallery(rng: np.random.Generator, count: int, dim: int,
-                      num_clusters: int, spread: float = 1.0) -> np.ndarray:
-  """Unit embeddings around random unit centres: float32 [count, dim].
+                      num_clusters: int, spread: float = 1.0,
+                      topic_similarity: float = TOPIC_SIMILARITY) -> np.ndarray:
+  """Unit embeddings in a topic -> cluster -> item hierarchy: float32 [count, dim].
 
-  Each point is its centre plus isotropic noise of norm ~`spread`, so it
-  scores ~1/sqrt(1 + spread^2) with its centre: clusters overlap as
-  categories of real embeddings do.
+  Each point is its cluster centre plus isotropic noise of norm ~`spread`, so
+  it scores ~1/sqrt(1 + spread^2) with its centre: clusters overlap as
+  categories of real embeddings do. The cluster centres lie around
+  round(sqrt(num_clusters)) random topic centres, each scoring
+  ~`topic_similarity` with its topic (two clusters of a topic score
+  ~topic_similarity^2). `topic_similarity=0` is the flat model: independent
+  uniform centres, the same draws as without topics.
   """
   centres = rng.standard_normal((num_clusters, dim), dtype=np.float32)
   centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+  if topic_similarity:
+    num_topics = max(1, round(math.sqrt(num_clusters)))
+    topics = rng.standard_normal((num_topics, dim), dtype=np.float32)
+    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+    # A random unit vector is nearly orthogonal to its topic in high dim, so
+    # this mix scores ~topic_similarity with the topic.
+    centres *= math.sqrt(1 - topic_similarity**2)
+    centres += topic_similarity * topics[rng.integers(0, num_topics, num_clusters)]
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
   points = rng.standard_normal((count, dim), dtype=np.float32)
   points *= spread / math.sqrt(dim)
   points += centres[rng.integers(0, num_clusters, count)]
@@ -124,12 +172,12 @@ def with_query_params(index: indexing.Index, leaves: int, reorder: int
 def effective_query_params(params: dict, count: int) -> tuple[int | None, int | None]:
   """(leaves searched, candidates reordered) for K, as `indexing.search` derives them.
 
-  Mirrors `indexing._scann_search`: at least 20*K candidates are reordered, and
+  Mirrors `indexing._scann_search`: at least 10*K candidates are reordered, and
   enough leaves are searched to hold twice the candidates on average.
   """
   if params.get("mode") != "tree_ah":
     return None, None
-  pre = min(count, max(int(params["reorder_num_neighbors"]), 20 * K))
+  pre = min(count, max(int(params["reorder_num_neighbors"]), 10 * K))
   num_leaves = int(params["num_leaves"])
   leaves = max(int(params["num_leaves_to_search"]), math.ceil(2 * pre * num_leaves / count))
   return min(num_leaves, leaves), pre
@@ -171,14 +219,17 @@ def bench_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, *,
   exact = build("exact")
   exact_s, exact_ids = time_search(exact, queries, repeats)
   exact_bytes, _ = saved_size(exact, scratch)
+  cpu_start = time.process_time()
   build_s, scann = harness.timed(lambda: build("scann", scann_options=scann_options))
+  build_cpu_s = time.process_time() - cpu_start
   scann_bytes, save_s = saved_size(scann, scratch)
   params = scann.metadata.scann_params
   common = {
       "benchmark": "index_bench", "gallery": name, "items": count, "dim": dim,
       "queries": len(queries), "k": K, "backend": scann.metadata.backend,
       "scann_mode": params.get("mode"), "num_leaves": params.get("num_leaves"),
-      "build_s": build_s, "save_s": save_s, "bytes_on_disk": scann_bytes,
+      "build_s": build_s, "build_cpu_s": build_cpu_s, "save_s": save_s,
+      "bytes_on_disk": scann_bytes,
       "exact_bytes_on_disk": exact_bytes, "exact_qps": len(queries) / exact_s,
   }
 
@@ -257,7 +308,8 @@ TABLE_COLUMNS = (
     ("gallery", "gallery"), ("items", "items"), ("dim", "dim"),
     ("measurement", "params"), ("scann_mode", "ScaNN mode"),
     ("leaves", "leaves searched / total"), ("reorder", "reorder"),
-    ("build_s", "build s"), ("qps", "ScaNN QPS"), ("exact_qps", "exact QPS"),
+    ("build_s", "build s"), ("build_cpu_s", "build CPU s"), ("qps", "ScaNN QPS"),
+    ("exact_qps", "exact QPS"),
     ("speedup", "QPS / exact"), ("recall_at_10", "recall@10 vs exact"),
     ("mb_on_disk", "MB on disk"), ("exact_mb", "exact MB"), ("peak_rss_mb", "peak RSS MB"),
 )
@@ -274,15 +326,19 @@ def table_row(record: dict) -> dict:
 NOTES = """
 QPS = queries / median wall time of one `indexing.search` call over all queries
 (ScaNN: `search_batched_parallel`, every core; exact: jitted blocked matmul +
-top-k). recall@10 = overlap of ScaNN's top-10 with exact top-10. 'default' rows
-use the library's parameters (`indexing.scann_parameters`: sqrt(N) leaves, 20%
-searched, reorder 200); 'curve' rows override leaves searched and reorder depth
-on the same tree. `indexing.search` never reorders fewer than 20·k = 200
+top-k, blocks of 1024 queries). recall@10 = overlap of ScaNN's top-10 with
+exact top-10. 'default' rows use the library's parameters
+(`indexing.scann_parameters`: L = sqrt(N) leaves, 2·sqrt(L) searched,
+reorder 100, plain AH); 'curve' rows override leaves searched and reorder
+depth on the same tree. `indexing.search` never reorders fewer than 10·k = 100
 candidates and searches at least enough leaves to hold twice them, so the
 curve's low end is clamped there ("leaves searched" is the effective value;
 grid points clamped to a search already timed are skipped).
-MB on disk = the `save_index` directory (embeddings.npy + ScaNN assets, which
-hold their own copy of the float32 dataset for reordering).
+clustered is topic -> cluster -> item data, clustered_flat the same without
+topics (a worst case for a partition tree; see the data model in the module
+docstring of benchmarks/index_bench.py).
+MB on disk = the `save_index` directory (embeddings.npy, item ids and the
+ScaNN assets, which read the float32 dataset from embeddings.npy).
 """
 
 
@@ -298,7 +354,7 @@ def main(argv):
   curve = dict(curve_fractions=[float(x) for x in FLAGS.curve_fractions],
                curve_reorder=[int(x) for x in FLAGS.curve_reorder])
   if mode == "smoke":
-    curve = dict(curve_fractions=[0.05, 0.2], curve_reorder=[200])
+    curve = dict(curve_fractions=[0.05, 0.2], curve_reorder=[100])
 
   if FLAGS.train_real:
     train_real_workdir(FLAGS.real_config, FLAGS.train_real)
@@ -315,13 +371,15 @@ def main(argv):
                 scann_options=options, scratch=scratch, **curve):
               harness.emit(record)
       else:
-        count = int(FLAGS.worker)
+        name, count = FLAGS.worker.split(":")
+        count = int(count)
         rng = np.random.default_rng(0)
-        gallery = clustered_gallery(rng, count, dim, max(1, count // 100))
+        gallery = clustered_gallery(rng, count, dim, max(1, count // 100),
+                                    topic_similarity=SYNTHETIC[name])
         queries = cross_modal_queries(rng, gallery, num_queries)
-        for record in bench_gallery("clustered", gallery, queries, repeats=repeats,
+        for record in bench_gallery(name, gallery, queries, repeats=repeats,
                                     scann_options=None, scratch=scratch, **curve):
-          harness.emit(record)
+          harness.emit({**record, "topic_similarity": SYNTHETIC[name]})
     return
 
   worker_flags = [f"--quick={FLAGS.quick}", f"--smoke={FLAGS.smoke}",
@@ -329,8 +387,11 @@ def main(argv):
                   f"--curve_fractions={','.join(FLAGS.curve_fractions)}",
                   f"--curve_reorder={','.join(FLAGS.curve_reorder)}"]
   records = []
-  for size in sizes:
-    records += harness.run_worker(MODULE, [f"--worker={int(size)}", *worker_flags])
+  flat = mode != "smoke" if FLAGS.flat is None else FLAGS.flat
+  for name in ["clustered"] + (["clustered_flat"] if flat else []):
+    for size in sizes:
+      records += harness.run_worker(MODULE, [f"--worker={name}:{int(size)}",
+                                             *worker_flags])
   if FLAGS.real:
     records += real_records(FLAGS.real_workdir,
                             FLAGS.real_config or ("tiny" if mode != "full" else "default"),
@@ -353,16 +414,20 @@ def define_flags():
   flags.DEFINE_integer("num_queries", 0, "Queries (0: 1000; smoke 200).")
   flags.DEFINE_integer("repeats", 0, "Timed searches per point (0: 3 full, 2 quick,"
                        " 1 smoke).")
-  flags.DEFINE_list("curve_fractions", ["0.01", "0.02", "0.05", "0.1", "0.2", "0.4"],
+  flags.DEFINE_list("curve_fractions", ["0.005", "0.01", "0.02", "0.05", "0.1", "0.2"],
                     "Fractions of the leaves searched on the recall/QPS curve.")
-  flags.DEFINE_list("curve_reorder", ["200", "1000"], "Reorder depths on the curve.")
+  flags.DEFINE_list("curve_reorder", ["100", "1000"], "Reorder depths on the curve.")
+  flags.DEFINE_bool("flat", None, "Also benchmark the flat clustered model (no"
+                    " topics: a worst case for a partition tree, see the docstring);"
+                    " default: yes but with --smoke.")
   flags.DEFINE_bool("real", True, "Also benchmark real embeddings of a ccr_jax run.")
   flags.DEFINE_string("real_workdir", "", "A ccr_jax workdir whose indices/ give the"
                       " real embeddings; empty: train one into a temp dir.")
   flags.DEFINE_string("real_config", "", "configs/default.py argument to train when"
                       " --real_workdir is empty: 'tiny' or 'default' (empty: tiny for"
                       " --quick/--smoke, default otherwise).")
-  flags.DEFINE_string("worker", "", "Internal: a gallery size, or 'real'.")
+  flags.DEFINE_string("worker", "", "Internal: 'clustered:SIZE',"
+                      " 'clustered_flat:SIZE' or 'real'.")
   flags.DEFINE_string("train_real", "", "Internal: train the real run into this dir.")
 
 

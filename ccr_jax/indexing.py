@@ -15,16 +15,28 @@ embedding-like data (see tests/test_indexing.py and REFERENCES.md):
   at 5k items k-means leaves empty partitions, recall@10 drops to ~0.93 and
   the tree is no faster than brute force (both ~28k queries/s at dim 128 on
   2 cores), so a tree buys nothing there. Brute force is exact.
-* otherwise a tree + asymmetric hashing + exact reordering:
-  `num_leaves = round(sqrt(count))`, `num_leaves_to_search =
-  ceil(0.2 * num_leaves)`, `training_sample_size = min(count, 100_000)`,
-  `score_ah(2, anisotropic_quantization_threshold=0.2)` and a reorder of
-  `max(200, 20 * k)` candidates. Searching 20% of the leaves (rather than the
-  usual ~5-10%) is for queries from the other modality, a shifted
-  distribution the tree was not trained on: at 20k x 64 recall@10 was 0.9995
-  (moderate shift) and 0.977 (strong shift; 0.906 with 10% of the leaves),
-  and >= 0.999 for queries from the gallery's own distribution. Measure real
-  embeddings with `recall_against_exact` and override via `scann_options`.
+* otherwise a tree + asymmetric hashing + exact reordering: `num_leaves = L
+  = round(sqrt(count))`, `num_leaves_to_search = ceil(2 * sqrt(L))` (20% of
+  the leaves at 10k items, 11% at 100k, 6.4% at 1M: small galleries are
+  cheap to search and need the larger share for queries from the other
+  modality, a distribution the tree was not trained on),
+  `training_sample_size = min(count, max(50_000, 50 * L))`, plain
+  `score_ah(2)` and a reorder of `max(100, 10 * k)` candidates.
+  Measured by benchmarks/index_bench.py (2 shared cores; clustered 256-d
+  embeddings, queries shifted like another modality's): at 1M items,
+  recall@10 0.9997 against exact at 49x the exact backend's queries/s, built
+  in 31 s; at 100k, 1.0 at 18x; at 20k x 64 (tests), 0.9997. Twice as many,
+  smaller leaves cut the benchmark's 100-item clusters apart below 1M items
+  (at 100k, searching 5% of the points: recall@10 0.87 instead of 0.98) and
+  at 1M gained only on the flat model below. The 50k sample and the plain AH
+  keep the 1M build under a minute: a 100k sample and the anisotropic loss
+  (threshold 0.2) added 3-20 s and 12-27 s to builds of 40-60 s, while every
+  recall loss measured came from the partition, not from the AH scores.
+  Recall depends on the data: where clusters have no coarser structure
+  (index_bench's flat model) the tree splits neighbourhoods, and recall@10
+  at 1M is 0.66.
+  Measure real embeddings with `recall_against_exact` and override via
+  `scann_options`.
 
 Only when ScaNN cannot build a searcher at all (an empty gallery, or ScaNN
 raising for the data it is given) does `build_index` fall back to the exact
@@ -36,7 +48,9 @@ On disk an index is a directory
     manifest.json     size and sha256 of every other file, written last
     embeddings.npy    float32 [count, dim]
     item_ids.npy      int64 [count]
-    scann/            the ScaNN serialization (paths relative to it)
+    scann/            the ScaNN serialization (paths relative to it); its
+                      float dataset asset is ../embeddings.npy, so the
+                      embeddings are stored once
 
 written atomically by `save_index` and checked field by field by `load_index`.
 """
@@ -72,6 +86,7 @@ _MANIFEST_FILE = "manifest.json"
 _EMBEDDINGS_FILE = "embeddings.npy"
 _ITEM_IDS_FILE = "item_ids.npy"
 _SCANN_DIR = "scann"
+_SCANN_ASSETS_FILE = "scann_assets.pbtxt"
 _TMP_MARK = ".tmp-"
 _OLD_MARK = ".old-"
 
@@ -258,8 +273,10 @@ def scann_parameters(count: int,
     count: gallery size.
     scann_options: overrides; keys among 'mode' ('auto', 'brute_force',
       'tree_ah'), 'num_neighbors', 'num_leaves', 'num_leaves_to_search',
-      'leaves_to_search_fraction', 'training_sample_size', 'dims_per_block',
-      'anisotropic_quantization_threshold', 'reorder_num_neighbors'.
+      'leaves_to_search_fraction' (of num_leaves, instead of the rule's
+      2 * sqrt(num_leaves)), 'training_sample_size', 'dims_per_block',
+      'anisotropic_quantization_threshold' (None: plain AH; ScaNN suggests
+      0.2 for dot products), 'reorder_num_neighbors'.
 
   Returns:
     A JSON-able dict with 'mode' resolved to 'brute_force' or 'tree_ah' and
@@ -279,15 +296,16 @@ def scann_parameters(count: int,
   if mode == "tree_ah":
     num_leaves = int(options.get("num_leaves",
                                  max(2, round(math.sqrt(max(count, 1))))))
-    fraction = float(options.pop("leaves_to_search_fraction", 0.2))
+    fraction = options.pop("leaves_to_search_fraction", None)
+    searched = (math.ceil(2 * math.sqrt(num_leaves)) if fraction is None
+                else math.ceil(float(fraction) * num_leaves))
     params.update(
         num_leaves=num_leaves,
-        num_leaves_to_search=min(num_leaves,
-                                 max(1, math.ceil(fraction * num_leaves))),
-        training_sample_size=min(count, 100_000),
+        num_leaves_to_search=min(num_leaves, max(1, searched)),
+        training_sample_size=min(count, max(50_000, 50 * num_leaves)),
         dims_per_block=2,
-        anisotropic_quantization_threshold=0.2,
-        reorder_num_neighbors=200,
+        anisotropic_quantization_threshold=None,
+        reorder_num_neighbors=100,
     )
   else:
     options.pop("leaves_to_search_fraction", None)
@@ -305,6 +323,7 @@ def _build_scann_searcher(embeddings: np.ndarray, params: Mapping[str, Any]):
   from scann import scann_ops_pybind  # pylint: disable=g-import-not-at-top
   builder = scann_ops_pybind.builder(embeddings, int(params["num_neighbors"]),
                                      "dot_product")
+  threshold = params.get("anisotropic_quantization_threshold")
   if params["mode"] == "brute_force":
     builder = builder.score_brute_force()
   else:
@@ -314,8 +333,9 @@ def _build_scann_searcher(embeddings: np.ndarray, params: Mapping[str, Any]):
         training_sample_size=int(params["training_sample_size"]),
     ).score_ah(
         int(params["dims_per_block"]),
+        # ScaNN reads NaN as "no anisotropic loss".
         anisotropic_quantization_threshold=float(
-            params["anisotropic_quantization_threshold"]),
+            "nan" if threshold is None else threshold),
     ).reorder(int(params["reorder_num_neighbors"]))
   return builder.build()
 
@@ -390,7 +410,8 @@ def _scann_search(index: Index, queries: np.ndarray, k: int):
   count = index.metadata.count
   kwargs = {"final_num_neighbors": k}
   if params["mode"] == "tree_ah":
-    pre_reorder = min(count, max(int(params["reorder_num_neighbors"]), 20 * k))
+    # 10 * k: a large k still gets rescored candidates beyond its own k.
+    pre_reorder = min(count, max(int(params["reorder_num_neighbors"]), 10 * k))
     num_leaves = int(params["num_leaves"])
     # Search enough leaves to hold twice the reorder candidates on average:
     # with a large k the default leaves could hold fewer than k points, and
@@ -539,6 +560,35 @@ def _write_npy(path: str, array: np.ndarray) -> None:
     np.save(f, array, allow_pickle=False)
 
 
+def _share_embeddings(scann_dir: str, embeddings: np.ndarray) -> None:
+  """Points ScaNN's float dataset asset at our embeddings.npy and drops its copy.
+
+  ScaNN serialises the float32 dataset it reorders (and brute-forces) with as
+  `dataset.npy`, the same array as our embeddings.npy: keeping both doubled
+  the size on disk. Its copy is only replaced when it holds exactly our array,
+  so a ScaNN version that stored a transformed dataset would keep its own.
+  """
+  # Imported here for the reason given in `_build_scann_searcher`.
+  from google.protobuf import text_format  # pylint: disable=g-import-not-at-top
+  from scann.scann_ops import scann_assets_pb2  # pylint: disable=g-import-not-at-top
+  assets_path = os.path.join(scann_dir, _SCANN_ASSETS_FILE)
+  with open(assets_path) as f:
+    assets = text_format.Parse(f.read(), scann_assets_pb2.ScannAssets())
+  for asset in assets.assets:
+    if asset.asset_type != scann_assets_pb2.ScannAsset.DATASET_NPY:
+      continue
+    path = os.path.join(scann_dir, asset.asset_path)
+    if not np.array_equal(np.load(path, mmap_mode="r"), embeddings):
+      logging.warning("ScaNN's %s differs from the index embeddings; keeping"
+                      " both copies.", asset.asset_path)
+      return
+    os.remove(path)
+    # Relative to scann_dir, as ScaNN resolves it.
+    asset.asset_path = f"../{_EMBEDDINGS_FILE}"
+  with open(assets_path, "w") as f:
+    f.write(text_format.MessageToString(assets))
+
+
 def save_index(index: Index, directory) -> None:
   """Writes the index to `directory`, atomically.
 
@@ -571,6 +621,7 @@ def save_index(index: Index, directory) -> None:
       # Relative asset paths: the directory can later be renamed or moved
       # (our own rename below included) and still load.
       index.searcher.serialize(scann_dir, relative_path=True)
+      _share_embeddings(scann_dir, index.embeddings)
     with open(os.path.join(tmp, _METADATA_FILE), "w") as f:
       f.write(index.metadata.to_json())
     files = _data_files(tmp)
@@ -723,9 +774,9 @@ def load_index(directory, *, expect_snapshot: int | None = None,
   searcher = None
   if metadata.backend == "scann":
     scann_dir = os.path.join(directory, _SCANN_DIR)
-    assets = os.path.join(scann_dir, "scann_assets.pbtxt")
+    assets = os.path.join(scann_dir, _SCANN_ASSETS_FILE)
     if not os.path.isfile(assets):
-      raise IndexMismatchError(directory, f"{_SCANN_DIR}/scann_assets.pbtxt",
+      raise IndexMismatchError(directory, f"{_SCANN_DIR}/{_SCANN_ASSETS_FILE}",
                                "present", "missing")
     from scann import scann_ops_pybind  # pylint: disable=g-import-not-at-top
     try:

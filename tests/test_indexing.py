@@ -114,14 +114,47 @@ def test_search_many_equals_search_over_concatenation(backend):
 # ScaNN.
 
 
+@pytest.mark.parametrize("count,leaves,searched,sample", [
+    (10_000, 100, 20, 10_000),  # sqrt(10k); 2 * sqrt(100); whole gallery
+    (20_000, 141, 24, 20_000),  # round(141.4); ceil(23.7)
+    (100_000, 316, 36, 50_000),  # round(316.2); ceil(35.6); sample floor
+    (1_000_000, 1000, 64, 50_000),  # ceil(63.2); 50 * 1000 = 50k
+    (4_000_000, 2000, 90, 100_000),  # ceil(89.4); 50 per leaf
+])
+def test_scann_parameter_rule_for_trees(count, leaves, searched, sample):
+  params = indexing.scann_parameters(count)
+  assert params == {
+      "mode": "tree_ah", "num_neighbors": 10, "num_leaves": leaves,
+      "num_leaves_to_search": searched, "training_sample_size": sample,
+      "dims_per_block": 2, "anisotropic_quantization_threshold": None,
+      "reorder_num_neighbors": 100}
+
+
+def test_scann_parameter_rule_small_galleries_and_overrides():
+  # The embedded benchmark's galleries (480-2400 items) are brute force.
+  for count in (0, 480, 2400, indexing.BRUTE_FORCE_MAX_COUNT - 1):
+    assert indexing.scann_parameters(count) == {"mode": "brute_force",
+                                                "num_neighbors": 10}
+  params = indexing.scann_parameters(
+      1_000_000, {"leaves_to_search_fraction": 0.025, "num_leaves": 1000,
+                  "anisotropic_quantization_threshold": 0.2})
+  assert params["num_leaves"] == 1000
+  assert params["num_leaves_to_search"] == 25  # of the overridden 1000
+  assert params["anisotropic_quantization_threshold"] == 0.2
+  assert params["training_sample_size"] == 50_000
+  forced = indexing.scann_parameters(2400, {"mode": "tree_ah"})
+  assert (forced["num_leaves"], forced["num_leaves_to_search"]) == (49, 14)
+  assert forced["training_sample_size"] == 2400  # never more than the gallery
+
+
 def test_scann_tree_recall_on_clustered_data(tree_index):
   params = tree_index.metadata.scann_params
   assert tree_index.metadata.backend == "scann"
-  assert params["mode"] == "tree_ah"
-  assert params["num_leaves"] == 141  # round(sqrt(20_000))
-  assert params["num_leaves_to_search"] == 29  # ceil(0.2 * 141)
-  # Approximate search: the bar is 0.95 of exact recall@10; measured ~0.9999
-  # for same-distribution queries and ~0.998 with a modality-gap shift.
+  assert params == indexing.scann_parameters(20_000)
+  # Approximate search: the bar is 0.95 of exact recall@10. k-means starts
+  # from random centres, so recall varies between builds: over 8 builds it
+  # was 0.9997-0.9999 for same-distribution queries and ~0.997 with a
+  # modality-gap shift.
   same = _clustered(1000, 64, seed=1)
   assert indexing.recall_against_exact(tree_index, same, k=10) >= 0.95
   shifted = _clustered(1000, 64, seed=2, spread=0.8, shift=1.0)
@@ -159,6 +192,18 @@ def test_scann_unbuildable_falls_back_to_exact(small_gallery):
   assert empty.metadata.backend == "exact"
   scores, found = indexing.search(empty, gallery[:3], 10)
   assert scores.shape == found.shape == (3, 0)
+
+
+def test_scann_anisotropic_threshold_option_builds(small_gallery):
+  gallery, ids = small_gallery
+  # Every leaf searched, so recall measures the AH scores and the reorder
+  # alone, not where random k-means centres happened to cut.
+  index = _build(gallery, ids, scann_options={
+      "mode": "tree_ah", "num_leaves": 10, "leaves_to_search_fraction": 1.0,
+      "anisotropic_quantization_threshold": 0.2})
+  assert index.metadata.backend == "scann"
+  assert index.metadata.scann_params["anisotropic_quantization_threshold"] == 0.2
+  assert indexing.recall_against_exact(index, gallery[:50], k=10) >= 0.99
 
 
 def test_scann_options_are_validated():
@@ -210,6 +255,42 @@ def test_save_load_round_trip_and_move(tree_index, small_gallery, tmp_path):
     assert loaded.metadata == index.metadata
     _same_search(loaded, index, gallery[:30])
   assert sorted(os.listdir(moved / "indices")) == ["bf", "exact", "tree"]
+
+
+def _dir_bytes(path):
+  return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@pytest.mark.parametrize("mode", ["tree_ah", "brute_force"])
+def test_saved_scann_index_stores_embeddings_once(mode, tree_index,
+                                                  small_gallery, tmp_path):
+  if mode == "tree_ah":
+    index = tree_index
+  else:
+    index = _build(*small_gallery)
+  assert index.metadata.scann_params["mode"] == mode
+  exact = _build(index.embeddings, index.item_ids, backend="exact")
+  indexing.save_index(index, tmp_path / "scann")
+  indexing.save_index(exact, tmp_path / "exact")
+  scann_dir = tmp_path / "scann" / "scann"
+  assert not (scann_dir / "dataset.npy").exists()
+  assert '"../embeddings.npy"' in (scann_dir / "scann_assets.pbtxt").read_text()
+  # ScaNN adds its partitioner, tokens and 4-bit codes (tree: 16 bytes per
+  # 64-d point against 256 of float32), about 10% of the exact index; its own
+  # float copy used to double it.
+  assert _dir_bytes(tmp_path / "scann") < 1.25 * _dir_bytes(tmp_path / "exact")
+  loaded = indexing.load_index(tmp_path / "scann")
+  _same_search(loaded, index, index.embeddings[:20])
+
+
+def test_share_embeddings_keeps_a_dataset_that_differs(small_gallery, tmp_path):
+  gallery, ids = small_gallery
+  index = _build(gallery, ids)
+  index.searcher.serialize(str(tmp_path), relative_path=True)
+  assets = (tmp_path / "scann_assets.pbtxt").read_text()
+  indexing._share_embeddings(str(tmp_path), gallery[::-1].copy())
+  assert (tmp_path / "dataset.npy").exists()
+  assert (tmp_path / "scann_assets.pbtxt").read_text() == assets
 
 
 @pytest.fixture
