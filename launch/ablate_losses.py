@@ -91,6 +91,8 @@ flags.DEFINE_bool("train", False, "Also train the embedded benchmark per (loss, 
 flags.DEFINE_integer("train_steps", -1, "Steps per task with --train (-1: by mode;"
                      " 0: the config's).")
 flags.DEFINE_string("train_workdir", "", "Where --train runs go (empty: a temp dir).")
+flags.DEFINE_string("results_name", "ablate_losses", "--write_results writes"
+                    " benchmarks/results/<results_name>.{json,md}.")
 harness.define_common_flags(flags)
 
 
@@ -296,7 +298,7 @@ def main(argv):
         trained, TRAIN_COLUMNS)
   print(table)
   if FLAGS.write_results:
-    harness.write_results("ablate_losses", records, table,
+    harness.write_results(FLAGS.results_name, records, table,
                           command=harness.command_line(MODULE), mode=mode, notes=NOTES)
 
 
