@@ -39,7 +39,6 @@ import jax
 from benchmarks import harness
 from ccr_jax import experiment
 from ccr_jax import sharding
-from ccr_jax import strategies
 from ccr_jax import train as train_lib
 from ccr_jax.data import pipeline
 from configs import default
@@ -71,27 +70,27 @@ def run_experiment(config_name: str, workdir: str) -> dict:
 def time_train_step(config_name: str, workdir: str, steps: int) -> dict:
   """Compile time and steady step time of the experiment's train step.
 
-  Builds the step exactly as `experiment.train_and_evaluate` does, on task
+  Builds and compiles the step with the experiment's own pieces
+  (`experiment.build_training`, `experiment.compiled_train_step`), on task
   1's data in `workdir`; steps draw and place their batch on the host each
   time, as `train.train_task` does, and block on the result.
   """
   config = config_for(config_name)
   setup = experiment.build_setup(config, workdir)
-  strategy = strategies.get_strategy(config.strategy)
-  optimizer = train_lib.make_optimizer(config.optim, config.train.steps_per_task,
-                                       strategy)
-  train_step = train_lib.make_train_step(
-      setup.model, optimizer, train_lib.make_loss(config.loss), setup.mesh, strategy)
-  state = train_lib.create_train_state(experiment.initial_params(setup), optimizer,
-                                       setup.mesh)
+  training = experiment.build_training(setup)
+  state = train_lib.create_train_state(experiment.initial_params(setup),
+                                       training.optimizer, setup.mesh)
   pool = setup.encoded[0]["train"]
 
-  def batch(step):
-    return sharding.shard_batch(
-        pipeline.train_batch(pool, config.train.batch_size, seed=config.seed, task=0,
-                             step=step), setup.mesh)
+  def host_batch(step):
+    return pipeline.train_batch(pool, config.train.batch_size, seed=config.seed, task=0,
+                                step=step)
 
-  compile_s, compiled = harness.timed(lambda: train_step.lower(state, batch(0)).compile())
+  def batch(step):
+    return sharding.shard_batch(host_batch(step), setup.mesh)
+
+  compiled = experiment.compiled_train_step(setup, training, state, host_batch(0))
+  compile_s = training.compiled["compile_s"]
   times = []
   for step in range(steps + 1):  # the first step is a warm-up
     start = time.perf_counter()
@@ -170,12 +169,10 @@ def main(argv):
   if FLAGS.workdir:
     record["workdir"] = FLAGS.workdir
   harness.emit(record)
-  table = harness.markdown_table([{**record, "step_ms": 1e3 * record["step_s"]}],
-                                 TABLE_COLUMNS)
-  print(table)
-  if FLAGS.write_results:
-    harness.write_results("end_to_end", [record], table,
-                          command=harness.command_line(MODULE), mode=mode, notes=NOTES)
+  harness.publish("end_to_end", [record],
+                  harness.markdown_table([{**record, "step_ms": 1e3 * record["step_s"]}],
+                                         TABLE_COLUMNS),
+                  module=MODULE, mode=mode, notes=NOTES, write=FLAGS.write_results)
 
 
 def define_flags():

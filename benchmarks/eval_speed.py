@@ -241,11 +241,8 @@ def main(argv):
                    loop_images=FLAGS.loop_images if FLAGS.loop_images >= 0 else loop_images)
   record["mode"] = mode
   harness.emit(record)
-  table = harness.markdown_table([record], TABLE_COLUMNS)
-  print(table)
-  if FLAGS.write_results:
-    harness.write_results("eval_speed", [record], table,
-                          command=harness.command_line(MODULE), mode=mode, notes=NOTES)
+  harness.publish("eval_speed", [record], harness.markdown_table([record], TABLE_COLUMNS),
+                  module=MODULE, mode=mode, notes=NOTES, write=FLAGS.write_results)
 
 
 def define_flags():

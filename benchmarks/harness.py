@@ -206,6 +206,15 @@ def command_line(module: str) -> str:
   return " ".join(["python -m", module, *sys.argv[1:]])
 
 
+def publish(name: str, records: Sequence[dict], table: str, *, module: str,
+            mode: str, notes: str = "", write: bool = False) -> None:
+  """Prints `table`; with `write` (--write_results) also `write_results` it."""
+  print(table)
+  if write:
+    write_results(name, records, table, command=command_line(module), mode=mode,
+                  notes=notes)
+
+
 def write_results(name: str, records: Sequence[dict], table: str, *, command: str,
                   mode: str, notes: str = "", results_dir: str = RESULTS_DIR) -> None:
   """benchmarks/results/<name>.json (JSON lines) and <name>.md (table + context)."""

@@ -399,11 +399,9 @@ def main(argv):
   for record in records:
     record["mode"] = mode
     harness.emit(record)
-  table = harness.markdown_table([table_row(r) for r in records], TABLE_COLUMNS)
-  print(table)
-  if FLAGS.write_results:
-    harness.write_results("index_bench", records, table,
-                          command=harness.command_line(MODULE), mode=mode, notes=NOTES)
+  harness.publish("index_bench", records,
+                  harness.markdown_table([table_row(r) for r in records], TABLE_COLUMNS),
+                  module=MODULE, mode=mode, notes=NOTES, write=FLAGS.write_results)
 
 
 def define_flags():

@@ -46,6 +46,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks import harness
+from ccr_jax import experiment
 from ccr_jax import sharding
 from ccr_jax import strategies
 from ccr_jax import train as train_lib
@@ -137,19 +138,65 @@ def synthetic_batch(rng: np.random.Generator, setup: Setup) -> dict[str, np.ndar
           "image_ids": np.arange(b, dtype=np.int32)}
 
 
-def xla_flops(compiled) -> float | None:
-  """FLOPs of one run of a compiled program on one device (XLA's estimate).
+def xla_cost(compiled) -> dict[str, float | None]:
+  """XLA's estimates for one run of a compiled program on one device.
 
+  Returns xla_flops, xla_bytes (bytes accessed) from `cost_analysis()`, and
+  temp_mb, argument_mb from `memory_analysis()`; None where XLA gives none.
   XLA's cost analysis counts a while loop's body once, whatever its trip
-  count, and `lax.scan` (the GRU over time) lowers to a while loop: for
-  these models this undercounts by about the caption length. See
-  `jaxpr_matmul_flops` for the count that multiplies loop bodies out.
+  count, and `lax.scan` lowers to a while loop: for the GRU models this
+  undercounts. See `jaxpr_matmul_flops` for the count that multiplies loop
+  bodies out.
   """
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
     cost = cost[0] if cost else {}
-  flops = (cost or {}).get("flops")
-  return float(flops) if flops is not None else None
+  cost = cost or {}
+  memory = compiled.memory_analysis()
+  as_float = lambda x: None if x is None else float(x)
+  return {"xla_flops": as_float(cost.get("flops")),
+          "xla_bytes": as_float(cost.get("bytes accessed")),
+          "temp_mb": memory.temp_size_in_bytes / 2**20 if memory else None,
+          "argument_mb": memory.argument_size_in_bytes / 2**20 if memory else None}
+
+
+def build_train_step(config: ml_collections.ConfigDict, vocab_size: int,
+                     image_shape: tuple[int, ...], max_len: int, mesh):
+  """The library's train step for `config`, with its initial state, on `mesh`.
+
+  Built as the experiment builds it (`losses.make_loss`, the strategy, the
+  optimizer, `train.make_train_step`, `train.create_train_state`), with params
+  from PRNGKey(0) plus the loss's own (`experiment.with_loss_params`).
+
+  Returns:
+    (train_step: jitted, not yet compiled; state; params).
+  """
+  model = dual_encoder.build_model(config.model, vocab_size)
+  loss_fn = train_lib.make_loss(config.loss)
+  strategy = strategies.get_strategy(config.strategy, loss_fn)
+  optimizer = train_lib.make_optimizer(config.optim, config.train.steps_per_task, strategy)
+  train_step = train_lib.make_train_step(model, optimizer, loss_fn, mesh, strategy)
+  params = jax.jit(
+      lambda rng: experiment.with_loss_params(
+          dual_encoder.init_params(model, rng, image_shape, max_len), config),
+      out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(0))
+  return train_step, train_lib.create_train_state(params, optimizer, mesh), params
+
+
+def time_steps(compiled, state: dict, batches: list[dict], *, warmup: int,
+               steps: int) -> tuple[list[float], dict]:
+  """Runs `warmup + steps` steps cycling through placed `batches`, each blocked on.
+
+  Returns the wall times of the `steps` timed steps and the last metrics.
+  """
+  times = []
+  for i in range(warmup + steps):
+    start = time.perf_counter()
+    state, metrics = compiled(state, batches[i % len(batches)])
+    jax.block_until_ready((state, metrics))
+    if i >= warmup:
+      times.append(time.perf_counter() - start)
+  return times, metrics
 
 
 def _sub_jaxprs(value) -> list:
@@ -234,15 +281,8 @@ def measure(setup: Setup, *, warmup: int, steps: int, matmul_n: int) -> dict:
   cfg = setup.config
   mesh = sharding.make_mesh()
   sharding.check_batch_size(setup.batch_size, mesh)
-  strategy = strategies.get_strategy(cfg.strategy)
-  optimizer = train_lib.make_optimizer(cfg.optim, cfg.train.steps_per_task, strategy)
-  model = dual_encoder.build_model(cfg.model, setup.vocab_size)
-  train_step = train_lib.make_train_step(model, optimizer, train_lib.make_loss(cfg.loss),
-                                         mesh, strategy)
-  params = jax.jit(
-      lambda rng: dual_encoder.init_params(model, rng, setup.image_shape, setup.max_len),
-      out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(0))
-  state = train_lib.create_train_state(params, optimizer, mesh)
+  train_step, state, params = build_train_step(cfg, setup.vocab_size, setup.image_shape,
+                                               setup.max_len, mesh)
   rng = np.random.default_rng(0)
   # A few distinct batches, placed before timing: the step is measured, not
   # the host-side batch assembly (the pipeline's numpy indexing).
@@ -250,7 +290,7 @@ def measure(setup: Setup, *, warmup: int, steps: int, matmul_n: int) -> dict:
 
   compile_s, compiled = harness.timed(
       lambda: train_step.lower(state, batches[0]).compile())
-  per_device_xla_flops = xla_flops(compiled)
+  per_device_xla_flops = xla_cost(compiled)["xla_flops"]
   # The global batch's FLOPs (the same on any device count): the jaxpr's
   # outside the GRU's loops, plus the GRU's over padded or over real tokens.
   # The timed steps cycle through `batches`: their mean token count is the
@@ -263,13 +303,7 @@ def measure(setup: Setup, *, warmup: int, steps: int, matmul_n: int) -> dict:
       outside_gru + gru_flops(tokens, cfg.model.word_dim, cfg.model.embed_dim)
       for tokens in (setup.batch_size * setup.max_len, real_tokens))
 
-  times = []
-  for i in range(warmup + steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batches[i % len(batches)])
-    jax.block_until_ready((state, metrics))
-    if i >= warmup:
-      times.append(time.perf_counter() - start)
+  times, metrics = time_steps(compiled, state, batches, warmup=warmup, steps=steps)
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
     raise FloatingPointError(f"{setup.name}: loss {loss} after {warmup + steps} steps")
@@ -370,11 +404,9 @@ def main(argv):
         record["mode"] = mode
         harness.emit(record)
         records.append(record)
-  table = harness.markdown_table([table_row(r) for r in records], TABLE_COLUMNS)
-  print(table)
-  if FLAGS.write_results:
-    harness.write_results("train_throughput", records, table,
-                          command=harness.command_line(MODULE), mode=mode, notes=NOTES)
+  harness.publish("train_throughput", records,
+                  harness.markdown_table([table_row(r) for r in records], TABLE_COLUMNS),
+                  module=MODULE, mode=mode, notes=NOTES, write=FLAGS.write_results)
 
 
 def define_flags():

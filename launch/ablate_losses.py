@@ -51,12 +51,10 @@ from ml_collections import config_flags
 import numpy as np
 
 from benchmarks import harness
+from benchmarks import train_throughput
 from ccr_jax import experiment
 from ccr_jax import losses
 from ccr_jax import sharding
-from ccr_jax import strategies
-from ccr_jax import train as train_lib
-from ccr_jax.models import dual_encoder
 
 MODULE = "launch.ablate_losses"
 # name -> (blocked, matmul_dtype, remat); a blocked variant uses --block_size.
@@ -117,17 +115,6 @@ def loss_config(base: ml_collections.ConfigDict, name: str, variant: str,
   return cfg
 
 
-def _cost(compiled) -> dict:
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # older JAX: one dict per program
-    cost = cost[0] if cost else {}
-  cost = cost or {}
-  memory = compiled.memory_analysis()
-  return {"xla_flops": cost.get("flops"), "xla_bytes": cost.get("bytes accessed"),
-          "temp_mb": memory.temp_size_in_bytes / 2**20 if memory else None,
-          "argument_mb": memory.argument_size_in_bytes / 2**20 if memory else None}
-
-
 def random_batch(rng: np.random.Generator, batch: int, image_shape, max_len: int
                  ) -> dict[str, np.ndarray]:
   """A host batch of the embedded benchmark's shapes with random content.
@@ -146,31 +133,20 @@ def random_batch(rng: np.random.Generator, batch: int, image_shape, max_len: int
 def measure_step(config: ml_collections.ConfigDict, batch_size: int, steps: int,
                  mesh) -> dict:
   """Compile time, XLA cost and memory, and median time of the real train step."""
-  model = dual_encoder.build_model(config.model, VOCAB_SIZE)
   image_shape = (config.data.image_size, config.data.image_size, 3)
   max_len = config.data.max_caption_len
-  params = jax.jit(lambda r: experiment.with_loss_params(
-      dual_encoder.init_params(model, r, image_shape, max_len), config))(
-          jax.random.PRNGKey(0))
-  loss_fn = losses.make_loss(config.loss)
-  strategy = strategies.get_strategy(config.strategy, loss_fn)
-  optimizer = train_lib.make_optimizer(config.optim, config.train.steps_per_task, strategy)
-  train_step = train_lib.make_train_step(model, optimizer, loss_fn, mesh, strategy)
-  state = train_lib.create_train_state(params, optimizer, mesh)
+  train_step, state, _ = train_throughput.build_train_step(
+      config, VOCAB_SIZE, image_shape, max_len, mesh)
   rng = np.random.default_rng(0)
   batches = [sharding.shard_batch(random_batch(rng, batch_size, image_shape, max_len),
                                   mesh) for _ in range(2)]
   compile_s, compiled = harness.timed(
       lambda: train_step.lower(state, batches[0]).compile())
-  times = []
-  for i in range(steps + 1):  # the first is a warm-up
-    start = time.perf_counter()
-    state, metrics = compiled(state, batches[i % 2])
-    jax.block_until_ready((state, metrics))
-    times.append(time.perf_counter() - start)
-  cost = _cost(compiled)
-  return {"compile_s": compile_s, "step_s": statistics.median(times[1:]),
-          "pairs_per_s": batch_size / statistics.median(times[1:]),
+  times, metrics = train_throughput.time_steps(compiled, state, batches, warmup=1,
+                                               steps=steps)
+  cost = train_throughput.xla_cost(compiled)
+  return {"compile_s": compile_s, "step_s": statistics.median(times),
+          "pairs_per_s": batch_size / statistics.median(times),
           "final_loss": float(metrics["loss"]),
           **{f"step_{k}": v for k, v in cost.items()}}
 
@@ -188,7 +164,7 @@ def measure_loss(config: ml_collections.ConfigDict, batch_size: int) -> dict:
   compiled = grad.lower(emb, emb, ids, params).compile()
   passes = 3 + (1 if config.loss.remat else 0)  # forward, 2 backward, recompute
   return {"loss_matmul_gflops": passes * 2 * batch_size**2 * dim / 1e9,
-          **{f"loss_{k}": v for k, v in _cost(compiled).items()}}
+          **{f"loss_{k}": v for k, v in train_throughput.xla_cost(compiled).items()}}
 
 
 def train_record(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -296,10 +272,8 @@ def main(argv):
   if trained:
     table += "\n\nTrained on the embedded benchmark:\n\n" + harness.markdown_table(
         trained, TRAIN_COLUMNS)
-  print(table)
-  if FLAGS.write_results:
-    harness.write_results(FLAGS.results_name, records, table,
-                          command=harness.command_line(MODULE), mode=mode, notes=NOTES)
+  harness.publish(FLAGS.results_name, records, table, module=MODULE, mode=mode,
+                  notes=NOTES, write=FLAGS.write_results)
 
 
 def experiment_config(arg: str) -> ml_collections.ConfigDict:
