@@ -132,23 +132,11 @@ def exact_ranks_and_topk(query_emb, gallery_emb, query_owner, gallery_owner, k: 
   if num_queries == 0:
     return np.zeros((0,), np.int64), np.zeros((0, k), np.int64)
   query_codes, gallery_codes = _owner_codes(query_owner, gallery_owner)
-  block, num_blocks = indexing.query_blocks(num_queries, block_size)
-  padded = np.zeros((block * num_blocks, query_emb.shape[1]), np.float32)
-  padded[:num_queries] = query_emb
-  padded_codes = np.full((block * num_blocks,), -1, np.int32)
-  padded_codes[:num_queries] = query_codes
-  gallery_device = jnp.asarray(gallery_emb)
-  gallery_codes_device = jnp.asarray(gallery_codes)
-  # Dispatch every block before reading any back.
-  results = [
-      _ranks_and_topk_block(padded[b * block:(b + 1) * block], gallery_device,
-                            padded_codes[b * block:(b + 1) * block],
-                            gallery_codes_device, k)
-      for b in range(num_blocks)
-  ]
-  ranks, has_positive, top = (
-      np.concatenate([np.asarray(r[i]) for r in results])[:num_queries]
-      for i in range(3))
+  # Padded query rows get owner code -1, which matches no gallery item.
+  ranks, has_positive, top = indexing.map_query_blocks(
+      lambda q, qc, g, gc: _ranks_and_topk_block(q, g, qc, gc, k),
+      [(query_emb, 0.0), (query_codes, -1)],
+      [jnp.asarray(gallery_emb), jnp.asarray(gallery_codes)], block_size)
   _require_positive(has_positive, query_owner)
   return ranks.astype(np.int64), top.astype(np.int64)
 

@@ -65,7 +65,7 @@ import math
 import os
 import shutil
 import uuid
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import jax
@@ -217,6 +217,36 @@ def query_blocks(num_queries: int, block_size: int) -> tuple[int, int]:
   return block, -(-num_queries // block)
 
 
+def map_query_blocks(fn: Callable, per_query: Sequence[tuple[np.ndarray, Any]],
+                     shared: Sequence[Any], block_size: int) -> list[np.ndarray]:
+  """Runs `fn(*query_block_arrays, *shared)` over padded query blocks.
+
+  Every block has the same shape (`query_blocks`), so one compiled program
+  serves any query count; every block is dispatched before any is read back,
+  so the device stays busy.
+
+  Args:
+    fn: a jitted function returning a tuple of arrays with a leading query axis.
+    per_query: (array [num_queries, ...], pad value) pairs, sliced per block.
+    shared: arguments passed whole to every block (e.g. the gallery).
+    block_size: queries per compiled block.
+
+  Returns:
+    Each output of `fn`, concatenated over blocks and cut to num_queries rows.
+  """
+  num_queries = len(per_query[0][0])
+  block, num_blocks = query_blocks(num_queries, block_size)
+  padded = []
+  for array, fill in per_query:
+    full = np.full((block * num_blocks, *array.shape[1:]), fill, array.dtype)
+    full[:num_queries] = array
+    padded.append(full)
+  results = [fn(*(p[b * block:(b + 1) * block] for p in padded), *shared)
+             for b in range(num_blocks)]
+  return [np.concatenate([np.asarray(r[i]) for r in results])[:num_queries]
+          for i in range(len(results[0]))]
+
+
 def exact_search(queries, gallery, k: int, *,
                  block_size: int = DEFAULT_BLOCK_SIZE
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -248,15 +278,9 @@ def exact_search(queries, gallery, k: int, *,
   if k == 0 or num_queries == 0:
     return (np.zeros((num_queries, k), np.float32),
             np.zeros((num_queries, k), np.int64))
-  block, num_blocks = query_blocks(num_queries, block_size)
-  padded = np.zeros((block * num_blocks, queries.shape[1]), np.float32)
-  padded[:num_queries] = queries
-  gallery_device = jnp.asarray(gallery)
-  # Dispatch every block before reading any back, so the device stays busy.
-  results = [_top_k_block(padded[b * block:(b + 1) * block], gallery_device, k)
-             for b in range(num_blocks)]
-  scores = np.concatenate([np.asarray(s) for s, _ in results])[:num_queries]
-  indices = np.concatenate([np.asarray(i) for _, i in results])[:num_queries]
+  scores, indices = map_query_blocks(
+      lambda q, g: _top_k_block(q, g, k), [(queries, 0.0)], [jnp.asarray(gallery)],
+      block_size)
   return scores.astype(np.float32), indices.astype(np.int64)
 
 
