@@ -6,6 +6,7 @@ compiled per experiment: batch shapes are fixed, the optimizer state is reset
 """
 
 import functools
+import time
 from typing import Any, Callable
 
 import jax
@@ -17,6 +18,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from ccr_jax import losses as losses_lib
+from ccr_jax import progress
 from ccr_jax import sharding
 from ccr_jax.models.dual_encoder import DualEncoder
 from ccr_jax.strategies import Strategy
@@ -157,39 +159,83 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
 def train_task(state: dict, train_step: Callable, batch_fn: Callable[[int], dict],
                *, first_step: int, num_steps: int, mesh: Mesh,
                checkpoint_every: int, checkpoint_fn: Callable[[dict, int], None],
-               log_every: int, task: int) -> dict:
+               log_every: int, task: int,
+               writer: progress.ScalarWriter | None = None,
+               learning_rate_fn: Callable[[int], Any] | None = None,
+               show_progress: bool | None = None) -> dict:
   """Runs steps `first_step .. num_steps-1` of one task and returns the state.
+
+  Every `log_every` steps (and at the last) the metrics averaged over the
+  window are logged, shown on the progress bar and, with a `writer`, recorded
+  as scalars "train/<metric>" (the numbers of the log line),
+  "train/learning_rate" and "perf/pairs_per_s" at global step
+  (task - 1) * num_steps + steps done, which is the state's "step" when every
+  task runs `num_steps` steps.
 
   Args:
     batch_fn: step within the task -> host batch (a pure function of the step,
-      so a resumed task draws the same batches).
+      so a resumed task draws the same batches); its leading axis is the
+      global batch, counted for pairs/s.
     checkpoint_fn: called as (state, next step within task) every
       `checkpoint_every` steps.
+    writer: where scalars go (`progress.ScalarWriter`); none are recorded
+      without one. A resumed task (`first_step` > 0) marks the steps it writes
+      again, so earlier runs' values there are dropped.
+    learning_rate_fn: the optimizer's schedule, called with the step within
+      the task (the optimizer state starts afresh each task); the learning
+      rate of a window's last step is recorded.
+    show_progress: True draws the bar even off a terminal or in CI, False
+      never; None draws it on a terminal outside CI (`progress_enabled`).
   Raises:
     FloatingPointError: when the loss is not finite, naming the step range;
       the last state checkpoint on disk is left as it was.
   """
+  step_offset = (task - 1) * num_steps
+  if writer is not None and first_step > 0:
+    # Windows ending after the checkpoint may have been written by the killed
+    # run; the one ending at first_step was logged before that checkpoint.
+    writer.resume_at(step_offset + first_step + 1)
+  bar = progress.task_progress(task, first_step, num_steps, force=show_progress)
   metrics_sum, since = None, first_step
-  for step in range(first_step, num_steps):
-    batch = sharding.shard_batch(batch_fn(step), mesh)
-    state, metrics = train_step(state, batch)
-    metrics_sum = metrics if metrics_sum is None else jax.tree.map(
-        jnp.add, metrics_sum, metrics)
-    done = step + 1
-    if done % log_every == 0 or done == num_steps:
-      # The only host sync in the loop: reading the metrics to log them.
-      host = jax.tree.map(lambda x: float(x) / (done - since),
-                          jax.device_get(metrics_sum))
-      if not np.isfinite(host["loss"]):
-        raise FloatingPointError(
-            f"task {task}: loss became {host['loss']} between steps {since} and "
-            f"{done}; the last good state checkpoint is left intact. Lower "
-            "--config.optim.learning_rate or check the data.")
-      logging.info("task %d step %d/%d  %s", task, done, num_steps,
-                   "  ".join(f"{k}={v:.4g}" for k, v in sorted(host.items())))
-      metrics_sum, since = None, done
-    if checkpoint_every and done % checkpoint_every == 0 and done < num_steps:
-      checkpoint_fn(state, done)
+  window_start = time.perf_counter()
+  try:
+    for step in range(first_step, num_steps):
+      host_batch = batch_fn(step)
+      batch_size = len(jax.tree.leaves(host_batch)[0])
+      state, metrics = train_step(state, sharding.shard_batch(host_batch, mesh))
+      bar.update(1)  # Host-side count only: the bar reads no device value.
+      metrics_sum = metrics if metrics_sum is None else jax.tree.map(
+          jnp.add, metrics_sum, metrics)
+      done = step + 1
+      if done % log_every == 0 or done == num_steps:
+        # The only host sync in the loop: reading the metrics to log them.
+        host = jax.tree.map(lambda x: float(x) / (done - since),
+                            jax.device_get(metrics_sum))
+        if not np.isfinite(host["loss"]):
+          raise FloatingPointError(
+              f"task {task}: loss became {host['loss']} between steps {since} and "
+              f"{done}; the last good state checkpoint is left intact. Lower "
+              "--config.optim.learning_rate or check the data.")
+        # Timed between syncs, so it is what the device did, not the dispatch.
+        now = time.perf_counter()
+        pairs_per_s = (done - since) * batch_size / max(now - window_start, 1e-9)
+        window_start = now
+        progress.show_window(bar, host["loss"], pairs_per_s)
+        with progress.bar_cleared(bar):
+          logging.info("task %d step %d/%d  %s", task, done, num_steps,
+                       "  ".join(f"{k}={v:.4g}" for k, v in sorted(host.items())))
+        if writer is not None:
+          scalars = {f"train/{k}": v for k, v in host.items()}
+          if learning_rate_fn is not None:
+            scalars["train/learning_rate"] = float(learning_rate_fn(done - 1))
+          scalars["perf/pairs_per_s"] = pairs_per_s
+          writer.write(step_offset + done, scalars)
+        metrics_sum, since = None, done
+      if checkpoint_every and done % checkpoint_every == 0 and done < num_steps:
+        with progress.bar_cleared(bar):  # Checkpointing logs too.
+          checkpoint_fn(state, done)
+  finally:
+    bar.close()
   return state
 
 
