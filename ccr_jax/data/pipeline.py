@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ccr_jax.data import tasks
 from ccr_jax.data.tasks import Split
 from ccr_jax.data.text import Vocabulary
 
@@ -19,7 +20,8 @@ class EncodedSplit:
   """A split with its captions tokenised.
 
   Attributes:
-    images: [num_images, H, W, 3] uint8 pixels (or [num_images, ...] features).
+    images: [num_images, H, W, 3] uint8 pixels (or [num_images, ...] features),
+      a NumPy array or a `tasks.LazyImages` that reads rows on indexing.
     tokens: [num_images, captions_per_image, max_len] int32 token ids.
     lengths: [num_images, captions_per_image] int32 true lengths.
     ids: [num_images] int64 stable image ids.
@@ -55,8 +57,11 @@ def encode_split(split: Split, vocab: Vocabulary, max_len: int) -> tuple[Encoded
 
 def concatenate(parts: Sequence[EncodedSplit]) -> EncodedSplit:
   """One EncodedSplit holding `parts` in order (joint training's pool)."""
-  return EncodedSplit(*(np.concatenate([getattr(p, f.name) for p in parts])
-                        for f in dataclasses.fields(EncodedSplit)))
+  # Lazily read images stay lazy: a real dataset's pool does not fit in RAM.
+  return EncodedSplit(*(
+      tasks.concatenate_images([p.images for p in parts]) if f.name == "images"
+      else np.concatenate([getattr(p, f.name) for p in parts])
+      for f in dataclasses.fields(EncodedSplit)))
 
 
 def train_batch(pool: EncodedSplit, batch_size: int, *, seed: int, task: int,
@@ -104,8 +109,10 @@ def caption_arrays(split: EncodedSplit) -> dict[str, np.ndarray]:
 
 def subset(split: EncodedSplit, rows: np.ndarray) -> EncodedSplit:
   """The images `rows` of `split` with all their captions."""
-  return EncodedSplit(*(getattr(split, f.name)[rows]
-                        for f in dataclasses.fields(EncodedSplit)))
+  return EncodedSplit(*(
+      tasks.take_rows(split.images, rows) if f.name == "images"
+      else getattr(split, f.name)[rows]
+      for f in dataclasses.fields(EncodedSplit)))
 
 
 def mixed_batch(pool: EncodedSplit, memory: EncodedSplit | None, batch_size: int,
