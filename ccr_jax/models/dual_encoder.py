@@ -7,13 +7,17 @@ on those prefixes, and one modality can be embedded alone (a gallery) with
   model.apply({"params": params}, images, method=DualEncoder.embed_images)
 """
 from collections.abc import Sequence
+import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from ccr_jax.models import image_towers
+from ccr_jax.models import minilm
 from ccr_jax.models import text_towers
 
 # Added to the squared norm: keeps the normalisation (and its gradient) finite
@@ -98,8 +102,29 @@ def _gru(model_config, vocab_size):
       word_dim=model_config.get("word_dim", 300))
 
 
-IMAGE_TOWERS = {"cnn": _cnn, "precomputed": _precomputed}
-TEXT_TOWERS = {"gru": _gru}
+def _resnet(model_config, depth):
+  return image_towers.ResNetTower(
+      depth=depth, embed_dim=model_config.embed_dim,
+      freeze_backbone=bool(model_config.get("freeze_backbone", False)))
+
+
+def _minilm(model_config, vocab_size):
+  if vocab_size != minilm.VOCAB_SIZE:
+    raise ValueError(
+        f"text_tower='minilm' takes all-MiniLM-L6-v2's WordPiece ids ({minilm.VOCAB_SIZE}), "
+        f"got a vocabulary of {vocab_size}: tokenise with text.WordPieceTokenizer.packaged().")
+  return minilm.MiniLMTower(
+      embed_dim=model_config.embed_dim,
+      freeze=bool(model_config.get("freeze_text_backbone", False)))
+
+
+IMAGE_TOWERS = {"cnn": _cnn, "precomputed": _precomputed,
+                **{f"resnet{depth}": functools.partial(_resnet, depth=depth)
+                   for depth in image_towers.RESNET_STAGES}}
+TEXT_TOWERS = {"gru": _gru, "minilm": _minilm}
+# Text towers that bring their own pretrained tokenizer (text.WordPieceTokenizer
+# name); the others take a Vocabulary built on the training captions.
+PRETRAINED_TOKENIZERS = {"minilm": "all-MiniLM-L6-v2"}
 
 
 def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> DualEncoder:
@@ -107,9 +132,12 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Dua
 
   Args:
     model_config: fields `image_tower` (one of `IMAGE_TOWERS`), `text_tower`
-      (one of `TEXT_TOWERS`), `embed_dim`, and optionally `word_dim` (300) and
-      `cnn_widths` ((32, 64, 128)).
-    vocab_size: size of the caption vocabulary, `<pad>` included.
+      (one of `TEXT_TOWERS`), `embed_dim`, and optionally `word_dim` (300),
+      `cnn_widths` ((32, 64, 128)), `freeze_backbone` (False; ResNet: only
+      `img/proj` trains) and `freeze_text_backbone` (False; MiniLM: only
+      `txt/proj`, if any, trains).
+    vocab_size: size of the caption vocabulary, `<pad>` included (for
+      "minilm", the WordPiece tokenizer's 30522).
 
   Returns:
     An unbound `DualEncoder`.
@@ -147,3 +175,52 @@ def init_params(model: DualEncoder, rng, image_shape: Sequence[int], max_len: in
   lengths = jnp.ones((1,), jnp.int32)
   # One compilation of the whole init beats op-by-op dispatch of each initializer.
   return jax.jit(model.init)(rng, images, tokens, lengths)["params"]
+
+
+def load_pretrained(params: dict[str, Any],
+                    model_config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Replaces the pretrained parts of freshly initialised params with their weights.
+
+  * ResNet image towers with a non-empty `model_config.resnet_weights`:
+    `img/backbone` from that file (`image_towers.load_resnet_weights`);
+    `img/proj` keeps its initialisation.
+  * The "minilm" text tower: `txt/encoder` from `model_config.minilm_weights`
+    if set and non-empty, else the packaged all-MiniLM-L6-v2 weights;
+    `txt/proj`, if any, keeps its initialisation.
+  Other towers and other top-level entries (e.g. "loss") are returned as they
+  are; nothing is read when no tower is pretrained.
+
+  Args:
+    params: `{"img": ..., "txt": ..., ...}` from `init_params` (arrays).
+    model_config: the config `build_model` was given.
+
+  Returns:
+    A new params dict: replaced subtrees hold float32 NumPy arrays, the rest
+    is the input's; place it on devices as the init's output was.
+
+  Raises:
+    ValueError: a weights file does not match the tower's parameter tree.
+  """
+  params = dict(params)
+  image_name = model_config.image_tower
+  if image_name.startswith("resnet") and model_config.get("resnet_weights", ""):
+    depth = int(image_name[len("resnet"):])
+    loaded = image_towers.load_resnet_weights(model_config.resnet_weights, depth)
+    params["img"] = _replace_subtree(params["img"], "backbone", loaded, "img")
+  if model_config.text_tower == "minilm":
+    loaded = minilm.load_minilm_weights(model_config.get("minilm_weights", "") or None)
+    params["txt"] = _replace_subtree(params["txt"], "encoder", loaded, "txt")
+  return params
+
+
+def _replace_subtree(tower_params, name, loaded, prefix):
+  current = tower_params[name]
+  if jax.tree.structure(current) != jax.tree.structure(loaded):
+    raise ValueError(f"Pretrained {prefix}/{name} has another parameter tree than the model.")
+  for path, (old, new) in zip(
+      (p for p, _ in jax.tree_util.tree_flatten_with_path(current)[0]),
+      zip(jax.tree.leaves(current), jax.tree.leaves(loaded))):
+    if np.shape(old) != np.shape(new):
+      raise ValueError(f"Pretrained {prefix}/{name}{jax.tree_util.keystr(path)} has "
+                       f"shape {np.shape(new)}, the model {np.shape(old)}.")
+  return {**tower_params, name: loaded}
