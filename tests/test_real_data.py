@@ -356,6 +356,7 @@ _VG_IMAGES = {
     7: ([(["dog.n.01"], 10, 10)], ["a dog", "dog"] * 3),  # too few phrases
     # "table.n.01" is one of the table category's alternative synsets.
     8: ([(["table.n.01"], 10, 10)], None),                # task 3
+    9: ([], None),                                        # no objects: no task
     21: ([(["horse.n.01"], 10, 10)], None),               # val
     41: ([(["bus.n.01"], 10, 10)], None),
     61: ([(["bed.n.01"], 10, 10)], None),
@@ -420,7 +421,7 @@ def test_vg_builds_splits_and_assigns_tasks(vg_dirs):
   dataset = visual_genome.load(config.data, vg_dirs["tfds"])
   splits = dataset.splits
   # Image 7 has too few distinct phrases of 3+ tokens: left out.
-  np.testing.assert_array_equal(splits["train"].ids, [2, 3, 4, 5, 6, 8])
+  np.testing.assert_array_equal(splits["train"].ids, [2, 3, 4, 5, 6, 8, 9])
   np.testing.assert_array_equal(splits["val"].ids, [21, 41, 61])
   np.testing.assert_array_equal(splits["test"].ids, [20, 40, 60])
   assert splits["val"].captions[0] == tuple(_good_phrases(21))
@@ -434,7 +435,7 @@ def test_vg_builds_splits_and_assigns_tasks(vg_dirs):
     got = [sorted(getattr(t, split).ids.tolist()) for t in sequence.tasks]
     assert got == per_task, split
   description = sequence.describe()
-  assert description["dataset"]["examples_in_no_task"]["train"] == 1
+  assert description["dataset"]["examples_in_no_task"]["train"] == 2
   assert "region descriptions" in description["dataset"]["captions"]
   assert description["dataset"]["images_per_category"]["dog.n.01"] == 3
   _check_images(splits["train"].images, splits["train"].ids, vg_dirs["paths"])
