@@ -270,6 +270,25 @@ def rank_stats(ranks) -> dict[str, float]:
           "meanr": float(ranks.mean() + 1)}
 
 
+def exact_metrics(query_emb, gallery_emb, query_owner, gallery_owner,
+                  ks: Sequence[int]) -> tuple[dict[str, float], np.ndarray]:
+  """Exact Recall@K, medr and meanr, and the exact top-max(ks) rows.
+
+  Args:
+    query_emb: float [Q, dim]; gallery_emb: float [G, dim].
+    query_owner: int [Q]; gallery_owner: int [G] (image ids).
+    ks: the K values.
+
+  Returns:
+    ({"exact_r1": ..., "medr": ..., "meanr": ...}, top rows int64 [Q, k]).
+  """
+  ranks, top_rows = exact_ranks_and_topk(
+      query_emb, gallery_emb, query_owner, gallery_owner, max(ks))
+  recalls = recall_at_k(ranks, ks)
+  return ({f"exact_{name}": v for name, v in recalls.items()}
+          | rank_stats(ranks)), top_rows
+
+
 def rsum(image_to_text: Mapping[str, float],
          text_to_image: Mapping[str, float]) -> float:
   """R@1 + R@5 + R@10 of both directions (`recall_at_k` outputs)."""

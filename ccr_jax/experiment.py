@@ -369,7 +369,7 @@ def _gallery_snapshot(regime: str, t: int, j: int) -> int:
   return j + 1 if regime == "fixed" else t + 1
 
 
-def _owner_of(modality: str, item_ids: np.ndarray, captions_per_image: int) -> np.ndarray:
+def owner_of(modality: str, item_ids: np.ndarray, captions_per_image: int) -> np.ndarray:
   """The image id each gallery item belongs to (captions: id * C + c)."""
   return item_ids // captions_per_image if modality == "texts" else item_ids
 
@@ -393,8 +393,9 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
   gallery, searched per index and merged by score).
 
   Returns {regime: {scope: {direction: {str(j+1): metrics}}}} where metrics
-  has r1, r5, r10 (from the index's top-k), medr, meanr (exact ranks over the
-  same gallery embeddings) and index_recall_at_10 (the index's top-10 against
+  has r1, r5, r10 (from the index's top-k), exact_r1, exact_r5, exact_r10,
+  medr, meanr (exact ranks over the same gallery embeddings, as the forgetting
+  analysis computes them) and index_recall_at_10 (the index's top-10 against
   exact search on the same embeddings). With `embeddings_dir`, also writes the
   query and gallery embeddings of every evaluation and returns their manifest.
   """
@@ -428,15 +429,15 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
                      for g in gallery_tasks]
           gallery_emb = np.concatenate([ix.embeddings for ix in indices])
           gallery_ids = np.concatenate([ix.item_ids for ix in indices])
-          gallery_owner = _owner_of(gm, gallery_ids, cpi)
+          gallery_owner = owner_of(gm, gallery_ids, cpi)
           query_emb, query_owner = q[qm]["emb"], q[qm]["owners"]
           _, top_ids = indexing.search_many(indices, query_emb, k)
-          ranks = evaluation.ranks_from_topk(_owner_of(gm, top_ids, cpi), query_owner)
-          exact, exact_rows = evaluation.exact_ranks_and_topk(
-              query_emb, gallery_emb, query_owner, gallery_owner, k)
+          ranks = evaluation.ranks_from_topk(owner_of(gm, top_ids, cpi), query_owner)
+          exact, exact_rows = evaluation.exact_metrics(
+              query_emb, gallery_emb, query_owner, gallery_owner, ks)
           agreement = np.mean([len(set(a) & set(b)) / k for a, b in
                                zip(top_ids.tolist(), gallery_ids[exact_rows].tolist())])
-          m = {**evaluation.recall_at_k(ranks, ks), **evaluation.rank_stats(exact),
+          m = {**evaluation.recall_at_k(ranks, ks), **exact,
                "index_recall_at_10": float(agreement)}
           metrics.setdefault(regime, {}).setdefault(scope, {}).setdefault(
               direction, {})[str(j + 1)] = m
@@ -595,31 +596,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if emb_dir is not None:
     reporting.write_json(os.path.join(emb_dir, "manifest.json"), manifest)
   reporting.write_json(os.path.join(workdir, "results", "timing.json"), timing)
-  return results
-
-
-def evaluate_workdir(workdir: str) -> dict:
-  """Recomputes every result from a workdir's snapshots and indices alone.
-
-  Nothing is trained or indexed: a missing index is an error. Writes
-  results/evaluate.json (and .md) beside the training run's results.json.
-  """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{workdir} has no config.json: it is not a ccr_jax workdir (train first "
-        "with --mode=train).")
-  config = ml_collections.ConfigDict(reporting.read_json(path))
-  setup = build_setup(config, workdir)
-  done = checkpoints.completed_snapshots(workdir)
-  if not done:
-    raise FileNotFoundError(f"{workdir}/snapshots holds no complete snapshot.")
-  rows = []
-  for t in range(max(done)):
-    rows.append(evaluate_after_task(setup, t, load_snapshot(setup, t + 1)))
-    rows[-1].pop("embeddings")
-  results = aggregate(setup, rows)
-  write_results(setup, results, name="evaluate")
   return results
 
 

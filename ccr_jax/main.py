@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from ccr_jax import analysis
 from ccr_jax import checkpoints
 from ccr_jax import experiment
 from ccr_jax import indexing
@@ -25,7 +26,8 @@ config_flags.DEFINE_config_file("config", None, "Path to an ml_collections confi
 flags.DEFINE_string("workdir", None, "Directory for snapshots, indices and results.")
 flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
                   "train: run or resume the experiment; evaluate: recompute results "
-                  "from the workdir's snapshots and indices.")
+                  "from the workdir's snapshots and indices, plus the forgetting "
+                  "analysis (compatibility, towers, drift, partial reindexing).")
 flags.mark_flags_as_required(["workdir"])
 
 # Mistakes a user can fix from the message alone: reported without a traceback.
@@ -45,7 +47,10 @@ def main(argv):
       results = experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir)
       name = "results"
     else:
-      results = experiment.evaluate_workdir(FLAGS.workdir)
+      # With --config, only its `analysis` section is used (budgets, policies):
+      # everything else comes from the workdir's own config.json.
+      results = analysis.evaluate_workdir(
+          FLAGS.workdir, FLAGS.config.get("analysis") if FLAGS.config else None)
       name = "evaluate"
   except EXPECTED_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)

@@ -83,6 +83,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.save_embeddings = False
   config.eval.split = "test"  # 'val' to tune hyperparameters without the test set
 
+  # --mode=evaluate's forgetting analysis (ccr_jax/analysis.py): fractions of
+  # each old gallery re-embedded by the newest snapshot, and how they are chosen.
+  config.analysis = ml_collections.ConfigDict()
+  config.analysis.budgets = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+  config.analysis.policies = ("random", "drift")
+  config.analysis.uniformity_t = 2.0
+  config.analysis.uniformity_items = 2048
+
   if arg == "tiny":
     config.data.num_categories = 4
     config.data.num_tasks = 2

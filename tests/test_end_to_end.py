@@ -84,6 +84,13 @@ def test_evaluate_mode_matches_training_run(tiny_run):
   again = json.load(open(os.path.join(tiny_run, "results", "evaluate.json")))
   assert again["metrics"] == train["metrics"]
   assert again["summary"] == train["summary"]
+  assert set(again["analysis"]) >= {"compatibility", "towers", "attribution", "drift",
+                                    "partial_reindex"}
+  md = open(os.path.join(tiny_run, "results", "evaluate.md")).read()
+  for kind in ("compatibility", "towers", "drift", "partial_reindex"):
+    assert os.path.exists(os.path.join(tiny_run, "results", "plots",
+                                       f"evaluate_{kind}.png"))
+    assert f"plots/evaluate_{kind}.png" in md
 
 
 def test_rerun_of_finished_workdir_changes_nothing(tiny_run):

@@ -1,0 +1,420 @@
+"""Forgetting analysis from a workdir's snapshots and indices (no retraining).
+
+Where does a continual retrieval model forget? Four instruments, all read off
+one table of embeddings: every task's test items embedded by every snapshot
+that has seen the task (queries: freshly embedded; galleries: the embeddings
+the saved index holds when one exists, else freshly embedded).
+
+* Compatibility `C_j[q][g]`: Recall@K on task j with queries embedded by
+  snapshot q against the gallery embedded by snapshot g. Its diagonal is the
+  reindex regime and its column g = j the fixed regime, so both regimes are
+  entries of this one computation (`evaluation.exact_metrics`, the
+  function `experiment.evaluate_after_task` calls for its exact ranks).
+* Tower attribution `A_j[a][b]`: the image tower of snapshot a paired with the
+  text tower of snapshot b. In a dual encoder a query is embedded by one tower
+  and the gallery by the other, so A is C arranged by tower instead of by role
+  (i2t: A[a][b] = C[a][b]; t2i: A[a][b] = C[b][a]); tests check this against
+  models assembled from two snapshots' towers.
+* Drift and alignment: the mean cosine between old and new embeddings of the
+  same items (per modality), the mean positive-pair cosine, and uniformity
+  (Wang & Isola, 2020), with how they track the fixed and reindex recalls.
+* Partial reindexing: a fraction of an old gallery re-embedded with the newest
+  snapshot (chosen at random or by largest drift), from 0 % (fixed) to 100 %
+  (reindex). Its ends are C_j[T][j] and C_j[T][T] exactly.
+
+All recalls here are exact (brute-force ranks of the gallery embeddings): an
+index only approximates them, and a mixed gallery has no index. They equal
+the `exact_r*` metrics of results.json; the regimes' `r*` come from the index
+(identical under 10k items, where ScaNN scores by brute force).
+
+Indices in JSON: tasks and snapshots are 1-based keys/labels; matrices are
+lists indexed from 0, with None where a snapshot has not yet seen the task.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from ccr_jax import checkpoints
+from ccr_jax import evaluation
+from ccr_jax import experiment
+from ccr_jax import indexing
+from ccr_jax import reporting
+
+DIRECTIONS = {"i2t": ("images", "texts"), "t2i": ("texts", "images")}
+DEFAULTS = {
+    "budgets": (0.0, 0.1, 0.25, 0.5, 0.75, 1.0),
+    "policies": ("random", "drift"),
+    "uniformity_t": 2.0,
+    # Uniformity averages over all pairs: a fixed subset bounds its cost
+    # ([n, n] scores) at COCO-5K's 25k captions.
+    "uniformity_items": 2048,
+}
+POLICIES = ("random", "drift")
+
+
+def settings(config) -> dict:
+  """The analysis settings of a config (`config.analysis`), defaults filled in.
+
+  Raises:
+    ValueError: a budget outside [0, 1] or an unknown policy.
+  """
+  given = dict(config.get("analysis", {}) or {})
+  unknown = sorted(set(given) - set(DEFAULTS))
+  if unknown:
+    raise ValueError(f"unknown config.analysis keys {unknown}; valid: {sorted(DEFAULTS)}.")
+  out = {**DEFAULTS, **given}
+  budgets = [float(b) for b in out["budgets"]]
+  if not budgets or any(not 0.0 <= b <= 1.0 for b in budgets):
+    raise ValueError(f"config.analysis.budgets={out['budgets']}: give fractions in "
+                     "[0, 1], e.g. (0, 0.5, 1).")
+  bad = [p for p in out["policies"] if p not in POLICIES]
+  if bad:
+    raise ValueError(f"config.analysis.policies has {bad}; valid: {list(POLICIES)}.")
+  return {**out, "budgets": sorted(set(budgets)), "policies": list(out["policies"])}
+
+
+# ------------------------------------------------------------ pure metrics
+
+
+def item_cosines(old, new) -> np.ndarray:
+  """Per-item cosine between two embeddings of the same items.
+
+  Args:
+    old, new: float [N, dim], rows in the same item order (unit norm or not).
+
+  Returns:
+    float64 [N].
+  """
+  old = np.asarray(old, np.float64)
+  new = np.asarray(new, np.float64)
+  if old.shape != new.shape:
+    raise ValueError(f"drift needs the same items on both sides, got {old.shape} "
+                     f"and {new.shape}.")
+  norms = np.linalg.norm(old, axis=1) * np.linalg.norm(new, axis=1)
+  return np.sum(old * new, axis=1) / np.maximum(norms, 1e-30)
+
+
+def alignment(image_emb, text_emb, image_ids, text_owner) -> float:
+  """Mean cosine between each caption and its image (positive pairs).
+
+  Args:
+    image_emb: float [N, dim]; text_emb: float [M, dim], unit norm.
+    image_ids: int [N]; text_owner: int [M], the image id of each caption.
+  """
+  row_of = {int(i): r for r, i in enumerate(np.asarray(image_ids))}
+  rows = np.array([row_of[int(o)] for o in np.asarray(text_owner)], np.int64)
+  return float(np.mean(item_cosines(np.asarray(image_emb)[rows], text_emb)))
+
+
+def uniformity(emb, t: float = 2.0) -> float:
+  """log mean_{i != j} exp(-t ||x_i - x_j||^2) (Wang & Isola, 2020); lower = more uniform.
+
+  Args:
+    emb: float [N, dim], N >= 2, unit norm.
+    t: the kernel's scale (2 in the paper).
+  """
+  x = np.asarray(emb, np.float64)
+  n = x.shape[0]
+  if n < 2:
+    raise ValueError("uniformity needs at least 2 items")
+  sq = np.sum(x * x, axis=1)
+  dist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0)
+  k = np.exp(-t * dist)
+  return float(np.log((k.sum() - np.trace(k)) / (n * (n - 1))))
+
+
+def reindex_order(old, new, policy: str, seed: int) -> np.ndarray:
+  """The order in which gallery items are re-embedded under a budget.
+
+  Args:
+    old, new: float [N, dim], the gallery embedded by the old and new snapshot.
+    policy: 'random' (a seeded permutation) or 'drift' (smallest old/new
+      cosine first; ties keep item order).
+    seed: for 'random'.
+
+  Returns:
+    int64 [N], a permutation of the rows: a budget b re-embeds the first
+    round(b * N).
+  """
+  if policy == "random":
+    return np.random.default_rng(seed).permutation(len(old)).astype(np.int64)
+  if policy == "drift":
+    return np.argsort(item_cosines(old, new), kind="stable").astype(np.int64)
+  raise ValueError(f"unknown reindexing policy {policy!r}; valid: {list(POLICIES)}.")
+
+
+def mixed_gallery(old, new, order, budget: float) -> np.ndarray:
+  """The gallery with the first round(budget * N) rows of `order` re-embedded.
+
+  Args:
+    old, new: float [N, dim]; order: int [N] (`reindex_order`); budget in [0, 1].
+
+  Returns:
+    float32 [N, dim]: `new` rows where re-embedded, `old` rows elsewhere.
+  """
+  take = np.zeros(len(old), bool)
+  take[np.asarray(order)[:int(round(budget * len(old)))]] = True
+  return np.where(take[:, None], new, old).astype(np.float32)
+
+
+def pearson(x, y) -> float | None:
+  """Pearson correlation of two equal-length sequences (None if undefined)."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  if len(x) < 3 or x.std() == 0 or y.std() == 0:
+    return None
+  return float(np.corrcoef(x, y)[0, 1])
+
+
+# ------------------------------------------------------------ the workdir
+
+
+def embed_all(setup: experiment.Setup, params: dict[int, Any]):
+  """Every task's test items embedded by every snapshot that has seen it.
+
+  Args:
+    setup: the workdir's setup.
+    params: snapshot (1-based) -> params, for snapshots 1..T.
+
+  Returns:
+    queries: {(j, s): `experiment.test_queries` of task j by snapshot s}, s >= j.
+    galleries: {(j, s, modality): (emb float32 [N, dim], item_ids int64 [N])},
+      the saved index's embeddings when index snap_s/task_j exists, else the
+      fresh ones.
+    max_diff: the largest |saved - fresh| over every saved gallery (0.0 when
+      embedding is deterministic; None if no index is saved).
+  """
+  num = len(params)
+  queries, galleries, diffs = {}, {}, []
+  cfg = setup.config
+  for j in range(1, num + 1):
+    for s in range(j, num + 1):
+      q = experiment.test_queries(setup, params[s], j - 1)
+      queries[(j, s)] = q
+      for modality in experiment.MODALITIES:
+        path = experiment.index_dir(setup.workdir, s, j, modality)
+        if os.path.exists(os.path.join(path, "metadata.json")):
+          ix = indexing.load_index(path, expect_snapshot=s, expect_task=j,
+                                   expect_modality=modality,
+                                   expect_dim=cfg.model.embed_dim,
+                                   expect_item_ids=q[modality]["item_ids"])
+          galleries[(j, s, modality)] = (ix.embeddings, ix.item_ids)
+          diffs.append(float(np.max(np.abs(ix.embeddings - q[modality]["emb"]),
+                                    initial=0.0)))
+        else:
+          galleries[(j, s, modality)] = (q[modality]["emb"], q[modality]["item_ids"])
+  return queries, galleries, max(diffs, default=None)
+
+
+def _matrix(num: int) -> list[list[Any]]:
+  return [[None] * num for _ in range(num)]
+
+
+def analyze(setup: experiment.Setup, queries: dict, galleries: dict,
+            opts: dict) -> dict:
+  """Every instrument of the module docstring, for snapshots 1..T.
+
+  Args:
+    setup: the workdir's setup (`experiment.build_setup`).
+    queries, galleries: `embed_all`'s first two outputs.
+    opts: `settings(config)`.
+
+  Returns:
+    {"compatibility", "towers", "attribution", "drift", "partial_reindex",
+     "settings"}; see README "Forgetting analysis".
+  """
+  num = max(s for _, s in queries)
+  ks = tuple(setup.config.eval.ks)
+  cpi = setup.encoded[0]["train"].captions_per_image
+
+  def gallery(tasks, g, modality):
+    embs, ids = zip(*(galleries[(j, g, modality)] for j in tasks))
+    ids = np.concatenate(ids)
+    return np.concatenate(embs), experiment.owner_of(modality, ids, cpi)
+
+  compat: dict = {}
+  for scope in ("task_aware", "task_agnostic"):
+    for direction, (qm, gm) in DIRECTIONS.items():
+      per_task = compat.setdefault(scope, {}).setdefault(direction, {})
+      for j in range(1, num + 1):
+        mats: dict = {}
+        for q in range(j, num + 1):
+          query = queries[(j, q)][qm]
+          tasks = [j] if scope == "task_aware" else list(range(1, q + 1))
+          for g in range(j, num + 1):
+            if scope == "task_agnostic" and g < q:
+              # Tasks j+1..q have no embedding by snapshot g < their own; the
+              # agnostic gallery is only defined once g has seen them all.
+              continue
+            emb, owner = gallery(tasks, g, gm)
+            m, _ = evaluation.exact_metrics(query["emb"], emb, query["owners"], owner, ks)
+            for name, v in m.items():
+              mats.setdefault(name, _matrix(num))[q - 1][g - 1] = v
+        per_task[str(j)] = mats
+
+  aware = compat["task_aware"]
+  towers: dict = {}
+  for direction in DIRECTIONS:
+    towers[direction] = {}
+    for j in range(1, num + 1):
+      c = aware[direction][str(j)]
+      towers[direction][str(j)] = {
+          name: [[mat[a][b] if direction == "i2t" else mat[b][a]
+                  for b in range(num)] for a in range(num)]
+          for name, mat in c.items()}
+  r1 = f"exact_r{ks[0]}"
+  attribution = []
+  for j in range(1, num + 1):
+    for direction in DIRECTIONS:
+      a = towers[direction][str(j)][r1]
+      attribution.append({
+          "task": j, "direction": direction, "metric": r1,
+          "own": a[j - 1][j - 1], "new_image_tower": a[num - 1][j - 1],
+          "new_text_tower": a[j - 1][num - 1], "both_new": a[num - 1][num - 1]})
+
+  drift = _drift(queries, num, opts, setup.config.seed)
+  tracking = []
+  for j in range(1, num + 1):
+    for s in range(j, num + 1):
+      row = {"task": j, "snapshot": s,
+             "image_cosine": drift["images"][str(j)][j - 1][s - 1],
+             "text_cosine": drift["texts"][str(j)][j - 1][s - 1],
+             "alignment": drift["alignment"][str(j)][s - 1],
+             "image_uniformity": drift["uniformity"]["images"][str(j)][s - 1],
+             "text_uniformity": drift["uniformity"]["texts"][str(j)][s - 1]}
+      for direction in DIRECTIONS:
+        mat = aware[direction][str(j)][r1]
+        row[f"fixed_{direction}_{r1}"] = mat[s - 1][j - 1]
+        row[f"reindex_{direction}_{r1}"] = mat[s - 1][s - 1]
+      tracking.append(row)
+  later = [r for r in tracking if r["snapshot"] > r["task"]]
+  correlations = {"points": len(later)}
+  for direction in DIRECTIONS:
+    own = {j: aware[direction][str(j)][r1][j - 1][j - 1] for j in range(1, num + 1)}
+    for regime in ("fixed", "reindex"):
+      drop = [own[r["task"]] - r[f"{regime}_{direction}_{r1}"] for r in later]
+      for key in ("image_cosine", "text_cosine", "alignment"):
+        correlations[f"{key}_vs_{regime}_{direction}_drop"] = pearson(
+            [r[key] for r in later], drop)
+  drift["tracking"] = tracking
+  drift["correlations"] = correlations
+
+  partial = _partial_reindex(queries, galleries, num, ks, cpi, opts,
+                             setup.config.seed)
+  return {"compatibility": compat, "towers": towers, "attribution": attribution,
+          "drift": drift, "partial_reindex": partial,
+          "settings": {k: list(v) if isinstance(v, (list, tuple)) else v
+                       for k, v in opts.items()}}
+
+
+def _drift(queries, num: int, opts: dict, seed: int) -> dict:
+  out: dict = {"images": {}, "texts": {}, "alignment": {},
+               "uniformity": {"images": {}, "texts": {}}}
+  for j in range(1, num + 1):
+    for modality in ("images", "texts"):
+      mat = _matrix(num)
+      for a in range(j, num + 1):
+        for b in range(j, num + 1):
+          mat[a - 1][b - 1] = float(np.mean(item_cosines(
+              queries[(j, a)][modality]["emb"], queries[(j, b)][modality]["emb"])))
+      out[modality][str(j)] = mat
+      n = len(queries[(j, j)][modality]["emb"])
+      subset = np.sort(np.random.default_rng([seed, j]).permutation(n)[
+          :opts["uniformity_items"]])
+      out["uniformity"][modality][str(j)] = [
+          None if s < j else uniformity(queries[(j, s)][modality]["emb"][subset],
+                                        opts["uniformity_t"])
+          for s in range(1, num + 1)]
+    out["alignment"][str(j)] = [
+        None if s < j else alignment(
+            queries[(j, s)]["images"]["emb"], queries[(j, s)]["texts"]["emb"],
+            queries[(j, s)]["images"]["item_ids"], queries[(j, s)]["texts"]["owners"])
+        for s in range(1, num + 1)]
+  return out
+
+
+def _partial_reindex(queries, galleries, num: int, ks, cpi: int, opts: dict,
+                     seed: int) -> dict:
+  """Recall of old task galleries partly re-embedded by the last snapshot."""
+  out: dict = {"query_snapshot": num, "budgets": opts["budgets"], "curves": {}}
+  r_names = [f"exact_r{k}" for k in ks]
+  for policy in opts["policies"]:
+    for direction, (qm, gm) in DIRECTIONS.items():
+      curves = {}
+      for j in range(1, num):
+        old, ids = galleries[(j, j, gm)]
+        new, new_ids = galleries[(j, num, gm)]
+        if not np.array_equal(ids, new_ids):
+          raise ValueError(f"task {j}'s {gm} galleries of snapshots {j} and {num} "
+                           "hold different items; rebuild the indices.")
+        order = reindex_order(old, new, policy, seed=seed + j)
+        query = queries[(j, num)][qm]
+        owner = experiment.owner_of(gm, ids, cpi)
+        points = {name: [] for name in r_names}
+        for b in opts["budgets"]:
+          m, _ = evaluation.exact_metrics(query["emb"], mixed_gallery(old, new, order, b),
+                               query["owners"], owner, ks)
+          for name in r_names:
+            points[name].append(m[name])
+        curves[str(j)] = points
+      if curves:
+        curves["mean"] = {name: [float(np.mean([curves[str(j)][name][i]
+                                                for j in range(1, num)]))
+                                 for i in range(len(opts["budgets"]))]
+                          for name in r_names}
+      out["curves"].setdefault(policy, {})[direction] = curves
+  return out
+
+
+def evaluate_workdir(workdir: str,
+                     analysis_config: ml_collections.ConfigDict | None = None) -> dict:
+  """Recomputes every result from a workdir's snapshots and indices, and analyses it.
+
+  Nothing is trained or indexed: a missing index of the regimes is an error.
+  Writes results/evaluate.json (and .md, plots) beside the training run's
+  results.json: the same metrics and summary, plus "analysis" (`analyze`).
+
+  Args:
+    workdir: a workdir written by `experiment.train_and_evaluate`.
+    analysis_config: overrides the workdir config's `analysis` section.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{workdir} has no config.json: it is not a ccr_jax workdir (train first "
+        "with --mode=train).")
+  config = ml_collections.ConfigDict(reporting.read_json(path))
+  opts = settings(ml_collections.ConfigDict(
+      {"analysis": analysis_config if analysis_config is not None
+       else config.get("analysis", {})}))
+  setup = experiment.build_setup(config, workdir)
+  done = checkpoints.completed_snapshots(workdir)
+  if not done:
+    raise FileNotFoundError(f"{workdir}/snapshots holds no complete snapshot.")
+  missing = sorted(set(range(1, max(done) + 1)) - set(done))
+  if missing:
+    raise FileNotFoundError(f"{workdir}/snapshots lacks snapshots {missing} below "
+                            f"{max(done)}; resume the training run to rebuild them.")
+  params = {s: experiment.load_snapshot(setup, s) for s in done}
+  queries, galleries, max_diff = embed_all(setup, params)
+  rows = []
+  for t in range(max(done)):
+    own = {j: queries[(j + 1, t + 1)] for j in range(t + 1)}
+    rows.append(experiment.evaluate_after_task(setup, t, params[t + 1], own))
+    rows[-1].pop("embeddings")
+  results = experiment.aggregate(setup, rows)
+  results["analysis"] = analyze(setup, queries, galleries, opts)
+  results["analysis"]["gallery_reembedding_max_abs_diff"] = max_diff
+  experiment.write_results(setup, results, name="evaluate")
+  out = os.path.join(workdir, "results")
+  reporting.write_atomic(
+      os.path.join(out, "evaluate.md"),
+      reporting.results_markdown(results) + reporting.analysis_markdown(
+          results["analysis"], plots_dir="plots", name="evaluate"))
+  reporting.plot_analysis(results["analysis"], os.path.join(out, "plots"), "evaluate")
+  return results
