@@ -26,6 +26,7 @@ from ccr_jax import checkpoints
 from ccr_jax import evaluation
 from ccr_jax import indexing
 from ccr_jax import losses
+from ccr_jax import progress
 from ccr_jax import reporting
 from ccr_jax import sharding
 from ccr_jax import strategies
@@ -234,8 +235,13 @@ def compiled_train_step(setup: Setup, training: Training, state: dict,
 
 
 def train_one_task(setup: Setup, training: Training, t: int, params: Any,
-                   accumulators: regularizers.ImportanceState | None) -> Any:
-  """Trains task index t (0-based) from `params`, resuming a saved state if any."""
+                   accumulators: regularizers.ImportanceState | None,
+                   writer: progress.ScalarWriter | None = None) -> Any:
+  """Trains task index t (0-based) from `params`, resuming a saved state if any.
+
+  With a `writer`, the logged loss terms and learning rate go to the
+  workdir's live scalars at global steps t * steps_per_task + step.
+  """
   cfg, strategy = setup.config, training.strategy
   steps = cfg.train.steps_per_task
   strategy_state = None
@@ -270,7 +276,8 @@ def train_one_task(setup: Setup, training: Training, t: int, params: Any,
       state, compiled_train_step(setup, training, state, batch_fn(0)), batch_fn,
       first_step=first_step, num_steps=steps, mesh=setup.mesh,
       checkpoint_every=cfg.train.checkpoint_every, checkpoint_fn=save,
-      log_every=cfg.train.log_every, task=t + 1)
+      log_every=cfg.train.log_every, task=t + 1, writer=writer,
+      learning_rate_fn=train_lib.learning_rate_schedule(cfg.optim, steps))
   return state["params"]
 
 
@@ -548,6 +555,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   emb_dir = (os.path.join(workdir, "embeddings") if config.eval.save_embeddings
              else None)
   rows, manifest, params, accumulators = [], [], None, None
+  # Process 0 appends to logs/scalars.jsonl and logs/tensorboard/; a no-op on
+  # other processes.
+  writer = progress.ScalarWriter(workdir)
   for t in range(setup.num_tasks):
     if t + 1 in done:
       params = None  # Loaded below only if this task's later stages are missing.
@@ -561,7 +571,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         else:
           params = load_snapshot(setup, t)
       params = timed("train_s", train_one_task, setup, training, t, params,
-                     accumulators)
+                     accumulators, writer)
       accumulators = timed("strategy_s", end_of_task, setup, training, t, params,
                            accumulators)
       timed("snapshot_s", checkpoints.save_snapshot,
@@ -577,6 +587,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     timed("index_s", build_indices, setup, t + 1, params, queries)
     row = timed("evaluate_s", evaluate_after_task, setup, t, params, queries, emb_dir)
     manifest += row.pop("embeddings")
+    # Before the row file: a kill in between rewrites the same values at the
+    # same step on resume (read_scalars keeps one), never loses them.
+    writer.write((t + 1) * config.train.steps_per_task,
+                 recall_scalars(row, tuple(config.eval.ks)))
     reporting.write_json(row_path, row)
     rows.append(row)
     _log_row(t, row)
@@ -596,7 +610,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if emb_dir is not None:
     reporting.write_json(os.path.join(emb_dir, "manifest.json"), manifest)
   reporting.write_json(os.path.join(workdir, "results", "timing.json"), timing)
+  writer.close()
   return results
+
+
+def recall_scalars(row: dict, ks: tuple[int, ...]) -> dict:
+  """A row's index recalls, nested for `progress.ScalarWriter.write`.
+
+  Returns {"recall": {regime: {scope: {direction: {"task_<j>": {"r<k>": v}}}}}},
+  which the writer flattens to names such as recall/fixed/task_aware/i2t/task_1/r1.
+  """
+  out: dict = {}
+  for regime, scopes in row["metrics"].items():
+    for scope, directions in scopes.items():
+      for direction, per_task in directions.items():
+        out.setdefault(regime, {}).setdefault(scope, {})[direction] = {
+            f"task_{j}": {f"r{k}": m[f"r{k}"] for k in ks}
+            for j, m in per_task.items()}
+  return {"recall": out}
 
 
 def _log_row(t: int, row: dict) -> None:
