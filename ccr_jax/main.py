@@ -2,6 +2,7 @@ r"""Entry point: train and evaluate a continual retrieval experiment, or re-eval
 
   python -m ccr_jax.main --config=configs/default.py --workdir=/tmp/ccr_default
   python -m ccr_jax.main --mode=evaluate --workdir=/tmp/ccr_default
+  python -m ccr_jax.main --mode=report --workdir=/tmp/ccr_default[,/tmp/other...]
 
 Override any config value with --config.<section>.<field>=<value>, e.g.
 --config.strategy.name=joint. Rerunning a training command resumes it.
@@ -19,15 +20,22 @@ from ccr_jax import analysis
 from ccr_jax import checkpoints
 from ccr_jax import experiment
 from ccr_jax import indexing
+from ccr_jax import reporting
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
                                 lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for snapshots, indices and results.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate"],
+flags.DEFINE_string("workdir", None, "Directory for snapshots, indices and results "
+                    "(--mode=report: one or more, comma-separated).")
+flags.DEFINE_string("report_dir", None, "--mode=report: where report.md and its "
+                    "plots go (default: <workdir>/results for one workdir; "
+                    "required for several).")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "report"],
                   "train: run or resume the experiment; evaluate: recompute results "
                   "from the workdir's snapshots and indices, plus the forgetting "
-                  "analysis (compatibility, towers, drift, partial reindexing).")
+                  "analysis (compatibility, towers, drift, partial reindexing); "
+                  "report: write report.md with every table and plot of one or "
+                  "more workdirs.")
 flags.mark_flags_as_required(["workdir"])
 
 # Mistakes a user can fix from the message alone: reported without a traceback.
@@ -40,6 +48,9 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
   try:
+    if FLAGS.mode == "report":
+      print(f"wrote {_report(FLAGS.workdir, FLAGS.report_dir)}")
+      return
     if FLAGS.mode == "train":
       if FLAGS.config is None:
         raise ValueError("--config is required with --mode=train "
@@ -61,6 +72,18 @@ def main(argv):
     s = scopes["task_aware"]
     print(f"{regime:8s} task-aware final average R@1: i2t "
           f"{s['i2t_r1']['final_average']:.1f}  t2i {s['t2i_r1']['final_average']:.1f}")
+
+
+def _report(workdir_flag: str, report_dir: str | None) -> str:
+  workdirs = [w for w in workdir_flag.split(",") if w]
+  if not workdirs:
+    raise ValueError("--workdir names no workdir.")
+  if report_dir is None:
+    if len(workdirs) > 1:
+      raise ValueError("--mode=report with several workdirs needs --report_dir "
+                       "(where report.md and its plots go).")
+    report_dir = os.path.join(workdirs[0], "results")
+  return reporting.report(workdirs, report_dir)
 
 
 if __name__ == "__main__":

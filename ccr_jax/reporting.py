@@ -277,3 +277,201 @@ def analysis_markdown(analysis: dict, plots_dir: str, name: str) -> str:
       cells.append(_fmt(mean[metric][i]) if mean else "–")
     lines.append(f"| {100 * b:.0f} % | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ report.md
+
+REPORT_PLOTS = ("r1", "forgetting", "training")
+
+
+def plot_forgetting_curves(results: dict, path: str) -> None:
+  """Each task's task-aware R@1 after every later task; fixed and reindex side by side.
+
+  One panel per (direction, regime), sharing the y axis within a direction,
+  one line per task j from the task it was learned on.
+  """
+  plt = _pyplot()
+  regimes = list(results["metrics"])
+  fig, axes = plt.subplots(2, len(regimes), figsize=(3.8 * len(regimes), 6.0),
+                           squeeze=False, sharey="row")
+  for row, direction in enumerate(("i2t", "t2i")):
+    for col, regime in enumerate(regimes):
+      ax = axes[row][col]
+      m = results["metrics"][regime]["task_aware"][direction]["r1"]
+      for j in range(len(m)):
+        ts = [t + 1 for t in range(j, len(m)) if m[t][j] is not None]
+        ax.plot(ts, [m[t - 1][j] for t in ts], marker="o", label=f"task {j + 1}")
+      ax.set_title(f"{regime}, {direction} R@1 (task-aware)", fontsize=9)
+      ax.set_xlabel("after training task")
+      ax.set_xticks(range(1, len(m) + 1))
+      if col == 0:
+        ax.set_ylabel("R@1 (%)")
+  axes[0][0].legend(fontsize=7)
+  _save_figure(fig, path)
+
+
+def plot_training_curves(scalars: dict[str, list[tuple[int, float]]], path: str,
+                         steps_per_task: int) -> None:
+  """Training loss terms (log-window means) over global steps, tasks marked."""
+  plt = _pyplot()
+  names = sorted(n for n in scalars if n.startswith("train/") and
+                 n not in ("train/learning_rate", "train/grad_norm",
+                           "train/mean_positive"))
+  fig, ax = plt.subplots(figsize=(7.5, 3.4))
+  last = 0
+  for name in names:
+    steps, values = zip(*scalars[name])
+    ax.plot(steps, values, label=name[len("train/"):])
+    last = max(last, max(steps))
+  for boundary in range(steps_per_task, last, steps_per_task):
+    ax.axvline(boundary, color="grey", lw=0.6, ls=":")
+  ax.set_xlabel("global step (dotted: task boundaries)")
+  ax.set_ylabel("loss (log-window mean)")
+  ax.legend(fontsize=7)
+  _save_figure(fig, path)
+
+
+def plot_strategy_comparison(runs: list[tuple[str, dict]], path: str) -> None:
+  """Average task-aware R@1 over seen tasks after each task, one line per workdir."""
+  plt = _pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.6), sharey=True)
+  for ax, direction in zip(axes, ("i2t", "t2i")):
+    for label, results in runs:
+      for regime, style in (("fixed", "--"), ("reindex", "-")):
+        if regime not in results["metrics"]:
+          continue
+        m = results["metrics"][regime]["task_aware"][direction]["r1"]
+        avg = [float(np.mean([v for v in m[t][:t + 1]])) for t in range(len(m))]
+        ax.plot(range(1, len(m) + 1), avg, ls=style, marker="o",
+                label=f"{label} {regime}")
+    ax.set_title(f"{direction}: average R@1 over seen tasks", fontsize=9)
+    ax.set_xlabel("after training task")
+  axes[0].set_ylabel("R@1 (%)")
+  axes[1].legend(fontsize=7)
+  _save_figure(fig, path)
+
+
+def _labels(workdirs: list[str]) -> list[str]:
+  """Short, unique, file-name-safe labels for workdirs (their base names)."""
+  labels = []
+  for w in workdirs:
+    base = "".join(c if c.isalnum() or c in "-_" else "_"
+                   for c in os.path.basename(os.path.normpath(w))) or "run"
+    label, n = base, 2
+    while label in labels:
+      label, n = f"{base}_{n}", n + 1
+    labels.append(label)
+  return labels
+
+
+def _summary_rows(label: str, results: dict) -> list[str]:
+  rows = []
+  for regime, scopes in results["summary"].items():
+    for scope, metrics in scopes.items():
+      for name in ("i2t_r1", "t2i_r1"):
+        s = metrics[name]
+        rows.append(f"| {label} | {regime} | {scope} | {name} | "
+                    f"{_fmt(s['final_average'])} | {_fmt(s['average_incremental'])} | "
+                    f"{_fmt(s['forgetting'])} | {_fmt(s['backward_transfer'])} |")
+  return rows
+
+
+_SUMMARY_HEAD = ["| run | regime | scope | metric | final average | average incremental "
+                 "| forgetting | backward transfer |", "|---" * 8 + "|"]
+
+
+def report(workdirs: list[str], report_dir: str) -> str:
+  """Writes report_dir/report.md with every table and plot of the workdirs.
+
+  Per workdir: what was run (strategy, loss, data, task groups), the continual
+  summary, the R@1 matrices (heatmaps and tables), forgetting curves with the
+  fixed and reindex regimes side by side, the training curves (from
+  logs/scalars.jsonl) and, when `--mode=evaluate` has run, the forgetting
+  analysis. With several workdirs, a comparison table and plot come first.
+  Figures are PNGs under report_dir/plots, linked relatively, so the report
+  reads on GitHub.
+
+  Args:
+    workdirs: one or more workdirs with results/results.json.
+    report_dir: where report.md and plots/ are written.
+
+  Returns:
+    The path of report.md.
+
+  Raises:
+    FileNotFoundError: a workdir has no results/results.json.
+  """
+  from ccr_jax import progress  # pylint: disable=g-import-not-at-top
+
+  runs = []
+  for w in workdirs:
+    path = os.path.join(w, "results", "results.json")
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"{path} not found: {w} is not a finished ccr_jax workdir (run "
+          "--mode=train there first, or check the path).")
+    runs.append(read_json(path))
+  labels = _labels(workdirs)
+  plots = os.path.join(report_dir, "plots")
+  lines = ["# ccr_jax report", ""]
+  if len(runs) > 1:
+    plot_strategy_comparison(list(zip(labels, runs)),
+                             os.path.join(plots, "comparison.png"))
+    lines += ["## Comparison", "",
+              "![comparison](plots/comparison.png)", "",
+              "| run | workdir | strategy | loss | tasks |", "|---|---|---|---|---|"]
+    lines += [f"| {lab} | `{w}` | {r['config']['strategy']['name']} | "
+              f"{r['config']['loss']['name']} | {r['tasks_completed']} |"
+              for lab, w, r in zip(labels, workdirs, runs)]
+    lines += ["", *_SUMMARY_HEAD]
+    for lab, r in zip(labels, runs):
+      lines += [row for row in _summary_rows(lab, r) if "| task_aware |" in row]
+    lines.append("")
+  for label, workdir, results in zip(labels, workdirs, runs):
+    cfg = results["config"]
+    split = results["task_split"]
+    lines += [f"## {label}", "",
+              f"Workdir `{workdir}`: strategy `{cfg['strategy']['name']}`, loss "
+              f"`{cfg['loss']['name']}`, data `{cfg['data']['name']}`, "
+              f"{results['tasks_completed']} of {split['num_tasks']} tasks, "
+              f"{results['devices']['count']} × {results['devices']['kind']}.", "",
+              "| task | categories | train | val | test |", "|---|---|---|---|---|"]
+    lines += [f"| {t['name']} | {', '.join(map(str, t['category_names']))} | "
+              f"{t['num_train']} | {t['num_val']} | {t['num_test']} |"
+              for t in split["tasks"]]
+    lines += ["", f"Assignment: {split['assignment_rule']}", "",
+              "### Continual summary", "", *_SUMMARY_HEAD, *_summary_rows(label, results)]
+    figures = {"r1": plot_r1_matrices, "forgetting": plot_forgetting_curves}
+    for kind, fn in figures.items():
+      fn(results, os.path.join(plots, f"{label}_{kind}.png"))
+    lines += ["", "### R@1 matrices (task-aware)", "",
+              "Rows: after training task t; columns: test task j.", "",
+              f"![r1](plots/{label}_r1.png)", "",
+              "### Forgetting curves: fixed vs reindex", "",
+              f"![forgetting](plots/{label}_forgetting.png)"]
+    for regime, scopes in results["metrics"].items():
+      for direction in ("i2t", "t2i"):
+        lines += ["", f"#### {regime}, task-aware, {direction} R@1", "",
+                  matrix_table(scopes["task_aware"][direction]["r1"])]
+    scalars_file = progress.scalars_path(workdir)
+    if os.path.exists(scalars_file):
+      scalars = progress.read_scalars(scalars_file)
+      if any(n.startswith("train/") for n in scalars):
+        plot_training_curves(scalars, os.path.join(plots, f"{label}_training.png"),
+                             cfg["train"]["steps_per_task"])
+        lines += ["", "### Training curves", "", f"![training](plots/{label}_training.png)"]
+    evaluate = os.path.join(workdir, "results", "evaluate.json")
+    if os.path.exists(evaluate) and "analysis" in (ev := read_json(evaluate)):
+      plot_analysis(ev["analysis"], plots, f"{label}_evaluate")
+      # Two heading levels down: the analysis sits under this run's heading.
+      lines += ["##" + line if line.startswith("#") else line
+                for line in analysis_markdown(ev["analysis"], "plots",
+                                              f"{label}_evaluate").splitlines()]
+    else:
+      lines += ["", f"(No forgetting analysis: run `python -m ccr_jax.main "
+                f"--mode=evaluate --workdir={workdir}` for the compatibility matrix, "
+                "tower attribution, drift and partial reindexing.)"]
+    lines.append("")
+  out = os.path.join(report_dir, "report.md")
+  write_atomic(out, "\n".join(lines) + "\n")
+  return out

@@ -93,6 +93,31 @@ def test_evaluate_mode_matches_training_run(tiny_run):
     assert f"plots/evaluate_{kind}.png" in md
 
 
+def test_report_mode_writes_every_plot_and_names_it(tiny_run, tmp_path):
+  if not os.path.exists(os.path.join(tiny_run, "results", "evaluate.json")):
+    assert _run_main("--mode=evaluate", f"--workdir={tiny_run}").returncode == 0
+  proc = _run_main("--mode=report", f"--workdir={tiny_run}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  results_dir = os.path.join(tiny_run, "results")
+  md = open(os.path.join(results_dir, "report.md")).read()
+  label = os.path.basename(tiny_run)
+  for kind in ("r1", "forgetting", "training", "evaluate_compatibility",
+               "evaluate_towers", "evaluate_drift", "evaluate_partial_reindex"):
+    rel = f"plots/{label}_{kind}.png"
+    assert f"]({rel})" in md, kind
+    assert os.path.getsize(os.path.join(results_dir, rel)) > 1000, kind
+  assert "### Continual summary" in md and "#### Partial reindexing" in md
+  # Two workdirs (the same one twice): a comparison first, labels kept apart.
+  proc = _run_main("--mode=report", f"--workdir={tiny_run},{tiny_run}")
+  assert proc.returncode == 2 and "--report_dir" in proc.stderr
+  proc = _run_main("--mode=report", f"--workdir={tiny_run},{tiny_run}",
+                   f"--report_dir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  md = open(tmp_path / "report.md").read()
+  assert "](plots/comparison.png)" in md and f"## {label}_2" in md
+  assert (tmp_path / "plots" / "comparison.png").stat().st_size > 1000
+
+
 def test_rerun_of_finished_workdir_changes_nothing(tiny_run):
   before = open(os.path.join(tiny_run, "results", "results.json")).read()
   proc = _run_main("--config=configs/default.py:tiny", f"--workdir={tiny_run}",
