@@ -197,7 +197,7 @@ def test_resnet18_matches_numpy_reference(resnet18_file, resnet18_params):
 
 
 def test_load_resnet_weights_layout(resnet18_file, resnet18_params, tmp_path):
-  path, state = resnet18_file
+  _, state = resnet18_file
   _, params = resnet18_params
   backbone = params["img"]["backbone"]
   # HWIO kernels from OIHW; BN leaves by torchvision name.
@@ -484,6 +484,11 @@ def test_minilm_matches_numpy_reference(tokenizer, minilm_params):
   # all-MiniLM-L6-v2 is a sentence model: the two captions about different
   # scenes are less alike than each is to itself, and not collapsed.
   assert np.all(np.asarray(emb @ emb.T)[np.triu_indices(3, 1)] < 0.9)
+
+
+def test_pretrained_tokenizer_follows_the_text_tower(tokenizer):
+  assert dual_encoder.pretrained_tokenizer(minilm_config()) == tokenizer
+  assert dual_encoder.pretrained_tokenizer(minilm_config(text_tower="gru")) is None
 
 
 def test_minilm_projection_and_build_errors():

@@ -3,6 +3,11 @@
 Every caption that reaches a text tower goes through `tokenize`; the
 vocabulary's JSON records the tokeniser's name and is saved with each
 snapshot, so a snapshot is never scored with differently processed text.
+
+A pretrained text tower (MiniLM) brings its own tokenizer instead,
+`WordPieceTokenizer`, with the same contract (`encode`, `size`, `to_json`,
+equality); `tokenizer_from_json` reads back whichever of the two a snapshot
+recorded.
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import hashlib
+import importlib.util
+import os
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
@@ -154,8 +162,6 @@ def packaged_minilm_dir() -> str:
 
 
 def _packaged_dir(name: str) -> str:
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   package, folder = PACKAGED_TOKENIZERS[name]
   spec = importlib.util.find_spec(package)
   if spec is None or spec.origin is None:
@@ -166,7 +172,6 @@ def _packaged_dir(name: str) -> str:
 
 
 def _sha256(path: str) -> str:
-  import hashlib  # pylint: disable=g-import-not-at-top
   with open(path, "rb") as f:
     return hashlib.sha256(f.read()).hexdigest()
 
@@ -193,6 +198,8 @@ class WordPieceTokenizer:
   @staticmethod
   def from_file(name: str, path: str) -> WordPieceTokenizer:
     """Loads `path` (a `tokenizer.json`), recorded under `name`."""
+    # Imported here: only the pretrained text towers need it, and importing
+    # this module (every run does) stays as light as it was.
     import tokenizers  # pylint: disable=g-import-not-at-top
     tokenizer = tokenizers.Tokenizer.from_file(path)
     # The file pads and truncates to 128; `encode` does both to max_len itself.
@@ -205,7 +212,6 @@ class WordPieceTokenizer:
     """The `tokenizer.json` shipped with a `PACKAGED_TOKENIZERS` package."""
     if name not in PACKAGED_TOKENIZERS:
       raise ValueError(f"No packaged tokenizer {name!r}; known: {sorted(PACKAGED_TOKENIZERS)}.")
-    import os  # pylint: disable=g-import-not-at-top
     return WordPieceTokenizer.from_file(
         name, os.path.join(_packaged_dir(name), "tokenizer.json"))
 

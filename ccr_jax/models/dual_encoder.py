@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ccr_jax.data import text
 from ccr_jax.models import image_towers
 from ccr_jax.models import minilm
 from ccr_jax.models import text_towers
@@ -152,6 +153,17 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Dua
     raise ValueError(f"Unknown text_tower {text_name!r}; valid: {sorted(TEXT_TOWERS)}")
   return DualEncoder(img=IMAGE_TOWERS[image_name](model_config),
                      txt=TEXT_TOWERS[text_name](model_config, vocab_size))
+
+
+def pretrained_tokenizer(model_config: ml_collections.ConfigDict
+                         ) -> text.WordPieceTokenizer | None:
+  """The tokenizer a pretrained text tower was trained with, or None.
+
+  None means the tower learns its word embeddings and takes a `Vocabulary`
+  built on the training captions (`text.build_vocabulary`).
+  """
+  name = PRETRAINED_TOKENIZERS.get(model_config.text_tower)
+  return None if name is None else text.WordPieceTokenizer.packaged(name)
 
 
 def init_params(model: DualEncoder, rng, image_shape: Sequence[int], max_len: int):
