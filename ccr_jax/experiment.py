@@ -50,7 +50,7 @@ class Setup:
   config: ml_collections.ConfigDict
   workdir: str
   sequence: tasks_lib.TaskSequence
-  vocab: text_lib.Vocabulary
+  vocab: text_lib.Vocabulary | text_lib.WordPieceTokenizer
   encoded: tuple[dict[str, pipeline.EncodedSplit], ...]  # per task: split -> data
   truncated_captions: int
   model: dual_encoder.DualEncoder
@@ -92,11 +92,14 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   """Loads the data, builds the vocabulary, the model and the compiled embedders."""
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
   sequence = tasks_lib.load_task_sequence(config.data, data_dir)
-  # The vocabulary sees training captions only (VSE++), of every task: the
-  # paper's model has one fixed vocabulary across the sequence.
-  vocab = text_lib.build_vocabulary(
-      (c for task in sequence.tasks for caps in task.train.captions for c in caps),
-      min_count=config.data.vocab_min_count)
+  # A pretrained text tower brings its own tokenizer. Otherwise the vocabulary
+  # sees training captions only (VSE++), of every task: the paper's model has
+  # one fixed vocabulary across the sequence.
+  vocab = dual_encoder.pretrained_tokenizer(config.model)
+  if vocab is None:
+    vocab = text_lib.build_vocabulary(
+        (c for task in sequence.tasks for caps in task.train.captions for c in caps),
+        min_count=config.data.vocab_min_count)
   encoded, truncated = [], 0
   for task in sequence.tasks:
     splits = {}
@@ -141,7 +144,10 @@ def initial_params(setup: Setup) -> Any:
           setup.model, rng, setup.encoded[0]["train"].images.shape[1:],
           setup.config.data.max_caption_len), setup.config),
       out_shardings=sharding.replicated(setup.mesh))
-  return init(jax.random.PRNGKey(setup.config.seed))
+  params = init(jax.random.PRNGKey(setup.config.seed))
+  # Pretrained parts (a ResNet weights file, MiniLM) replace their random init.
+  return jax.device_put(dual_encoder.load_pretrained(params, setup.config.model),
+                        sharding.replicated(setup.mesh))
 
 
 def _snapshot_meta(setup: Setup, task: int) -> dict:
@@ -162,7 +168,7 @@ def load_snapshot(setup: Setup, task: int, with_accumulators: bool = False) -> A
   params, meta = checkpoints.restore_snapshot(
       setup.workdir, task, setup.params_template, sharding.replicated(setup.mesh),
       strategy_template=template)
-  if text_lib.Vocabulary.from_json(meta["vocab"]) != setup.vocab:
+  if text_lib.tokenizer_from_json(meta["vocab"]) != setup.vocab:
     raise ValueError(
         f"snapshot {task} in {setup.workdir} was trained with another vocabulary "
         "than this config's data gives; evaluate it with the config it was "

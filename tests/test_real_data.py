@@ -661,3 +661,39 @@ def test_config_smoke(name, arg, num_tasks, image_shape, coco_dirs,
                                    config.data.max_caption_len)
   rows = batch["image_ids"][:3]  # current-task rows of `pool`
   np.testing.assert_array_equal(batch["images"][:3], pool.images[rows])
+
+
+_TRAINED_CONFIGS = [
+    ("coco_vsepp", "tiny", "gru"),
+    ("secoco", "tiny", "gru"),
+    ("flickr30k_vsepp", "tiny", "gru"),
+    ("sevige", "tiny", "gru"),
+    ("coco_precomp", "tiny", "gru"),
+    ("coco_precomp", "secoco,tiny", "gru"),
+    ("f30k_precomp", "tiny", "gru"),
+    # The pretrained text tower: its own tokenizer, weights from the package.
+    ("f30k_precomp", "tiny", "minilm"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, arg, text_tower", _TRAINED_CONFIGS)
+def test_config_trains_two_steps_and_evaluates(name, arg, text_tower, coco_dirs,
+                                               flickr_dirs, vg_dirs, tmp_path):
+  """Every real config, shrunk onto its fixture, through the whole experiment."""
+  from ccr_jax import experiment  # pylint: disable=g-import-not-at-top
+  config = _pointed(name, arg, coco_dirs, flickr_dirs, vg_dirs, tmp_path)
+  config.model.text_tower = text_tower
+  if text_tower == "minilm":
+    config.model.freeze_text_backbone = True
+  workdir = str(tmp_path / "workdir")
+  results = experiment.train_and_evaluate(config, workdir)
+  assert results["tasks_completed"] == config.data.num_tasks
+  assert results["config"]["train"]["steps_per_task"] == 2
+  r1 = results["metrics"]["fixed"]["task_aware"]["t2i"]["r1"][-1][0]
+  assert 0.0 <= r1 <= 100.0
+  if text_tower == "minilm":
+    assert results["vocabulary_size"] == 30522
+    # The snapshot records the tokenizer: evaluation from it tokenises the same.
+    setup = experiment.build_setup(config, workdir)
+    experiment.load_snapshot(setup, config.data.num_tasks)
