@@ -289,6 +289,46 @@ def exact_metrics(query_emb, gallery_emb, query_owner, gallery_owner,
           | rank_stats(ranks)), top_rows
 
 
+def fold_metrics(query_emb, gallery_emb, query_owner, gallery_owner,
+                 image_order, fold_size: int, ks: Sequence[int]) -> dict[str, float]:
+  """`exact_metrics` averaged over folds of `fold_size` images (COCO-1K).
+
+  VSE++'s COCO-1K protocol: the 5,000 test images in their split order are cut
+  into 5 folds of 1,000; each fold's images and captions are queries and
+  gallery only within the fold; every metric is averaged over the folds.
+
+  Args:
+    query_emb, gallery_emb, query_owner, gallery_owner: as `exact_metrics`.
+    image_order: int [N], the test images' ids in split order (N must be a
+      multiple of fold_size).
+    fold_size: images per fold (1000 for COCO-1K).
+    ks: the K values.
+
+  Returns:
+    {"fold_r1": ..., "fold_medr": ..., "fold_meanr": ...}: fold means.
+
+  Raises:
+    ValueError: N is not a positive multiple of fold_size.
+  """
+  image_order = np.asarray(image_order)
+  if fold_size <= 0 or len(image_order) % fold_size or not len(image_order):
+    raise ValueError(f"{len(image_order)} test images cannot be cut into folds of "
+                     f"{fold_size}; set eval.fold_size to a divisor (COCO-1K: "
+                     "1000 on the 5,000-image test split) or 0 for no folds.")
+  query_owner, gallery_owner = np.asarray(query_owner), np.asarray(gallery_owner)
+  per_fold = []
+  for start in range(0, len(image_order), fold_size):
+    fold = image_order[start:start + fold_size]
+    q = np.isin(query_owner, fold)
+    g = np.isin(gallery_owner, fold)
+    m, _ = exact_metrics(np.asarray(query_emb)[q], np.asarray(gallery_emb)[g],
+                         query_owner[q], gallery_owner[g], ks)
+    per_fold.append(m)
+  return {"fold_" + name[len("exact_"):] if name.startswith("exact_") else
+          f"fold_{name}": float(np.mean([m[name] for m in per_fold]))
+          for name in per_fold[0]}
+
+
 def rsum(image_to_text: Mapping[str, float],
          text_to_image: Mapping[str, float]) -> float:
   """R@1 + R@5 + R@10 of both directions (`recall_at_k` outputs)."""

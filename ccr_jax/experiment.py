@@ -278,12 +278,14 @@ def train_one_task(setup: Setup, training: Training, t: int, params: Any,
     return pipeline.mixed_batch(pool, memory, cfg.train.batch_size, ratio,
                                 seed=cfg.seed, task=t, step=s)
 
-  state = train_lib.train_task(
-      state, compiled_train_step(setup, training, state, batch_fn(0)), batch_fn,
-      first_step=first_step, num_steps=steps, mesh=setup.mesh,
-      checkpoint_every=cfg.train.checkpoint_every, checkpoint_fn=save,
-      log_every=cfg.train.log_every, task=t + 1, writer=writer,
-      learning_rate_fn=train_lib.learning_rate_schedule(cfg.optim, steps))
+  step_fn = compiled_train_step(setup, training, state, batch_fn(0))
+  with pipeline.prefetched(batch_fn, steps) as next_batch:
+    state = train_lib.train_task(
+        state, step_fn, next_batch,
+        first_step=first_step, num_steps=steps, mesh=setup.mesh,
+        checkpoint_every=cfg.train.checkpoint_every, checkpoint_fn=save,
+        log_every=cfg.train.log_every, task=t + 1, writer=writer,
+        learning_rate_fn=train_lib.learning_rate_schedule(cfg.optim, steps))
   return state["params"]
 
 
@@ -408,7 +410,8 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
   Returns {regime: {scope: {direction: {str(j+1): metrics}}}} where metrics
   has r1, r5, r10 (from the index's top-k), exact_r1, exact_r5, exact_r10,
   medr, meanr (exact ranks over the same gallery embeddings, as the forgetting
-  analysis computes them) and index_recall_at_10 (the index's top-10 against
+  analysis computes them), index_recall_at_10 and, with `eval.fold_size`, the
+  task-aware fold means fold_r1 ... fold_meanr (COCO-1K) (the index's top-10 against
   exact search on the same embeddings). With `embeddings_dir`, also writes the
   query and gallery embeddings of every evaluation and returns their manifest.
   """
@@ -452,6 +455,11 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
                                zip(top_ids.tolist(), gallery_ids[exact_rows].tolist())])
           m = {**evaluation.recall_at_k(ranks, ks), **exact,
                "index_recall_at_10": float(agreement)}
+          if cfg.eval.get("fold_size", 0) and scope == "task_aware":
+            # COCO-1K beside COCO-5K: the same embeddings, ranked per fold.
+            m.update(evaluation.fold_metrics(
+                query_emb, gallery_emb, query_owner, gallery_owner,
+                setup.encoded[j][cfg.eval.split].ids, cfg.eval.fold_size, ks))
           metrics.setdefault(regime, {}).setdefault(scope, {}).setdefault(
               direction, {})[str(j + 1)] = m
           if embeddings_dir is not None:

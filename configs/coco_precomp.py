@@ -48,6 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.image_tower = "precomputed"
   del config.model.resnet_weights, config.model.freeze_backbone
   if "secoco" in options:
+    config.eval.fold_size = 0  # COCO-1K folds are a single-task protocol
     data.num_tasks = len(secoco.TASK_GROUPS)
     data.task_categories = [list(group) for group in secoco.TASK_GROUPS]
     config.train.steps_per_task = 20_000

@@ -44,6 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.resnet_weights = ""  # path to ImageNet weights; "" = random init
   config.model.freeze_backbone = True
   vsepp(config, steps=COCO_STEPS)
+  # COCO-1K (5 folds of the 1,000 test images) beside COCO-5K (the whole set).
+  config.eval.fold_size = 1000
   if arg == "tiny":
     shrink(config)
   return config
@@ -86,3 +88,4 @@ def shrink(config: ml_collections.ConfigDict) -> None:
   config.train.checkpoint_every = 1
   config.train.log_every = 1
   config.eval.batch_size = 8
+  config.eval.fold_size = 0  # fixtures hold a handful of test images

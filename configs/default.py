@@ -82,6 +82,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval.batch_size = 256
   config.eval.save_embeddings = False
   config.eval.split = "test"  # 'val' to tune hyperparameters without the test set
+  # > 0: also report task-aware metrics averaged over folds of this many test
+  # images (fold_r1 ...), e.g. 1000 for COCO-1K beside COCO-5K.
+  config.eval.fold_size = 0
 
   # --mode=evaluate's forgetting analysis (ccr_jax/analysis.py): fractions of
   # each old gallery re-embedded by the newest snapshot, and how they are chosen.

@@ -24,6 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.split_prefixes = {"train": "train", "val": "dev", "test": "test"}
   config.train.steps_per_task = flickr30k_vsepp.F30K_STEPS
   config.train.checkpoint_every = 1_000
+  config.eval.fold_size = 0  # Flickr30K's test set is 1,000 images: no folds
   if arg == "tiny":
     coco_vsepp.shrink(config)
   return config

@@ -27,6 +27,8 @@ F30K_STEPS = 30 * 29_000 * 5 // 128
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """VSE++ on Flickr30K; `arg='tiny'` shrinks it to a smoke test."""
   config = coco_vsepp.get_config()
+  # Flickr30K's test set is 1,000 images: one gallery, no folds.
+  config.eval.fold_size = 0
   config.data.name = "flickr30k"
   config.data.manual_dir = ""  # dataset_flickr30k.json + flickr30k-images/
   del config.data.use_restval  # COCO only

@@ -48,6 +48,8 @@ TASK_GROUPS = (
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Sequential COCO; `arg='tiny'` shrinks it to a smoke test."""
   config = coco_vsepp.get_config()
+  # Folds (COCO-1K) are a single-task protocol: per-task test sets are not 5,000.
+  config.eval.fold_size = 0
   config.data.num_tasks = len(TASK_GROUPS)
   config.data.task_categories = [list(group) for group in TASK_GROUPS]
   config.train.steps_per_task = 20_000

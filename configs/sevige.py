@@ -56,6 +56,8 @@ TASK_GROUPS = (
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Sequential Visual Genome; `arg='tiny'` shrinks it to a smoke test."""
   config = coco_vsepp.get_config()
+  # Folds (COCO-1K) are a single-task protocol: per-task test sets are not 5,000.
+  config.eval.fold_size = 0
   data = config.data
   data.name = "visual_genome"
   data.manual_dir = ""  # the raw VG files; read only when building

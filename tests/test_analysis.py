@@ -101,6 +101,7 @@ def _tiny_config(learning_rate=None, num_tasks=3):
   config = default.get_config("tiny")
   config.data.num_categories, config.data.num_tasks = 2 * num_tasks, num_tasks
   config.analysis.budgets = (0.0, 0.5, 1.0)
+  config.eval.fold_size = 4  # 8 test images per task: two folds (the COCO-1K path)
   if learning_rate is not None:
     config.optim.learning_rate = learning_rate
   return config
@@ -134,6 +135,11 @@ def test_regimes_are_entries_of_the_compatibility_matrix(trained):
         # Snapshots that never saw task j have no entry.
         assert all(aware[q][g] is None for q in range(num) for g in range(num)
                    if q < j - 1 or g < j - 1)
+  # Folds: task-aware only, and a fold of the gallery ranks no worse than it.
+  fold = metrics["fixed"]["task_aware"]["t2i"]
+  assert 0 <= fold["fold_r1"][num - 1][0] <= 100
+  assert fold["fold_meanr"][num - 1][0] <= fold["meanr"][num - 1][0]
+  assert "fold_r1" not in metrics["fixed"]["task_agnostic"]["t2i"]
   # The saved galleries are the embeddings the snapshots give again.
   assert res["analysis"]["gallery_reembedding_max_abs_diff"] == 0.0
 

@@ -211,3 +211,26 @@ def test_exact_ranks_and_topk_is_one_pass_of_both(k):
   order = np.argsort(-(images.astype(np.float64) @ captions.T), axis=1,
                      kind="stable")[:, :kk]
   np.testing.assert_array_equal(top, order)
+
+
+def test_fold_metrics_average_independent_folds():
+  images, image_ids, captions, caption_owner = _retrieval_data(num_images=12)
+  order = np.random.default_rng(5).permutation(image_ids)
+  got = evaluation.fold_metrics(images, captions, image_ids, caption_owner, order,
+                                fold_size=4, ks=(1, 5))
+  want = {"r1": [], "r5": [], "medr": []}
+  for f in range(3):
+    fold = set(order[4 * f:4 * f + 4].tolist())
+    qi = [i for i, o in enumerate(image_ids) if o in fold]
+    gi = [i for i, o in enumerate(caption_owner) if o in fold]
+    ranks = _reference_ranks(images[qi], captions[gi], image_ids[qi],
+                             caption_owner[gi])
+    want["r1"].append(_reference_recall(ranks, 1))
+    want["r5"].append(_reference_recall(ranks, 5))
+    want["medr"].append(math.floor(np.median(ranks)) + 1)
+  assert got["fold_r1"] == pytest.approx(np.mean(want["r1"]))
+  assert got["fold_r5"] == pytest.approx(np.mean(want["r5"]))
+  assert got["fold_medr"] == pytest.approx(np.mean(want["medr"]))
+  with pytest.raises(ValueError, match="fold_size"):
+    evaluation.fold_metrics(images, captions, image_ids, caption_owner, order,
+                            fold_size=5, ks=(1,))

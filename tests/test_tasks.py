@@ -177,3 +177,30 @@ def test_load_task_sequence_explicit_groups(tmp_path):
 def test_load_task_sequence_unknown_name(tmp_path):
   with pytest.raises(ValueError, match=r"valid names are \['synthetic'\]"):
     tasks.load_task_sequence(_data_config(name="cifar"), str(tmp_path))
+
+
+def test_prefetched_batches_equal_direct_ones_from_any_first_step():
+  from ccr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  calls = []
+
+  def batch_fn(step):
+    calls.append(step)
+    return {"x": np.full((2,), step)}
+
+  for first in (0, 3):
+    calls.clear()
+    with pipeline.prefetched(batch_fn, num_steps=6, depth=2) as fetch:
+      got = [int(fetch(s)["x"][0]) for s in range(first, 6)]
+    assert got == list(range(first, 6))
+    # Each step built once, none past the task's last step.
+    assert sorted(calls) == list(range(first, 6))
+
+  def failing(step):
+    if step == 2:
+      raise ValueError("corrupt image in batch 2")
+    return {"x": step}
+
+  with pytest.raises(ValueError, match="batch 2"):
+    with pipeline.prefetched(failing, num_steps=4) as fetch:
+      for s in range(4):
+        fetch(s)

@@ -5,7 +5,10 @@ permutation of every (image, caption) pair of the pool, so a resumed run
 draws exactly the batches an uninterrupted run would have drawn.
 """
 
+import concurrent.futures
+import contextlib
 import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Sequence
 
 import numpy as np
@@ -135,3 +138,40 @@ def mixed_batch(pool: EncodedSplit, memory: EncodedSplit | None, batch_size: int
            "lengths": memory.lengths[rows, caps],
            "image_ids": (rows + len(pool)).astype(np.int32)}
   return {k: np.concatenate([batch[k], extra[k]]) for k in batch}
+
+
+@contextlib.contextmanager
+def prefetched(batch_fn: Callable[[int], dict], num_steps: int,
+               depth: int = 2) -> Iterator[Callable[[int], dict]]:
+  """`batch_fn` with the next `depth` steps' batches built on a host thread.
+
+  Real datasets decode JPEGs per batch on the host; building step s+1 while
+  the device runs step s hides that. Batches are pure functions of the step,
+  so a prefetched batch is exactly the one `batch_fn` would return, and a
+  resumed run (asking for any first step) gets the same batches.
+
+  Args:
+    batch_fn: step -> host batch, pure.
+    num_steps: steps are in [0, num_steps); nothing past it is built.
+    depth: batches built ahead.
+
+  Yields:
+    A callable with `batch_fn`'s signature and results.
+  """
+  pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batches")
+  ahead: dict[int, concurrent.futures.Future] = {}
+
+  def fetch(step: int) -> dict:
+    for s in range(step, min(step + depth + 1, num_steps)):
+      if s not in ahead:
+        ahead[s] = pool.submit(batch_fn, s)
+    for stale in [s for s in ahead if s < step]:
+      ahead.pop(stale).cancel()
+    return ahead.pop(step).result() if step in ahead else batch_fn(step)
+
+  try:
+    yield fetch
+  finally:
+    for future in ahead.values():
+      future.cancel()
+    pool.shutdown(wait=True)
