@@ -11,10 +11,12 @@ issues #648, #332: restores that fail or hang on another device count).
 """
 
 import os
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 class CheckpointError(RuntimeError):
@@ -123,24 +125,55 @@ def save_state(workdir: str, state: Any, meta: dict) -> None:
 
 def restore_latest_state(workdir: str, state_template: Any,
                          sharding: jax.sharding.Sharding) -> tuple[Any, dict] | None:
-  """The newest saved (state, meta), or None when no state was saved yet.
+  """The newest saved (state, meta) that restores, or None when none does.
 
-  Raises:
-    CheckpointError: naming the step and path of a state that cannot be read.
+  A state that fails to restore (Orbax lists a truncated or corrupt step and
+  only fails when reading it) is logged with its step and path, and the next
+  older one is tried: resuming from an older state repeats some steps, which
+  give the same result because batches are a function of the step.
   """
   if not os.path.isdir(os.path.join(workdir, "state")):
     return None
   with _state_manager(workdir) as mngr:
-    step = mngr.latest_step()
-    if step is None:
-      return None
-    try:
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(_abstract(state_template, sharding)),
-          meta=ocp.args.JsonRestore()))
-    except Exception as e:  # Orbax raises many types, lazily, at restore time.
-      raise CheckpointError(
-          f"training state at step {step} in {os.path.join(workdir, 'state')} "
-          f"could not be restored ({type(e).__name__}: {e}). Delete that step's "
-          "directory to resume from the previous state checkpoint.") from e
-  return restored["state"], dict(restored["meta"])
+    for step in sorted(mngr.all_steps(), reverse=True):
+      try:
+        restored = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(_abstract(state_template, sharding)),
+            meta=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except  (Orbax raises many types)
+        path = os.path.join(os.path.abspath(workdir), "state", str(step))
+        # Out of the way: the resumed run saves this step again.
+        moved = _quarantine(workdir, path, f"state_{step}")
+        logging.warning(
+            "training state at step %d in %s could not be restored (%s: %s); "
+            "moved it to %s and falling back to the next older state checkpoint.",
+            step, path, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+            moved)
+        mngr.reload()
+        continue
+      return restored["state"], dict(restored["meta"])
+  return None
+
+
+def latest_state_step(workdir: str) -> int | None:
+  """The global step of the newest state checkpoint on disk, or None."""
+  if not os.path.isdir(os.path.join(workdir, "state")):
+    return None
+  with _state_manager(workdir) as mngr:
+    return mngr.latest_step()
+
+
+def quarantine_snapshot(workdir: str, task: int) -> str:
+  """Moves snapshot `task` out of `snapshots/` (kept for inspection); returns where.
+
+  `completed_snapshots` no longer lists it, so a resumed run retrains that task.
+  """
+  return _quarantine(workdir, snapshot_dir(workdir, task), f"snapshots_task_{task}")
+
+
+def _quarantine(workdir: str, path: str, name: str) -> str:
+  """Moves `path` to <workdir>/quarantine/<name>_<unix time>; returns the new path."""
+  dst = os.path.join(os.path.abspath(workdir), "quarantine", f"{name}_{int(time.time())}")
+  os.makedirs(os.path.dirname(dst), exist_ok=True)
+  os.replace(path, dst)
+  return dst

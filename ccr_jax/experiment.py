@@ -72,6 +72,140 @@ def _config_subset(config: ml_collections.ConfigDict) -> dict:
   return subset
 
 
+# Every key a config may hold, by section: configs/default.py's, plus those the
+# real data sources and pretrained towers read (configs/coco_vsepp.py and
+# others set them). `strategy` is checked against strategies.default_config()
+# and `analysis` against analysis.DEFAULTS. A test keeps this in step with
+# every shipped config.
+CONFIG_KEYS = {
+    "": ("seed", "data", "model", "loss", "optim", "train", "strategy", "index",
+         "eval", "analysis"),
+    "data": ("name", "data_dir", "image_size", "num_categories", "num_tasks",
+             "task_categories", "train_per_category", "val_per_category",
+             "test_per_category", "max_distractors", "seed", "max_caption_len",
+             "vocab_min_count",
+             # real sources (ccr_jax/data/{coco,flickr30k,visual_genome,precomputed}.py)
+             "manual_dir", "stored_image_size", "decode_threads", "use_restval",
+             "categories", "features_dir", "split_prefixes", "categories_file",
+             "instances_files", "mmap"),
+    "model": ("image_tower", "text_tower", "embed_dim", "word_dim", "cnn_widths",
+              "resnet_weights", "freeze_backbone", "freeze_text_backbone",
+              "minilm_weights"),
+    "loss": ("name", "margin", "reduction", "warmup_steps", "temperature",
+             "learn_temperature", "bias", "block_size", "matmul_dtype", "remat"),
+    "optim": ("learning_rate", "grad_clip", "decay_at", "decay_factor"),
+    "train": ("batch_size", "steps_per_task", "checkpoint_every", "log_every"),
+    "index": ("backend", "reindex"),
+    "eval": ("ks", "batch_size", "save_embeddings", "split", "fold_size"),
+}
+
+
+def _key_paths(d: dict, prefix: str = "") -> list[str]:
+  out = []
+  for k, v in d.items():
+    out.append(prefix + k)
+    if isinstance(v, dict) and v:
+      out += _key_paths(v, prefix + k + ".")
+  return out
+
+
+def nearest_key_hint(key: str, valid: list[str]) -> str:
+  import difflib  # pylint: disable=g-import-not-at-top
+  close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+  if not close:  # Typos at the end of a long key ("steps_per_tsak").
+    close = [v for v in valid if v.split(".")[-1].startswith(key.split(".")[-1][:4])
+             and v.rsplit(".", 1)[0] == key.rsplit(".", 1)[0]][:1]
+  return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def valid_config_keys() -> list[str]:
+  """Every dotted key a config may hold (`CONFIG_KEYS`, strategy, analysis)."""
+  from ccr_jax import analysis  # pylint: disable=g-import-not-at-top  (imports us)
+  keys = [k for k in CONFIG_KEYS[""]]
+  keys += [f"{section}.{k}" for section, names in CONFIG_KEYS.items() if section
+           for k in names]
+  keys += _key_paths(json.loads(strategies.default_config().to_json()), "strategy.")
+  keys += [f"analysis.{k}" for k in analysis.DEFAULTS]
+  return keys
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Checks a config before any work: unknown keys, types, ranges and names.
+
+  Raises:
+    ValueError: listing every problem, each with the key and the fix (the
+      nearest valid key for a typo, the valid names for an unknown name).
+  """
+  valid = valid_config_keys()
+  given = json.loads(config.to_json())
+  problems = []
+  for key in _key_paths(given):
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    if key not in valid and (not parent or parent in valid) and not (
+        # Free-form mappings: task groups and split file prefixes.
+        parent in ("data.split_prefixes", "data.categories")):
+      problems.append(f"unknown config key '{key}'.{nearest_key_hint(key, valid)}")
+  if problems:
+    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+  def check(ok, message):
+    if not ok:
+      problems.append(message)
+
+  def number(key, kind=(int, float)):
+    section, name = key.split(".")
+    value = config[section].get(name)
+    ok = isinstance(value, kind) and not isinstance(value, bool)
+    check(ok, f"--config.{key}={value!r} must be a number"
+          f"{' (an integer)' if kind is int else ''}.")
+    return value if ok else None
+
+  for key, low, strict in (("optim.learning_rate", 0, False), ("optim.grad_clip", 0, True),
+                           ("optim.decay_factor", 0, False)):
+    v = number(key)
+    if v is not None:
+      check(v > low if strict else v >= low,
+            f"--config.{key}={v} must be {'>' if strict else '>='} {low}.")
+  v = number("optim.decay_at")
+  if v is not None:
+    check(0 <= v <= 1, f"--config.optim.decay_at={v} must be a fraction in [0, 1].")
+  for key, low in (("train.batch_size", 1), ("train.steps_per_task", 1),
+                   ("train.checkpoint_every", 0), ("train.log_every", 1),
+                   ("eval.batch_size", 1), ("model.embed_dim", 1),
+                   ("data.max_caption_len", 3), ("data.vocab_min_count", 1),
+                   ("data.num_tasks", 1), ("data.image_size", 1)):
+    v = number(key, int)
+    if v is not None:
+      check(v >= low, f"--config.{key}={v} must be >= {low}.")
+  ks = config.eval.get("ks")
+  check(isinstance(ks, (list, tuple)) and len(ks) > 0 and all(
+      isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks),
+        f"--config.eval.ks={ks!r} must be a non-empty list of positive integers, "
+        "e.g. '(1, 5, 10)'.")
+  fold = config.eval.get("fold_size", 0)
+  check(isinstance(fold, int) and fold >= 0,
+        f"--config.eval.fold_size={fold!r} must be an integer >= 0 (0: no folds).")
+  check(config.eval.get("split") in ("val", "test"),
+        f"--config.eval.split={config.eval.get('split')!r}; valid: 'val', 'test'.")
+  names = (("data.name", config.data.name, tasks_lib.DATASET_NAMES),
+           ("loss.name", config.loss.name, tuple(losses.LOSSES)),
+           ("index.backend", config.index.backend, indexing.BACKENDS),
+           ("model.image_tower", config.model.image_tower,
+            tuple(dual_encoder.IMAGE_TOWERS)),
+           ("model.text_tower", config.model.text_tower,
+            tuple(dual_encoder.TEXT_TOWERS)))
+  for key, value, options in names:
+    check(value in options, f"--config.{key}={value!r} is unknown; valid: "
+          f"{sorted(options)}.")
+  if config.loss.name in losses.LOSSES:
+    try:  # The strategy's own checks (names, strengths); compat needs the loss.
+      strategies.get_strategy(config.strategy, losses.make_loss(config.loss))
+    except ValueError as e:
+      problems.append(str(e))
+  if problems:
+    raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Records the config in a new workdir; refuses a workdir of another experiment."""
   path = os.path.join(workdir, "config.json")
@@ -88,6 +222,28 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
     reporting.write_json(path, json.loads(config.to_json()))
 
 
+def check_image_shapes(task_splits: list[dict[str, tasks_lib.Split]]) -> tuple:
+  """The one image shape of every split of every task (without the batch axis).
+
+  Args:
+    task_splits: per task, {"train" | "val" | "test": Split}.
+
+  Raises:
+    ValueError: naming the first task and split whose images differ from
+      task 1's training images (the model is built for one shape).
+  """
+  expected = tuple(task_splits[0]["train"].images.shape[1:])
+  for t, splits in enumerate(task_splits):
+    for name, split in splits.items():
+      shape = tuple(split.images.shape[1:])
+      if len(split) and shape != expected:
+        raise ValueError(
+            f"task {t + 1} {name} images have shape {shape}, task 1 train images "
+            f"{expected}: every image must have one shape (resize them, or check "
+            "the dataset's features files).")
+  return expected
+
+
 def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   """Loads the data, builds the vocabulary, the model and the compiled embedders."""
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
@@ -100,12 +256,18 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     vocab = text_lib.build_vocabulary(
         (c for task in sequence.tasks for caps in task.train.captions for c in caps),
         min_count=config.data.vocab_min_count)
+  check_image_shapes([{name: getattr(task, name) for name in ("train", "val", "test")}
+                      for task in sequence.tasks])
   encoded, truncated = [], 0
-  for task in sequence.tasks:
+  for t, task in enumerate(sequence.tasks):
     splits = {}
     for name in ("train", "val", "test"):
-      splits[name], n = pipeline.encode_split(getattr(task, name), vocab,
-                                              config.data.max_caption_len)
+      try:
+        splits[name], n = pipeline.encode_split(getattr(task, name), vocab,
+                                                config.data.max_caption_len)
+      except ValueError as e:  # An empty or non-text caption: say where.
+        raise ValueError(f"task {t + 1} {name} split of {config.data.name!r}: {e} "
+                         "Fix or drop that example in the dataset.") from e
       truncated += n
     encoded.append(splits)
   if truncated:
@@ -176,6 +338,32 @@ def load_snapshot(setup: Setup, task: int, with_accumulators: bool = False) -> A
   if with_accumulators:
     return params, regularizers.ImportanceState(**meta["strategy"])
   return params
+
+
+def verified_snapshots(setup: Setup, with_accumulators: bool) -> set[int]:
+  """The completed snapshots that restore; corrupt ones are set aside and retrained.
+
+  Orbax lists a truncated snapshot as complete and only fails when reading
+  it, so every snapshot is read once here. One that fails is moved to
+  <workdir>/quarantine with what was derived from it (its indices and its
+  evaluation row), and the failure is logged with its path; the loop then
+  retrains that task from the previous snapshot (or its saved state), which
+  gives the same params on the same device count.
+  """
+  good = set()
+  for task in checkpoints.completed_snapshots(setup.workdir):
+    try:
+      load_snapshot(setup, task, with_accumulators=with_accumulators)
+      good.add(task)
+    except checkpoints.CheckpointError as e:
+      moved = checkpoints.quarantine_snapshot(setup.workdir, task)
+      for derived in (os.path.join(setup.workdir, "indices", f"snap_{task}"),
+                      os.path.join(setup.workdir, "results", "rows", f"task_{task}.json")):
+        if os.path.exists(derived):
+          os.replace(derived, f"{moved}_{os.path.basename(derived)}")
+      logging.warning("%s\nMoved it to %s; task %d is retrained from %s.", e, moved,
+                      task, f"snapshot {task - 1}" if task > 1 else "the initial params")
+  return good
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,13 +467,22 @@ def train_one_task(setup: Setup, training: Training, t: int, params: Any,
                                 seed=cfg.seed, task=t, step=s)
 
   step_fn = compiled_train_step(setup, training, state, batch_fn(0))
-  with pipeline.prefetched(batch_fn, steps) as next_batch:
-    state = train_lib.train_task(
-        state, step_fn, next_batch,
-        first_step=first_step, num_steps=steps, mesh=setup.mesh,
-        checkpoint_every=cfg.train.checkpoint_every, checkpoint_fn=save,
-        log_every=cfg.train.log_every, task=t + 1, writer=writer,
-        learning_rate_fn=train_lib.learning_rate_schedule(cfg.optim, steps))
+  try:
+    with pipeline.prefetched(batch_fn, steps) as next_batch:
+      state = train_lib.train_task(
+          state, step_fn, next_batch,
+          first_step=first_step, num_steps=steps, mesh=setup.mesh,
+          checkpoint_every=cfg.train.checkpoint_every, checkpoint_fn=save,
+          log_every=cfg.train.log_every, task=t + 1, writer=writer,
+          learning_rate_fn=train_lib.learning_rate_schedule(cfg.optim, steps))
+  except FloatingPointError as e:
+    latest = checkpoints.latest_state_step(setup.workdir)
+    last_good = (f"the state checkpoint at {setup.workdir}/state/{latest} (step "
+                 f"{latest - t * steps} of task {t + 1})"
+                 if latest is not None and latest > t * steps else
+                 f"snapshot {t} at {checkpoints.snapshot_dir(setup.workdir, t)}"
+                 if t > 0 else "none yet (the task started from the initial params)")
+    raise FloatingPointError(f"{e} Last good checkpoint: {last_good}.") from e
   return state["params"]
 
 
@@ -551,6 +748,7 @@ def write_results(setup: Setup, results: dict, name: str = "results") -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Runs (or resumes) the whole continual experiment; returns results.json's content."""
+  validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   check_workdir_config(config, workdir)
   timing: dict[str, float] = {}
@@ -564,7 +762,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   setup = timed("data_s", build_setup, config, workdir)
   training = build_training(setup)
   importance = training.strategy.importance is not None
-  done = set(checkpoints.completed_snapshots(workdir))
+  done = verified_snapshots(setup, importance)
   rows_dir = os.path.join(workdir, "results", "rows")
   emb_dir = (os.path.join(workdir, "embeddings") if config.eval.save_embeddings
              else None)

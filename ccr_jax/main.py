@@ -39,8 +39,8 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate", "report"],
 flags.mark_flags_as_required(["workdir"])
 
 # Mistakes a user can fix from the message alone: reported without a traceback.
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, checkpoints.CheckpointError,
-                   indexing.IndexMismatchError)
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FloatingPointError,
+                   checkpoints.CheckpointError, indexing.IndexMismatchError)
 
 
 def main(argv):
@@ -86,5 +86,29 @@ def _report(workdir_flag: str, report_dir: str | None) -> str:
   return reporting.report(workdirs, report_dir)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a one-line error for an unknown --config.<key>.
+
+  ml_collections raises a bare AttributeError (with a traceback) when an
+  override names a key the config does not have; name it and the nearest key.
+  """
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:  # A value of the wrong type, a missing flag.
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except (AttributeError, KeyError):
+    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv
+                 if a.startswith("--config.")]
+    valid = experiment.valid_config_keys()
+    unknown = [k for k in overrides if k not in valid]
+    if not unknown:
+      raise
+    print("error: " + "; ".join(
+        f"--config.{k} is not a config key.{experiment.nearest_key_hint(k, valid)}"
+        for k in unknown), file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)
