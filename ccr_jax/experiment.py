@@ -230,13 +230,21 @@ def check_image_shapes(task_splits: list[dict[str, tasks_lib.Split]]) -> tuple:
 
   Raises:
     ValueError: naming the first task and split whose images differ from
-      task 1's training images (the model is built for one shape).
+      task 1's training images (the model is built for one shape; features
+      [D] and regions [R, D] of the same D go together).
   """
   expected = tuple(task_splits[0]["train"].images.shape[1:])
+
+  def compatible(shape):
+    # Precomputed features may be pooled [D] in one split and regions [R, D]
+    # in another: the projection tower pools regions, so only D must agree.
+    features = len(shape) <= 2 and len(expected) <= 2
+    return shape == expected or (features and shape[-1:] == expected[-1:])
+
   for t, splits in enumerate(task_splits):
     for name, split in splits.items():
       shape = tuple(split.images.shape[1:])
-      if len(split) and shape != expected:
+      if len(split) and not compatible(shape):
         raise ValueError(
             f"task {t + 1} {name} images have shape {shape}, task 1 train images "
             f"{expected}: every image must have one shape (resize them, or check "

@@ -204,6 +204,14 @@ def test_images_of_the_wrong_shape_are_named(tmp_path):
                         categories=np.zeros(4, np.int32), ids=np.arange(4, 8))
   with pytest.raises(ValueError, match=r"task 1 test images have shape \(9, 8, 3\)"):
     experiment.check_image_shapes([{"train": good, "val": good, "test": bad}])
+  # Pooled features and regions of the same dimension go together; not others.
+  pooled, regions, other = (
+      tasks_lib.Split(images=np.zeros(shape, np.float32), captions=caps,
+                      categories=np.zeros(4, np.int32), ids=np.arange(4))
+      for shape in ((4, 6), (4, 3, 6), (4, 3, 5)))
+  assert experiment.check_image_shapes([{"train": pooled, "test": regions}]) == (6,)
+  with pytest.raises(ValueError, match=r"\(3, 5\)"):
+    experiment.check_image_shapes([{"train": pooled, "test": other}])
 
 
 def test_empty_caption_is_named_with_its_task_and_split(tmp_path, monkeypatch):
