@@ -45,6 +45,7 @@ from ccr_jax import evaluation
 from ccr_jax import experiment
 from ccr_jax import indexing
 from ccr_jax import reporting
+from ccr_jax import sharding
 
 DIRECTIONS = {"i2t": ("images", "texts"), "t2i": ("texts", "images")}
 DEFAULTS = {
@@ -411,6 +412,8 @@ def evaluate_workdir(workdir: str,
   results["analysis"] = analyze(setup, queries, galleries, opts)
   results["analysis"]["gallery_reembedding_max_abs_diff"] = max_diff
   experiment.write_results(setup, results, name="evaluate")
+  if not sharding.is_lead_process():  # Every process computed; one writes.
+    return results
   out = os.path.join(workdir, "results")
   reporting.write_atomic(
       os.path.join(out, "evaluate.md"),

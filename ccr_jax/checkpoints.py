@@ -8,11 +8,15 @@ This is the only module that imports Orbax. Layout under a workdir:
                         `checkpoint_every` steps so a killed run resumes.
 Restores always go into an abstract target with explicit shardings (orbax
 issues #648, #332: restores that fail or hang on another device count).
+In a multi-process run every process calls save and restore: Orbax writes
+each array once (from the processes that hold its shards) and the JSON from
+process 0, and each process reads back the shards its devices hold; the
+workdir must be on a filesystem every process sees.
 """
 
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,10 +27,12 @@ class CheckpointError(RuntimeError):
   """A snapshot or state checkpoint that exists but cannot be restored."""
 
 
-def _abstract(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-  """ShapeDtypeStructs of `tree`'s leaves, each placed with `sharding`."""
+def _abstract(tree: Any, sharding: Any) -> Any:
+  """ShapeDtypeStructs of `tree`'s leaves placed with `sharding`: one
+  `jax.sharding.Sharding` for every leaf, or a function leaf -> its Sharding."""
+  where = sharding if callable(sharding) else lambda _: sharding
   return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where(x)), tree)
 
 
 def _snapshot_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
@@ -70,14 +76,16 @@ def save_snapshot(workdir: str, task: int, params: Any, meta: dict,
 
 
 def restore_snapshot(workdir: str, task: int, params_template: Any,
-                     sharding: jax.sharding.Sharding,
+                     sharding: jax.sharding.Sharding | Callable,
                      strategy_template: Any = None) -> tuple[Any, dict]:
   """Restores (params, meta) of task `task` into `params_template`'s structure.
 
   Args:
     params_template: a pytree of arrays or ShapeDtypeStructs with the expected
       structure, shapes and dtypes (e.g. from `jax.eval_shape` of the init).
-    sharding: where every restored leaf is placed.
+    sharding: where every restored leaf is placed: one sharding, or a
+      function from a template leaf to its sharding (e.g. by shape, as
+      `sharding.param_sharding` decides).
     strategy_template: when given, the strategy pytree saved with the snapshot
       is restored too and returned as meta["strategy"].
   Raises:
@@ -124,7 +132,8 @@ def save_state(workdir: str, state: Any, meta: dict) -> None:
 
 
 def restore_latest_state(workdir: str, state_template: Any,
-                         sharding: jax.sharding.Sharding) -> tuple[Any, dict] | None:
+                         sharding: jax.sharding.Sharding | Callable
+                         ) -> tuple[Any, dict] | None:
   """The newest saved (state, meta) that restores, or None when none does.
 
   A state that fails to restore (Orbax lists a truncated or corrupt step and
@@ -174,6 +183,7 @@ def quarantine_snapshot(workdir: str, task: int) -> str:
 def _quarantine(workdir: str, path: str, name: str) -> str:
   """Moves `path` to <workdir>/quarantine/<name>_<unix time>; returns the new path."""
   dst = os.path.join(os.path.abspath(workdir), "quarantine", f"{name}_{int(time.time())}")
-  os.makedirs(os.path.dirname(dst), exist_ok=True)
-  os.replace(path, dst)
+  if jax.process_index() == 0:  # Every process finds the same damage; one moves it.
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.replace(path, dst)
   return dst

@@ -5,6 +5,14 @@ stage leaves its output on disk (snapshot, indices, a results row per task),
 and rerunning the same command skips what is complete and resumes the rest,
 so a killed run loses at most `train.checkpoint_every` steps.
 
+Multi-process runs (every process runs this same code over one global mesh):
+every process reads only its rows of each batch and takes part in training,
+embedding and Orbax saves; process 0 alone renders the data first, builds the
+indices and writes config.json, result rows, embeddings and results, and the
+others wait for it where they read what it wrote (`sharding.sync`). Every
+process evaluates the same embeddings in the same indices, so every process
+returns the same results. The workdir must be on a filesystem all processes see.
+
 Naming: tasks and snapshots are 1-based on disk and in JSON keys
 (`snapshots/task_1`, `indices/snap_2/task_1/texts`); arrays are 0-based, so
 matrix entry [t][j] is task j+1's queries after training task t+1.
@@ -207,7 +215,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Records the config in a new workdir; refuses a workdir of another experiment."""
+  """Records the config in a new workdir; refuses a workdir of another experiment.
+
+  Only process 0 writes; it writes atomically, so another process reads
+  either no file or the whole one.
+  """
   path = os.path.join(workdir, "config.json")
   mine = _config_subset(config)
   if os.path.exists(path):
@@ -218,7 +230,7 @@ def check_workdir_config(config: ml_collections.ConfigDict, workdir: str) -> Non
           f"workdir {workdir} holds an experiment with a different config "
           f"(sections differing: {diffs}). Use a new --workdir, or rerun with "
           "the config stored in its config.json.")
-  else:
+  elif sharding.is_lead_process():
     reporting.write_json(path, json.loads(config.to_json()))
 
 
@@ -255,7 +267,13 @@ def check_image_shapes(task_splits: list[dict[str, tasks_lib.Split]]) -> tuple:
 def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   """Loads the data, builds the vocabulary, the model and the compiled embedders."""
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
-  sequence = tasks_lib.load_task_sequence(config.data, data_dir)
+  # Process 0 renders or builds the TFDS data first; the others then read it
+  # rather than writing the same files at the same time.
+  if sharding.is_lead_process():
+    sequence = tasks_lib.load_task_sequence(config.data, data_dir)
+  sharding.sync("data prepared")
+  if not sharding.is_lead_process():
+    sequence = tasks_lib.load_task_sequence(config.data, data_dir)
   # A pretrained text tower brings its own tokenizer. Otherwise the vocabulary
   # sees training captions only (VSE++), of every task: the paper's model has
   # one fixed vocabulary across the sequence.
@@ -287,10 +305,21 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
       lambda: with_loss_params(dual_encoder.init_params(
           model, jax.random.PRNGKey(0), image_shape, config.data.max_caption_len),
           config))
-  mesh = sharding.make_mesh()
+  mesh = sharding.make_mesh(model_axis_size=model_axis_size(config))
+  sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
   embed_images, embed_texts = train_lib.make_embed_fns(model, mesh)
   return Setup(config, workdir, sequence, vocab, tuple(encoded), truncated, model,
                mesh, params_template, embed_images, embed_texts)
+
+
+def model_axis_size(config: ml_collections.ConfigDict) -> int:
+  """`config.mesh.model_axis_size`; 1 for configs (and workdirs) without it."""
+  return config.get("mesh", {}).get("model_axis_size", 1)
+
+
+def param_placement(mesh: jax.sharding.Mesh):
+  """leaf -> its sharding on `mesh` (`sharding.param_sharding`), for restores."""
+  return lambda x: sharding.param_sharding(x.shape, mesh)
 
 
 # --------------------------------------------------------------------- training
@@ -307,17 +336,18 @@ def with_loss_params(params: dict, config: ml_collections.ConfigDict) -> dict:
 
 
 def initial_params(setup: Setup) -> Any:
-  """The initial params {img, txt[, loss]} from `config.seed`, replicated on the mesh."""
+  """The initial params {img, txt[, loss]} from `config.seed`, placed on the mesh
+  (`sharding.param_sharding`: replicated without a model axis)."""
   # One jitted init: op-by-op initialisation compiles every initializer apart.
   init = jax.jit(
       lambda rng: with_loss_params(dual_encoder.init_params(
           setup.model, rng, setup.encoded[0]["train"].images.shape[1:],
           setup.config.data.max_caption_len), setup.config),
-      out_shardings=sharding.replicated(setup.mesh))
+      out_shardings=sharding.tree_shardings(setup.params_template, setup.mesh))
   params = init(jax.random.PRNGKey(setup.config.seed))
   # Pretrained parts (a ResNet weights file, MiniLM) replace their random init.
-  return jax.device_put(dual_encoder.load_pretrained(params, setup.config.model),
-                        sharding.replicated(setup.mesh))
+  return sharding.place(dual_encoder.load_pretrained(params, setup.config.model),
+                        setup.mesh)
 
 
 def _snapshot_meta(setup: Setup, task: int) -> dict:
@@ -336,7 +366,7 @@ def load_snapshot(setup: Setup, task: int, with_accumulators: bool = False) -> A
     template = {"importance": setup.params_template,
                 "weighted_anchor": setup.params_template}
   params, meta = checkpoints.restore_snapshot(
-      setup.workdir, task, setup.params_template, sharding.replicated(setup.mesh),
+      setup.workdir, task, setup.params_template, param_placement(setup.mesh),
       strategy_template=template)
   if text_lib.tokenizer_from_json(meta["vocab"]) != setup.vocab:
     raise ValueError(
@@ -457,7 +487,7 @@ def train_one_task(setup: Setup, training: Training, t: int, params: Any,
       freeze_active=strategy.freeze_active(t))
   first_step = 0
   resumed = checkpoints.restore_latest_state(
-      setup.workdir, jax.eval_shape(lambda: state), sharding.replicated(setup.mesh))
+      setup.workdir, jax.eval_shape(lambda: state), param_placement(setup.mesh))
   if resumed is not None and resumed[1]["task"] == t + 1:
     state, first_step = resumed[0], resumed[1]["next_step"]
     logging.info("task %d: resuming at step %d from %s/state", t + 1, first_step,
@@ -470,9 +500,11 @@ def train_one_task(setup: Setup, training: Training, t: int, params: Any,
   def save(state, next_step):
     checkpoints.save_state(setup.workdir, state, {"task": t + 1, "next_step": next_step})
 
+  rows = sharding.process_rows(cfg.train.batch_size, setup.mesh)
+
   def batch_fn(s):
     return pipeline.mixed_batch(pool, memory, cfg.train.batch_size, ratio,
-                                seed=cfg.seed, task=t, step=s)
+                                seed=cfg.seed, task=t, step=s, rows=rows)
 
   step_fn = compiled_train_step(setup, training, state, batch_fn(0))
   try:
@@ -509,8 +541,10 @@ def end_of_task(setup: Setup, training: Training, t: int, params: Any,
   if kind != "l2":
     cfg = setup.config
     pool = setup.encoded[t]["train"]
+    rows = sharding.process_rows(cfg.train.batch_size, setup.mesh)
     batches = (sharding.shard_batch(pipeline.train_batch(
-        pool, cfg.train.batch_size, seed=cfg.seed + 1, task=t, step=m), setup.mesh)
+        pool, cfg.train.batch_size, seed=cfg.seed + 1, task=t, step=m, rows=rows),
+                                    setup.mesh)
                for m in range(training.strategy.importance_batches))
     if kind == "mas":
       task_importance = regularizers.mas_importance(
@@ -561,6 +595,8 @@ def build_indices(setup: Setup, snapshot: int, params: Any,
 
   The gallery of task `snapshot` always (the fixed regime's index); with
   `index.reindex`, every earlier task's gallery too. Returns their metadata.
+  Process 0 builds and saves them (every process holds the same embeddings);
+  the others wait until they are on disk.
   """
   tasks = range(1, snapshot + 1) if setup.config.index.reindex else [snapshot]
   built = []
@@ -568,7 +604,8 @@ def build_indices(setup: Setup, snapshot: int, params: Any,
     emb = None
     for modality in MODALITIES:
       path = index_dir(setup.workdir, snapshot, task, modality)
-      if not os.path.exists(os.path.join(path, "metadata.json")):
+      if (sharding.is_lead_process() and
+          not os.path.exists(os.path.join(path, "metadata.json"))):
         if emb is None:
           emb = (queries or {}).get(task - 1) or test_queries(setup, params, task - 1)
         index = indexing.build_index(
@@ -578,6 +615,7 @@ def build_indices(setup: Setup, snapshot: int, params: Any,
         indexing.save_index(index, path)
       built.append({"snapshot": snapshot, "task": task, "modality": modality,
                     "path": os.path.relpath(path, setup.workdir)})
+  sharding.sync(f"indices of snapshot {snapshot} built")
   return built
 
 
@@ -672,7 +710,8 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
             buf = _npz_bytes(query_emb=query_emb, gallery_emb=gallery_emb,
                              text_to_image=_text_to_image(query_owner, gallery_owner,
                                                           direction))
-            reporting.write_atomic(os.path.join(embeddings_dir, name), buf)
+            if sharding.is_lead_process():
+              reporting.write_atomic(os.path.join(embeddings_dir, name), buf)
             manifest.append({
                 "file": name, "direction": direction, "query_snapshot": t + 1,
                 "gallery_snapshots": [_gallery_snapshot(regime, t, g)
@@ -738,12 +777,15 @@ def aggregate(setup: Setup, rows: list[dict]) -> dict:
       "metrics": metrics,
       "summary": summary,
       "versions": _versions(),
-      "devices": {"count": jax.device_count(), "kind": jax.devices()[0].device_kind},
+      "devices": {"count": jax.device_count(), "kind": jax.devices()[0].device_kind,
+                  "processes": jax.process_count()},
   }
 
 
 def write_results(setup: Setup, results: dict, name: str = "results") -> None:
-  """results/<name>.json, <name>.md and the R@1 matrix plot."""
+  """results/<name>.json, <name>.md and the R@1 matrix plot (process 0 only)."""
+  if not sharding.is_lead_process():
+    return
   out = os.path.join(setup.workdir, "results")
   reporting.write_json(os.path.join(out, f"{name}.json"), results)
   reporting.write_atomic(os.path.join(out, f"{name}.md"),
@@ -811,7 +853,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # same step on resume (read_scalars keeps one), never loses them.
     writer.write((t + 1) * config.train.steps_per_task,
                  recall_scalars(row, tuple(config.eval.ks)))
-    reporting.write_json(row_path, row)
+    if sharding.is_lead_process():
+      reporting.write_json(row_path, row)
     rows.append(row)
     _log_row(t, row)
   results = aggregate(setup, rows)
@@ -827,9 +870,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     timing["compile_s"] = training.compiled["compile_s"]
     timing["train_s"] -= timing["compile_s"]
   timed("report_s", write_results, setup, results)
-  if emb_dir is not None:
-    reporting.write_json(os.path.join(emb_dir, "manifest.json"), manifest)
-  reporting.write_json(os.path.join(workdir, "results", "timing.json"), timing)
+  if sharding.is_lead_process():
+    if emb_dir is not None:
+      reporting.write_json(os.path.join(emb_dir, "manifest.json"), manifest)
+    reporting.write_json(os.path.join(workdir, "results", "timing.json"), timing)
   writer.close()
   return results
 

@@ -6,6 +6,12 @@ r"""Entry point: train and evaluate a continual retrieval experiment, or re-eval
 
 Override any config value with --config.<section>.<field>=<value>, e.g.
 --config.strategy.name=joint. Rerunning a training command resumes it.
+
+Multi-process runs start this same command in every process (launch/ has
+launchers for local CPU processes, TPU VM pods and SLURM); under SLURM, Open
+MPI and GKE TPU pods the processes find each other on their own, otherwise
+pass --coordinator_address=<host:port of process 0> --num_processes=N
+--process_id=i (or --distributed=on where JAX detects the rest, e.g. a TPU VM pod).
 """
 
 import os
@@ -21,6 +27,7 @@ from ccr_jax import checkpoints
 from ccr_jax import experiment
 from ccr_jax import indexing
 from ccr_jax import reporting
+from ccr_jax import sharding
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
@@ -36,6 +43,16 @@ flags.DEFINE_enum("mode", "train", ["train", "evaluate", "report"],
                   "analysis (compatibility, towers, drift, partial reindexing); "
                   "report: write report.md with every table and plot of one or "
                   "more workdirs.")
+flags.DEFINE_enum("distributed", "auto", list(sharding.DISTRIBUTED_MODES),
+                  "Multi-process start-up (jax.distributed.initialize): auto = when "
+                  "any of the three flags below is set or SLURM / Open MPI / a GKE "
+                  "TPU pod started several processes; on = always (JAX detects "
+                  "TPU pods, SLURM and Open MPI); off = one process.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's "
+                    "coordinator service, the same for every process.")
+flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
+flags.DEFINE_integer("process_id", None, "This process's index in "
+                     "[0, num_processes).")
 flags.mark_flags_as_required(["workdir"])
 
 # Mistakes a user can fix from the message alone: reported without a traceback.
@@ -47,9 +64,13 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  # Before anything touches a device: JAX must know every process first.
+  sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
+                                  FLAGS.num_processes, FLAGS.process_id)
   try:
     if FLAGS.mode == "report":
-      print(f"wrote {_report(FLAGS.workdir, FLAGS.report_dir)}")
+      if sharding.is_lead_process():  # Reading and plotting needs no devices.
+        print(f"wrote {_report(FLAGS.workdir, FLAGS.report_dir)}")
       return
     if FLAGS.mode == "train":
       if FLAGS.config is None:
@@ -66,6 +87,8 @@ def main(argv):
   except EXPECTED_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if not sharding.is_lead_process():
+    return  # Process 0 prints the summary.
   out = os.path.join(FLAGS.workdir, "results", f"{name}.md")
   print(f"wrote {out}")
   for regime, scopes in results["summary"].items():

@@ -69,16 +69,16 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation,
     accumulators: importance-regulariser accumulators (EWC, MAS, L2) to
       install in the optimizer state.
     freeze_active: the `freeze` strategy's flag for this task (1.0 frozen).
-  Placed replicated on `mesh`, exactly as `train_step` returns it: a state
-  placed otherwise would compile the step a second time.
+  Every leaf is placed where `sharding.param_sharding` says (replicated
+  without a model axis), exactly as `train_step` returns it: a state placed
+  otherwise would compile the step a second time.
   """
 
   args = (params, jnp.asarray(step, jnp.int32), strategy_state, accumulators,
           None if freeze_active is None else jnp.float32(freeze_active))
-  # Placed first: freshly initialised (unplaced) and trained (replicated)
+  # Placed first: freshly initialised (unplaced) and trained (placed)
   # params are different input types to jit, two compilations otherwise.
-  return _state_builder(optimizer, mesh)(
-      *jax.device_put(args, sharding.replicated(mesh)))
+  return _state_builder(optimizer, mesh)(*sharding.place(args, mesh))
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,9 +97,9 @@ def _state_builder(optimizer: optax.GradientTransformation, mesh: Mesh) -> Calla
     state = {"params": p, "opt": opt, "step": s}
     if strategy_state is not None:
       state["strategy"] = strategy_state
-    return state
+    return sharding.constrain(state, mesh)
 
-  return jax.jit(build, out_shardings=sharding.replicated(mesh))
+  return jax.jit(build)
 
 
 def old_model_state(old_params: Any | None, params: Any) -> dict:
@@ -120,9 +120,11 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
   """Compiles `train_step(state, batch) -> (state, metrics)` over `mesh`.
 
   The batch (images [B, H, W, 3], tokens [B, L], lengths [B], image_ids [B]) is
-  sharded on the `data` axis; state is replicated and donated. The loss is
-  computed over the global batch: XLA gathers the embeddings it needs, so the
-  result equals the single-device step up to float reassociation.
+  split over the mesh's devices; the state keeps the shardings it comes with
+  (`create_train_state`: replicated, or split over the model axis) and is
+  donated. The loss is computed over the global batch: XLA gathers the
+  embeddings (and split parameters) it needs, so the result equals the
+  single-device step up to float reassociation.
   """
 
   def embed(params, batch):
@@ -149,10 +151,14 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
     updates, opt = optimizer.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **extras}
-    return {**state, "params": params, "opt": opt, "step": state["step"] + 1}, metrics
+    state = {**state, "params": params, "opt": opt, "step": state["step"] + 1}
+    return sharding.constrain(state, mesh), metrics
 
   rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-  return jax.jit(train_step, in_shardings=(rep, data), out_shardings=(rep, rep),
+  # The state's in-sharding (None) is its arguments' own; its out-sharding is
+  # the constraint above, the same per-leaf rule, so step t+1 takes step t's
+  # output without resharding or recompiling.
+  return jax.jit(train_step, in_shardings=(None, data), out_shardings=(None, rep),
                  donate_argnums=(0,))
 
 
@@ -173,9 +179,9 @@ def train_task(state: dict, train_step: Callable, batch_fn: Callable[[int], dict
   task runs `num_steps` steps.
 
   Args:
-    batch_fn: step within the task -> host batch (a pure function of the step,
-      so a resumed task draws the same batches); its leading axis is the
-      global batch, counted for pairs/s.
+    batch_fn: step within the task -> this process's rows of the global
+      batch (`sharding.process_rows`; all of it with one process), a pure
+      function of the step, so a resumed task draws the same batches.
     checkpoint_fn: called as (state, next step within task) every
       `checkpoint_every` steps.
     writer: where scalars go (`progress.ScalarWriter`); none are recorded
@@ -200,9 +206,9 @@ def train_task(state: dict, train_step: Callable, batch_fn: Callable[[int], dict
   window_start = time.perf_counter()
   try:
     for step in range(first_step, num_steps):
-      host_batch = batch_fn(step)
-      batch_size = len(jax.tree.leaves(host_batch)[0])
-      state, metrics = train_step(state, sharding.shard_batch(host_batch, mesh))
+      batch = sharding.shard_batch(batch_fn(step), mesh)
+      batch_size = jax.tree.leaves(batch)[0].shape[0]  # The global batch.
+      state, metrics = train_step(state, batch)
       bar.update(1)  # Host-side count only: the bar reads no device value.
       metrics_sum = metrics if metrics_sum is None else jax.tree.map(
           jnp.add, metrics_sum, metrics)
@@ -240,14 +246,18 @@ def train_task(state: dict, train_step: Callable, batch_fn: Callable[[int], dict
 
 
 def make_embed_fns(model: DualEncoder, mesh: Mesh) -> tuple[Callable, Callable]:
-  """Jitted (embed_images(params, images), embed_texts(params, tokens, lengths))."""
-  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  """Jitted (embed_images(params, images), embed_texts(params, tokens, lengths)).
+
+  Inputs and the [batch, dim] output are split over the mesh's devices; the
+  params keep their own shardings.
+  """
+  data = sharding.batch_sharded(mesh)
   embed_images = jax.jit(
       lambda p, x: model.apply({"params": p}, x, method=DualEncoder.embed_images),
-      in_shardings=(rep, data), out_shardings=data)
+      in_shardings=(None, data), out_shardings=data)
   embed_texts = jax.jit(
       lambda p, t, l: model.apply({"params": p}, t, l, method=DualEncoder.embed_texts),
-      in_shardings=(rep, data, data), out_shardings=data)
+      in_shardings=(None, data, data), out_shardings=data)
   return embed_images, embed_texts
 
 
@@ -255,18 +265,25 @@ def embed_in_batches(embed_fn: Callable, params: Any, arrays: tuple[np.ndarray, 
                      batch_size: int, mesh: Mesh) -> np.ndarray:
   """Embeds rows of `arrays` (each [N, ...]) in fixed-size batches -> [N, dim] float32.
 
-  The last batch is padded to `batch_size` (by repeating row 0) so one compiled
-  program serves every gallery size.
+  The last batch is padded to `batch_size` (by repeating its first row) so
+  one compiled program serves every gallery size. Each process reads only its
+  rows of every batch (`sharding.process_rows`); every process returns all N.
   """
   n = len(arrays[0])
+  rows = sharding.process_rows(batch_size, mesh)
   out = []
   for start in range(0, n, batch_size):
-    chunk = [a[start:start + batch_size] for a in arrays]
-    pad = batch_size - len(chunk[0])
-    if pad:
-      chunk = [np.concatenate([c, np.repeat(c[:1], pad, axis=0)]) for c in chunk]
-    placed = [jax.device_put(c, sharding.batch_sharded(mesh)) for c in chunk]
-    out.append(np.asarray(embed_fn(params, *placed))[:batch_size - pad])
+    count = min(batch_size, n - start)
+    # Global rows of this batch, padding rows pointing at its first row.
+    index = start + np.arange(batch_size)[rows]
+    index[index >= start + count] = start
+    if rows == slice(0, batch_size) and count == batch_size:
+      chunk = [a[start:start + batch_size] for a in arrays]  # Plain slices: no copy.
+    else:
+      chunk = [a[index] for a in arrays]
+    placed = sharding.shard_batch(dict(enumerate(chunk)), mesh)
+    emb = embed_fn(params, *(placed[i] for i in range(len(chunk))))
+    out.append(sharding.to_host(emb)[:count])
   return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
 
@@ -278,7 +295,7 @@ def make_importance_fns(model: DualEncoder, loss_fn: Callable, mesh: Mesh,
            "similarity": (params, batch) -> grad of ||S||_F^2 / B^2}, with S the
   batch's image-caption similarity matrix (see strategies/regularizers.py).
   """
-  rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+  data = sharding.batch_sharded(mesh)
 
   def mean_loss(params, batch):
     img, txt = model.apply({"params": params}, batch["images"], batch["tokens"],
@@ -294,5 +311,9 @@ def make_importance_fns(model: DualEncoder, loss_fn: Callable, mesh: Mesh,
                            batch["lengths"])
     return jnp.sum(jnp.square(img @ txt.T)) / img.shape[0] ** 2
 
-  return {name: jax.jit(jax.grad(fn), in_shardings=(rep, data), out_shardings=rep)
+  def gradient(fn):
+    # Gradients land where their parameters are.
+    return lambda params, batch: sharding.constrain(jax.grad(fn)(params, batch), mesh)
+
+  return {name: jax.jit(gradient(fn), in_shardings=(None, data))
           for name, fn in (("loss", mean_loss), ("similarity", similarity_energy))}

@@ -69,6 +69,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train.checkpoint_every = 200
   config.train.log_every = 50
 
+  # Devices (ccr_jax/sharding.py): one mesh over every device of every process.
+  # Batches are split over all devices; model_axis_size > 1 also splits each
+  # large parameter and its optimizer state over groups of that many devices
+  # (FSDP-style). Not part of the experiment: a workdir resumes on any mesh.
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.model_axis_size = 1
+
   # name: finetune | joint | freeze | ewc | online_ewc | mas | l2 | lwf | replay |
   # compat, combined with '+' (e.g. ewc+replay); settings per component below.
   config.strategy = strategies.default_config()

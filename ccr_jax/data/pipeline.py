@@ -2,7 +2,10 @@
 
 Training batches are a pure function of (seed, task, step): an epoch is a
 permutation of every (image, caption) pair of the pool, so a resumed run
-draws exactly the batches an uninterrupted run would have drawn.
+draws exactly the batches an uninterrupted run would have drawn. In a
+multi-process run every process computes the same global batch's pair indices
+(cheap) and reads the images of its own rows only (`rows`), so the global
+batch is the same whatever the process count.
 """
 
 import concurrent.futures
@@ -67,15 +70,9 @@ def concatenate(parts: Sequence[EncodedSplit]) -> EncodedSplit:
       for f in dataclasses.fields(EncodedSplit)))
 
 
-def train_batch(pool: EncodedSplit, batch_size: int, *, seed: int, task: int,
-                step: int) -> dict[str, np.ndarray]:
-  """The training batch number `step` (0-based, within `task`) drawn from `pool`.
-
-  Returns a dict of host arrays:
-    images: [batch, H, W, 3]; tokens: [batch, max_len] int32;
-    lengths: [batch] int32; image_ids: [batch] int32, the row of each pair's
-    image in `pool` (pairs with equal ids share an image: not negatives).
-  """
+def _pair_indices(pool: EncodedSplit, batch_size: int, *, seed: int, task: int,
+                  step: int) -> tuple[np.ndarray, np.ndarray]:
+  """(image rows [batch], caption indices [batch]) of `train_batch`'s pairs."""
   c = pool.captions_per_image
   num_pairs = len(pool) * c
   positions = step * batch_size + np.arange(batch_size)
@@ -85,13 +82,34 @@ def train_batch(pool: EncodedSplit, batch_size: int, *, seed: int, task: int,
     perm = np.random.default_rng([seed, task, int(epoch)]).permutation(num_pairs)
     sel = epochs == epoch
     pairs[sel] = perm[within[sel]]
-  rows, caps = np.divmod(pairs, c)
+  return np.divmod(pairs, c)
+
+
+def _gather(split: EncodedSplit, rows: np.ndarray, caps: np.ndarray,
+            id_offset: int = 0) -> dict[str, np.ndarray]:
   return {
-      "images": pool.images[rows],
-      "tokens": pool.tokens[rows, caps],
-      "lengths": pool.lengths[rows, caps],
-      "image_ids": rows.astype(np.int32),
+      "images": split.images[rows],
+      "tokens": split.tokens[rows, caps],
+      "lengths": split.lengths[rows, caps],
+      "image_ids": (rows + id_offset).astype(np.int32),
   }
+
+
+def train_batch(pool: EncodedSplit, batch_size: int, *, seed: int, task: int,
+                step: int, rows: slice = slice(None)) -> dict[str, np.ndarray]:
+  """The training batch number `step` (0-based, within `task`) drawn from `pool`.
+
+  Args:
+    rows: which rows of the global batch to read (a process's
+      `sharding.process_rows`); the batch itself depends only on `batch_size`,
+      `seed`, `task` and `step`, never on how many processes share it.
+  Returns a dict of host arrays (with `rows`, those rows of each):
+    images: [batch, H, W, 3]; tokens: [batch, max_len] int32;
+    lengths: [batch] int32; image_ids: [batch] int32, the row of each pair's
+    image in `pool` (pairs with equal ids share an image: not negatives).
+  """
+  image_rows, caps = _pair_indices(pool, batch_size, seed=seed, task=task, step=step)
+  return _gather(pool, image_rows[rows], caps[rows])
 
 
 def caption_arrays(split: EncodedSplit) -> dict[str, np.ndarray]:
@@ -119,24 +137,30 @@ def subset(split: EncodedSplit, rows: np.ndarray) -> EncodedSplit:
 
 
 def mixed_batch(pool: EncodedSplit, memory: EncodedSplit | None, batch_size: int,
-                ratio: float, *, seed: int, task: int, step: int) -> dict[str, np.ndarray]:
+                ratio: float, *, seed: int, task: int, step: int,
+                rows: slice = slice(None)) -> dict[str, np.ndarray]:
   """A training batch whose last round(ratio * batch) pairs come from `memory`.
 
   The current-task part follows `train_batch`'s epochs over `pool`; memory
   pairs (image, caption) are drawn uniformly from their own stream. Memory
   image ids are offset by len(pool): they are other images than the pool's.
-  Without a memory (first task) the whole batch comes from `pool`.
+  Without a memory (first task) the whole batch comes from `pool`. `rows`
+  selects rows of the global batch, as in `train_batch`.
   """
   n_memory = int(round(ratio * batch_size)) if memory is not None and len(memory) else 0
-  batch = train_batch(pool, batch_size - n_memory, seed=seed, task=task, step=step)
+  n_pool = batch_size - n_memory
   if not n_memory:
-    return batch
+    return train_batch(pool, batch_size, seed=seed, task=task, step=step, rows=rows)
+  lo, hi, _ = rows.indices(batch_size)
+  image_rows, caps = _pair_indices(pool, n_pool, seed=seed, task=task, step=step)
   rng = np.random.default_rng([seed, task, step, 1])
-  rows = rng.integers(0, len(memory), n_memory)
-  caps = rng.integers(0, memory.captions_per_image, n_memory)
-  extra = {"images": memory.images[rows], "tokens": memory.tokens[rows, caps],
-           "lengths": memory.lengths[rows, caps],
-           "image_ids": (rows + len(pool)).astype(np.int32)}
+  memory_rows = rng.integers(0, len(memory), n_memory)
+  memory_caps = rng.integers(0, memory.captions_per_image, n_memory)
+  # Rows [lo, hi) of the concatenation [pool part; memory part].
+  own = slice(min(lo, n_pool), min(hi, n_pool))
+  other = slice(max(lo, n_pool) - n_pool, max(hi, n_pool) - n_pool)
+  batch = _gather(pool, image_rows[own], caps[own])
+  extra = _gather(memory, memory_rows[other], memory_caps[other], len(pool))
   return {k: np.concatenate([batch[k], extra[k]]) for k in batch}
 
 
