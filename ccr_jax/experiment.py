@@ -307,6 +307,10 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
           config))
   mesh = sharding.make_mesh(model_axis_size=model_axis_size(config))
   sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+  leaves = jax.tree.leaves(sharding.tree_shardings(params_template, mesh))
+  logging.info("mesh %s over %d processes; %d of %d parameter arrays split over "
+               "the model axis", dict(mesh.shape), jax.process_count(),
+               sum(sharding.MODEL_AXIS in s.spec for s in leaves), len(leaves))
   embed_images, embed_texts = train_lib.make_embed_fns(model, mesh)
   return Setup(config, workdir, sequence, vocab, tuple(encoded), truncated, model,
                mesh, params_template, embed_images, embed_texts)
