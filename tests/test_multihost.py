@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,13 +148,14 @@ def reference(tmp_path_factory):
 
 
 def _launch_local(reference, name: str, processes: int, devices: int, *extra: str
-                  ) -> str:
+                  ) -> tuple[str, str]:
+  """Runs the tiny experiment by launch.local; returns (workdir, stderr)."""
   workdir = str(reference["root"] / name)
-  _run([sys.executable, "-m", "launch.local", f"--num_processes={processes}",
+  proc = _run([sys.executable, "-m", "launch.local", f"--num_processes={processes}",
         f"--devices_per_process={devices}", "--",
         "--config=configs/default.py:tiny", f"--workdir={workdir}",
         f"--config.data.data_dir={reference['data_dir']}", *extra])
-  return workdir
+  return workdir, proc.stderr
 
 
 def _final_params(reference, workdir: str):
@@ -190,20 +192,6 @@ def _check_against_reference(reference, workdir: str) -> dict:
   return got
 
 
-@pytest.fixture(scope="module")
-def two_process_run(reference):
-  return _launch_local(reference, "two_by_one", 2, 1)
-
-
-@pytest.mark.slow
-def test_two_processes_train_and_evaluate_like_one(reference, two_process_run):
-  got = _check_against_reference(reference, two_process_run)
-  assert got["devices"]["processes"] == 2 and got["devices"]["count"] == 2
-  # Process 0 wrote every file once; process 1 none of its own.
-  assert sorted(os.listdir(os.path.join(two_process_run, "results", "rows"))) == [
-      "task_1.json", "task_2.json"]
-
-
 def _fake_srun(bin_dir) -> None:
   """An `srun` that starts its command as two tasks on this node, with the
   variables SLURM sets (SLURM_JOB_ID comes from the caller, as from sbatch)."""
@@ -221,25 +209,55 @@ def _fake_srun(bin_dir) -> None:
   srun.chmod(0o755)
 
 
-@pytest.mark.slow
-def test_two_processes_of_two_devices_with_fsdp_match_one(reference, tmp_path):
-  """launch/slurm.sbatch under a stand-in srun: SLURM's variables alone join
-  the processes (no flags); the model axis splits parameters across devices."""
-  _fake_srun(tmp_path / "bin")
+@pytest.fixture(scope="module")
+def fsdp_run(reference, tmp_path_factory):
+  """The tiny experiment by launch/slurm.sbatch under a stand-in srun: 2 tasks
+  of 2 devices each, model axis 2; returns (workdir, the processes' stderr)."""
+  bin_dir = tmp_path_factory.mktemp("slurm") / "bin"
+  _fake_srun(bin_dir)
   workdir = str(reference["root"] / "two_by_two_fsdp")
   proc = _run(["bash", os.path.join(REPO, "launch", "slurm.sbatch"),
                "--config=configs/default.py:tiny", f"--workdir={workdir}",
                f"--config.data.data_dir={reference['data_dir']}",
                "--config.mesh.model_axis_size=2"],
-              env={"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+              env={"PATH": f"{bin_dir}:{os.environ['PATH']}",
                    "PYTHON": sys.executable, "CCR_REPO": REPO, "SLURM_JOB_ID": "12345",
                    "JAX_COORDINATOR_PORT": str(local.free_port()),
                    "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  return workdir, proc.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_of_two_devices_with_fsdp_match_one(reference, fsdp_run):
+  """SLURM's variables alone join the processes (no flags); the model axis
+  splits parameters across devices and training matches one replicated device."""
+  workdir, stderr = fsdp_run
   for i in (0, 1):
-    assert f"process {i} of 2: 2 local devices of 4" in proc.stderr
+    assert f"process {i} of 2: 2 local devices of 4" in stderr
   split = re.search(r"(\d+) of (\d+) parameter arrays split over the model axis",
-                    proc.stderr)
+                    stderr)
   assert split and int(split.group(1)) >= 4, split
   got = _check_against_reference(reference, workdir)
   assert got["devices"]["processes"] == 2 and got["devices"]["count"] == 4
   assert got["config"]["mesh"]["model_axis_size"] == 2
+
+
+@pytest.mark.slow
+def test_two_processes_resume_on_another_mesh_like_one(reference, fsdp_run):
+  """2 processes x 1 device, joined by explicit flags (launch.local), resume a
+  run killed in task 2 from what 2 x 2 devices with split parameters saved:
+  every process restores snapshot 1 and task 2's train state, trains the last
+  steps, and results and final params match the one-process run."""
+  workdir = str(reference["root"] / "resumed")
+  shutil.copytree(fsdp_run[0], workdir)
+  # What a kill while saving task 2's snapshot leaves: task 2's state at step 2.
+  for rel in ("snapshots/task_2", "indices/snap_2", "results/rows/task_2.json",
+              "results/results.json"):
+    path = os.path.join(workdir, rel)
+    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+  _, stderr = _launch_local(reference, "resumed", 2, 1)
+  assert "task 2: resuming at step 2" in stderr
+  got = _check_against_reference(reference, workdir)
+  assert got["devices"]["processes"] == 2 and got["devices"]["count"] == 2
+  assert sorted(os.listdir(os.path.join(workdir, "results", "rows"))) == [
+      "task_1.json", "task_2.json"]
