@@ -34,6 +34,7 @@ real_fraction_of_matmul = real_flops_per_s / matmul_flops_per_s.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 
@@ -216,7 +217,8 @@ def jaxpr_matmul_flops(jaxpr) -> float:
 
   The usual "model FLOPs" of MFU figures: 2 * multiply-adds of every
   `dot_general` and `conv_general_dilated`; elementwise work is not counted.
-  `cond` counts its costliest branch. A `while` loop is not counted at all:
+  `cond` counts its costliest branch, `shard_map` its body times the devices
+  it runs on. A `while` loop is not counted at all:
   its trip count is not static. In these train steps the only `while` loops
   are the GRU's (`text_towers.packed_gru`), counted by `gru_flops` instead.
 
@@ -240,7 +242,12 @@ def jaxpr_matmul_flops(jaxpr) -> float:
       per_param = [[jaxpr_matmul_flops(j) for j in _sub_jaxprs(v)]
                    for v in eqn.params.values()]
       inner = sum(max(f) for f in per_param if f)
-      total += inner * (eqn.params["length"] if name == "scan" else 1)
+      if name == "scan":
+        inner *= eqn.params["length"]
+      elif name == "shard_map":  # Its body is one device's share: count all of them.
+        inner *= math.prod(eqn.params["mesh"].shape[a]
+                           for a in eqn.params["newly_manual_axes"])
+      total += inner
   return float(total)
 
 
@@ -378,8 +385,10 @@ the practical peak of this CPU; % of matmul = GFLOP/s over it, real % of
 matmul = real GFLOP/s over it. 2 devices are 2 XLA host devices on the
 same 2 cores: they add no compute, only another way to run it (each device
 runs its half-batch on its own thread, then the gradients are all-reduced and
-the optimizer update runs on both). The GRU sorts the whole batch by length,
-so XLA gathers the captions and each device runs the whole batch's GRU.
+the optimizer update runs on both). The towers run per device on its own
+rows (`sharding.per_batch_shard`): the GRU sorts and packs only its shard's
+captions, where the whole batch's sort would make XLA gather every caption
+onto every device.
 """
 
 

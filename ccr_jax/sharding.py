@@ -158,6 +158,30 @@ def place(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, tree_shardings(tree, mesh))
 
 
+def per_batch_shard(fn: Any, mesh: Mesh) -> Any:
+  """`fn(params, *batched)` run by every device on its own rows of `batched`.
+
+  For per-example functions (the towers): each device embeds its shard and
+  the [batch, ...] outputs stay split over the devices. Without it XLA may
+  gather the whole batch first: the packed GRU sorts its batch by length, a
+  gather that then runs every caption's recurrence on every device. Split
+  params are gathered on entry (FSDP); their gradients are summed back.
+  Returns `fn` itself on a one-device mesh (the same program as before).
+  """
+  if batch_shards(mesh) == 1:
+    return fn
+  rows = P((DATA_AXIS, MODEL_AXIS))
+
+  def mapped(params, *batched):
+    # check_vma=False: the packed GRU's hand-written backward loops start from
+    # replicated zeros and carry per-device values, which the varying-axes
+    # type check rejects; nothing inside communicates, so it has nothing to check.
+    return jax.shard_map(fn, mesh=mesh, in_specs=(P(),) + (rows,) * len(batched),
+                         out_specs=rows, check_vma=False)(params, *batched)
+
+  return mapped
+
+
 def process_rows(batch_size: int, mesh: Mesh) -> slice:
   """The rows of a global batch of `batch_size` that this process supplies.
 

@@ -114,6 +114,15 @@ def old_model_state(old_params: Any | None, params: Any) -> dict:
           "active": jnp.float32(1.0 if active else 0.0)}
 
 
+def _embed_pairs(model: DualEncoder, mesh: Mesh) -> Callable:
+  """(params, batch) -> (img [B, dim], txt [B, dim]), each device its own rows."""
+  apply = sharding.per_batch_shard(
+      lambda p, images, tokens, lengths: model.apply({"params": p}, images, tokens,
+                                                     lengths), mesh)
+  return lambda params, batch: apply(params, batch["images"], batch["tokens"],
+                                     batch["lengths"])
+
+
 def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
                     loss_fn: Callable, mesh: Mesh,
                     strategy: Strategy) -> Callable:
@@ -127,9 +136,7 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
   single-device step up to float reassociation.
   """
 
-  def embed(params, batch):
-    return model.apply({"params": params}, batch["images"], batch["tokens"],
-                       batch["lengths"])
+  embed = _embed_pairs(model, mesh)
 
   def loss_and_extras(params, batch, step, strategy_state):
     img, txt = embed(params, batch)
@@ -252,12 +259,12 @@ def make_embed_fns(model: DualEncoder, mesh: Mesh) -> tuple[Callable, Callable]:
   params keep their own shardings.
   """
   data = sharding.batch_sharded(mesh)
-  embed_images = jax.jit(
+  embed_images = jax.jit(sharding.per_batch_shard(
       lambda p, x: model.apply({"params": p}, x, method=DualEncoder.embed_images),
-      in_shardings=(None, data), out_shardings=data)
-  embed_texts = jax.jit(
+      mesh), in_shardings=(None, data), out_shardings=data)
+  embed_texts = jax.jit(sharding.per_batch_shard(
       lambda p, t, l: model.apply({"params": p}, t, l, method=DualEncoder.embed_texts),
-      in_shardings=(None, data, data), out_shardings=data)
+      mesh), in_shardings=(None, data, data), out_shardings=data)
   return embed_images, embed_texts
 
 
@@ -297,9 +304,10 @@ def make_importance_fns(model: DualEncoder, loss_fn: Callable, mesh: Mesh,
   """
   data = sharding.batch_sharded(mesh)
 
+  embed = _embed_pairs(model, mesh)
+
   def mean_loss(params, batch):
-    img, txt = model.apply({"params": params}, batch["images"], batch["tokens"],
-                           batch["lengths"])
+    img, txt = embed(params, batch)
     # The loss the task ended with (after any VSE0 warm-up of vse_pp).
     loss, _ = loss_fn(img, txt, image_ids=batch["image_ids"],
                       step=jnp.int32(jnp.iinfo(jnp.int32).max),
@@ -307,8 +315,7 @@ def make_importance_fns(model: DualEncoder, loss_fn: Callable, mesh: Mesh,
     return loss / img.shape[0] if reduction == "sum" else loss
 
   def similarity_energy(params, batch):
-    img, txt = model.apply({"params": params}, batch["images"], batch["tokens"],
-                           batch["lengths"])
+    img, txt = embed(params, batch)
     return jnp.sum(jnp.square(img @ txt.T)) / img.shape[0] ** 2
 
   def gradient(fn):
