@@ -87,7 +87,7 @@ def _config_subset(config: ml_collections.ConfigDict) -> dict:
 # every shipped config.
 CONFIG_KEYS = {
     "": ("seed", "data", "model", "loss", "optim", "train", "strategy", "index",
-         "eval", "analysis"),
+         "eval", "analysis", "mesh"),
     "data": ("name", "data_dir", "image_size", "num_categories", "num_tasks",
              "task_categories", "train_per_category", "val_per_category",
              "test_per_category", "max_distractors", "seed", "max_caption_len",
@@ -105,6 +105,7 @@ CONFIG_KEYS = {
     "train": ("batch_size", "steps_per_task", "checkpoint_every", "log_every"),
     "index": ("backend", "reindex"),
     "eval": ("ks", "batch_size", "save_embeddings", "split", "fold_size"),
+    "mesh": ("model_axis_size",),
 }
 
 
@@ -181,7 +182,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                    ("train.checkpoint_every", 0), ("train.log_every", 1),
                    ("eval.batch_size", 1), ("model.embed_dim", 1),
                    ("data.max_caption_len", 3), ("data.vocab_min_count", 1),
-                   ("data.num_tasks", 1), ("data.image_size", 1)):
+                   ("data.num_tasks", 1), ("data.image_size", 1),
+                   ("mesh.model_axis_size", 1)):
     v = number(key, int)
     if v is not None:
       check(v >= low, f"--config.{key}={v} must be >= {low}.")
@@ -390,7 +392,8 @@ def verified_snapshots(setup: Setup, with_accumulators: bool) -> set[int]:
   <workdir>/quarantine with what was derived from it (its indices and its
   evaluation row), and the failure is logged with its path; the loop then
   retrains that task from the previous snapshot (or its saved state), which
-  gives the same params on the same device count.
+  gives the same params on the same device count. Every process reads every
+  snapshot; process 0 moves the damaged ones, and the others wait for it.
   """
   good = set()
   for task in checkpoints.completed_snapshots(setup.workdir):
@@ -401,10 +404,12 @@ def verified_snapshots(setup: Setup, with_accumulators: bool) -> set[int]:
       moved = checkpoints.quarantine_snapshot(setup.workdir, task)
       for derived in (os.path.join(setup.workdir, "indices", f"snap_{task}"),
                       os.path.join(setup.workdir, "results", "rows", f"task_{task}.json")):
-        if os.path.exists(derived):
+        if sharding.is_lead_process() and os.path.exists(derived):
           os.replace(derived, f"{moved}_{os.path.basename(derived)}")
       logging.warning("%s\nMoved it to %s; task %d is retrained from %s.", e, moved,
                       task, f"snapshot {task - 1}" if task > 1 else "the initial params")
+  # Nobody reads the rows and indices of a task before process 0 has moved them.
+  sharding.sync("snapshots verified")
   return good
 
 
