@@ -43,7 +43,6 @@ import numpy as np
 from ccr_jax import checkpoints
 from ccr_jax import evaluation
 from ccr_jax import experiment
-from ccr_jax import indexing
 from ccr_jax import reporting
 from ccr_jax import sharding
 
@@ -175,12 +174,15 @@ def pearson(x, y) -> float | None:
 # ------------------------------------------------------------ the workdir
 
 
-def embed_all(setup: experiment.Setup, params: dict[int, Any]):
+def embed_all(setup: experiment.Setup, params: dict[int, Any],
+              index_cache: dict | None = None):
   """Every task's test items embedded by every snapshot that has seen it.
 
   Args:
     setup: the workdir's setup.
     params: snapshot (1-based) -> params, for snapshots 1..T.
+    index_cache: filled with the saved indices it loads, for
+      `experiment.evaluate_after_task` to search without loading them again.
 
   Returns:
     queries: {(j, s): `experiment.test_queries` of task j by snapshot s}, s >= j.
@@ -192,7 +194,6 @@ def embed_all(setup: experiment.Setup, params: dict[int, Any]):
   """
   num = len(params)
   queries, galleries, diffs = {}, {}, []
-  cfg = setup.config
   for j in range(1, num + 1):
     for s in range(j, num + 1):
       q = experiment.test_queries(setup, params[s], j - 1)
@@ -200,10 +201,9 @@ def embed_all(setup: experiment.Setup, params: dict[int, Any]):
       for modality in experiment.MODALITIES:
         path = experiment.index_dir(setup.workdir, s, j, modality)
         if os.path.exists(os.path.join(path, "metadata.json")):
-          ix = indexing.load_index(path, expect_snapshot=s, expect_task=j,
-                                   expect_modality=modality,
-                                   expect_dim=cfg.model.embed_dim,
-                                   expect_item_ids=q[modality]["item_ids"])
+          ix = experiment.load_gallery_index(
+              setup, s, j, modality, index_cache,
+              expect_item_ids=q[modality]["item_ids"])
           galleries[(j, s, modality)] = (ix.embeddings, ix.item_ids)
           diffs.append(float(np.max(np.abs(ix.embeddings - q[modality]["emb"]),
                                     initial=0.0)))
@@ -402,11 +402,13 @@ def evaluate_workdir(workdir: str,
     raise FileNotFoundError(f"{workdir}/snapshots lacks snapshots {missing} below "
                             f"{max(done)}; resume the training run to rebuild them.")
   params = {s: experiment.load_snapshot(setup, s) for s in done}
-  queries, galleries, max_diff = embed_all(setup, params)
+  index_cache: dict = {}
+  queries, galleries, max_diff = embed_all(setup, params, index_cache)
   rows = []
   for t in range(max(done)):
     own = {j: queries[(j + 1, t + 1)] for j in range(t + 1)}
-    rows.append(experiment.evaluate_after_task(setup, t, params[t + 1], own))
+    rows.append(experiment.evaluate_after_task(setup, t, params[t + 1], own,
+                                               index_cache=index_cache))
     rows[-1].pop("embeddings")
   results = experiment.aggregate(setup, rows)
   results["analysis"] = analyze(setup, queries, galleries, opts)

@@ -324,9 +324,8 @@ def fold_metrics(query_emb, gallery_emb, query_owner, gallery_owner,
     m, _ = exact_metrics(np.asarray(query_emb)[q], np.asarray(gallery_emb)[g],
                          query_owner[q], gallery_owner[g], ks)
     per_fold.append(m)
-  return {"fold_" + name[len("exact_"):] if name.startswith("exact_") else
-          f"fold_{name}": float(np.mean([m[name] for m in per_fold]))
-          for name in per_fold[0]}
+  return {"fold_" + name.removeprefix("exact_"):
+          float(np.mean([m[name] for m in per_fold])) for name in per_fold[0]}
 
 
 def rsum(image_to_text: Mapping[str, float],

@@ -649,9 +649,36 @@ def _text_to_image(query_owners, gallery_owners, direction) -> np.ndarray:
   return np.array([row_of.get(int(o), -1) for o in captions], np.int64)
 
 
+def load_gallery_index(setup: Setup, snapshot: int, task: int, modality: str,
+                       cache: dict | None = None,
+                       expect_item_ids: np.ndarray | None = None) -> indexing.Index:
+  """The saved index of task `task`'s gallery embedded by `snapshot`, checked.
+
+  Args:
+    cache: when given, {(snapshot, task, modality): Index}; an index already in
+      it is returned as is, a loaded one is added (one load, with checksums,
+      per index however many evaluations search it).
+    expect_item_ids: int [count], checked against the index's ids on load.
+
+  Raises:
+    IndexMismatchError: the index is missing, corrupt, or not the one expected.
+  """
+  key = (snapshot, task, modality)
+  if cache is not None and key in cache:
+    return cache[key]
+  index = indexing.load_index(
+      index_dir(setup.workdir, snapshot, task, modality), expect_snapshot=snapshot,
+      expect_task=task, expect_modality=modality,
+      expect_dim=setup.config.model.embed_dim, expect_item_ids=expect_item_ids)
+  if cache is not None:
+    cache[key] = index
+  return index
+
+
 def evaluate_after_task(setup: Setup, t: int, params: Any,
                         queries: dict[int, dict] | None = None,
-                        embeddings_dir: str | None = None) -> dict:
+                        embeddings_dir: str | None = None,
+                        index_cache: dict | None = None) -> dict:
   """Every metric on the test queries of tasks 0..t embedded by snapshot t+1.
 
   Queries are searched in indices loaded from disk: fixed (task j's gallery
@@ -662,10 +689,12 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
   Returns {regime: {scope: {direction: {str(j+1): metrics}}}} where metrics
   has r1, r5, r10 (from the index's top-k), exact_r1, exact_r5, exact_r10,
   medr, meanr (exact ranks over the same gallery embeddings, as the forgetting
-  analysis computes them), index_recall_at_10 and, with `eval.fold_size`, the
-  task-aware fold means fold_r1 ... fold_meanr (COCO-1K) (the index's top-10 against
-  exact search on the same embeddings). With `embeddings_dir`, also writes the
-  query and gallery embeddings of every evaluation and returns their manifest.
+  analysis computes them), index_recall_at_10 (the index's top-10 against
+  exact search on the same embeddings) and, with `eval.fold_size`, the
+  task-aware fold means fold_r1 ... fold_meanr (COCO-1K). With
+  `embeddings_dir`, also writes the query and gallery embeddings of every
+  evaluation and returns their manifest. `index_cache`: see
+  `load_gallery_index`.
   """
   cfg = setup.config
   ks = tuple(cfg.eval.ks)
@@ -673,16 +702,7 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
   cpi = setup.encoded[0]["train"].captions_per_image
   queries = queries or {}
   regimes = ("fixed", "reindex") if cfg.index.reindex else ("fixed",)
-  index_cache: dict[tuple, indexing.Index] = {}
-
-  def get_index(snapshot, task, modality):
-    key = (snapshot, task, modality)
-    if key not in index_cache:
-      path = index_dir(setup.workdir, snapshot, task, modality)
-      index_cache[key] = indexing.load_index(
-          path, expect_snapshot=snapshot, expect_task=task, expect_modality=modality,
-          expect_dim=cfg.model.embed_dim)
-    return index_cache[key]
+  index_cache = {} if index_cache is None else index_cache
 
   metrics: dict = {}
   manifest = []
@@ -693,7 +713,8 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
         gallery_tasks = [j] if scope == "task_aware" else list(range(t + 1))
         for direction, (qm, gm) in (("i2t", ("images", "texts")),
                                     ("t2i", ("texts", "images"))):
-          indices = [get_index(_gallery_snapshot(regime, t, g), g + 1, gm)
+          indices = [load_gallery_index(setup, _gallery_snapshot(regime, t, g), g + 1, gm,
+                                        index_cache)
                      for g in gallery_tasks]
           gallery_emb = np.concatenate([ix.embeddings for ix in indices])
           gallery_ids = np.concatenate([ix.item_ids for ix in indices])
