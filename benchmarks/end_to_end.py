@@ -4,7 +4,7 @@ r"""The default experiment's wall time and peak memory, split by stage.
   python -m benchmarks.end_to_end --quick    # configs/default.py:tiny, ~30 s
 
 Two worker processes:
-  run      `experiment.train_and_evaluate(config, workdir)` into a fresh
+  run      `loop.train_and_evaluate(config, workdir)` into a fresh
            workdir, timed around the call (wall_s) and around the process
            (process_wall_s: + Python and JAX start-up); its stage times are
            the experiment's own `results/timing.json`; peak RSS is the
@@ -14,7 +14,7 @@ Two worker processes:
            way, then a few steps timed the way `train.train_task` runs them,
            host batch assembly included (step_s: the step alone).
 The experiment compiles its train step ahead of time once
-(`experiment.compiled_train_step`) and times that as its compile stage, so
+(`training_lib.compiled_train_step`) and times that as its compile stage, so
 train_s is the steps only. pairs_per_s = batch * steps / train_s is the
 throughput the run achieved, state checkpoints and logging syncs included.
 other_s = wall_s - every stage (setup between stages).
@@ -37,7 +37,9 @@ from absl import flags
 import jax
 
 from benchmarks import harness
-from ccr_jax import experiment
+from ccr_jax.run import loop
+from ccr_jax.run import setup as setup_lib
+from ccr_jax.run import training as training_lib
 from ccr_jax import sharding
 from ccr_jax import train as train_lib
 from ccr_jax.data import pipeline
@@ -60,7 +62,7 @@ def run_experiment(config_name: str, workdir: str) -> dict:
     raise ValueError(f"{workdir} already holds a run: the experiment would resume "
                      "it and skip stages. Give an empty --workdir.")
   wall_s, _ = harness.timed(
-      lambda: experiment.train_and_evaluate(config_for(config_name), workdir))
+      lambda: loop.train_and_evaluate(config_for(config_name), workdir))
   with open(os.path.join(workdir, "results", "timing.json")) as f:
     timing = json.load(f)
   return {"wall_s": wall_s, "timing": timing, "devices": jax.device_count(),
@@ -71,14 +73,14 @@ def time_train_step(config_name: str, workdir: str, steps: int) -> dict:
   """Compile time and steady step time of the experiment's train step.
 
   Builds and compiles the step with the experiment's own pieces
-  (`experiment.build_training`, `experiment.compiled_train_step`), on task
+  (`training_lib.build_training`, `training_lib.compiled_train_step`), on task
   1's data in `workdir`; steps draw and place their batch on the host each
   time, as `train.train_task` does, and block on the result.
   """
   config = config_for(config_name)
-  setup = experiment.build_setup(config, workdir)
-  training = experiment.build_training(setup)
-  state = train_lib.create_train_state(experiment.initial_params(setup),
+  setup = setup_lib.build_setup(config, workdir)
+  training = training_lib.build_training(setup)
+  state = train_lib.create_train_state(setup_lib.initial_params(setup),
                                        training.optimizer, setup.mesh)
   pool = setup.encoded[0]["train"]
 
@@ -89,7 +91,7 @@ def time_train_step(config_name: str, workdir: str, steps: int) -> dict:
   def batch(step):
     return sharding.shard_batch(host_batch(step), setup.mesh)
 
-  compiled = experiment.compiled_train_step(setup, training, state, host_batch(0))
+  compiled = training_lib.compiled_train_step(setup, training, state, host_batch(0))
   compile_s = training.compiled["compile_s"]
   times = []
   for step in range(steps + 1):  # the first step is a warm-up
@@ -129,7 +131,7 @@ TABLE_COLUMNS = (
 )
 
 NOTES = """
-wall s = `experiment.train_and_evaluate` (process_wall_s in the JSON adds the
+wall s = `loop.train_and_evaluate` (process_wall_s in the JSON adds the
 interpreter and imports); the stages are the run's own timing.json. compile s:
 the train step's one ahead-of-time `lower().compile()`; train s: the steps.
 pairs/s in train = batch × steps / train s (Orbax state checkpoints,

@@ -18,7 +18,7 @@ Galleries:
              images) and image galleries (real_images, queried by the
              captions), read from `<workdir>/indices/snap_<T>/task_*/`. Without
              --real_workdir, the tiny (quick/smoke) or default (full) config is
-             trained first with `experiment.train_and_evaluate` into a temp dir.
+             trained first with `run.loop.train_and_evaluate` into a temp dir.
 Every index is built with `indexing.build_index` (the library's ScaNN rule,
 `indexing.scann_parameters`) and searched with `indexing.search`; the exact
 backend is the same calls with backend='exact'. Galleries below
@@ -73,8 +73,9 @@ from absl import flags
 import numpy as np
 
 from benchmarks import harness
-from ccr_jax import experiment
 from ccr_jax import indexing
+from ccr_jax.indexing import scann_backend
+from ccr_jax.run import loop
 from configs import default
 
 MODULE = "benchmarks.index_bench"
@@ -160,27 +161,23 @@ def with_query_params(index: indexing.Index, leaves: int, reorder: int
   """The same searcher with other query-time `num_leaves_to_search` / reorder depth.
 
   `indexing.search` reads both from the metadata at query time, so this equals
-  `build_index(..., scann_options={'num_leaves_to_search': leaves,
+  `build_index(..., options={'num_leaves_to_search': leaves,
   'reorder_num_neighbors': reorder})` with the same tree, without retraining it.
   """
-  params = {**index.metadata.scann_params, "num_leaves_to_search": int(leaves),
+  params = {**index.metadata.backend_params, "num_leaves_to_search": int(leaves),
             "reorder_num_neighbors": int(reorder)}
   return dataclasses.replace(
-      index, metadata=dataclasses.replace(index.metadata, scann_params=params))
+      index, metadata=dataclasses.replace(index.metadata, backend_params=params))
 
 
 def effective_query_params(params: dict, count: int) -> tuple[int | None, int | None]:
   """(leaves searched, candidates reordered) for K, as `indexing.search` derives them.
 
-  Mirrors `indexing._scann_search`: at least 10*K candidates are reordered, and
-  enough leaves are searched to hold twice the candidates on average.
+  `scann_backend.query_parameters`: at least 10*K candidates are reordered,
+  and enough leaves are searched to hold twice the candidates on average.
+  (None, None) for brute force.
   """
-  if params.get("mode") != "tree_ah":
-    return None, None
-  pre = min(count, max(int(params["reorder_num_neighbors"]), 10 * K))
-  num_leaves = int(params["num_leaves"])
-  leaves = max(int(params["num_leaves_to_search"]), math.ceil(2 * pre * num_leaves / count))
-  return min(num_leaves, leaves), pre
+  return scann_backend.query_parameters(params, count, K) or (None, None)
 
 
 def dir_bytes(path: str) -> int:
@@ -220,10 +217,10 @@ def bench_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, *,
   exact_s, exact_ids = time_search(exact, queries, repeats)
   exact_bytes, _ = saved_size(exact, scratch)
   cpu_start = time.process_time()
-  build_s, scann = harness.timed(lambda: build("scann", scann_options=scann_options))
+  build_s, scann = harness.timed(lambda: build("scann", options=scann_options))
   build_cpu_s = time.process_time() - cpu_start
   scann_bytes, save_s = saved_size(scann, scratch)
-  params = scann.metadata.scann_params
+  params = scann.metadata.backend_params
   common = {
       "benchmark": "index_bench", "gallery": name, "items": count, "dim": dim,
       "queries": len(queries), "k": K, "backend": scann.metadata.backend,
@@ -235,10 +232,10 @@ def bench_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, *,
 
   def point(index, measurement):
     seconds, found = time_search(index, queries, repeats)
-    leaves, reorder = effective_query_params(index.metadata.scann_params, count)
+    leaves, reorder = effective_query_params(index.metadata.backend_params, count)
     return {**common, "measurement": measurement, "qps": len(queries) / seconds,
             "recall_at_10": recall_vs_exact(found, exact_ids),
-            "leaves_to_search_set": index.metadata.scann_params.get("num_leaves_to_search"),
+            "leaves_to_search_set": index.metadata.backend_params.get("num_leaves_to_search"),
             "leaves_to_search": leaves, "reorder": reorder,
             "peak_rss_mb": harness.peak_rss_mb(), "load_average": harness.load_average()}
 
@@ -251,7 +248,7 @@ def bench_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, *,
       for reorder in curve_reorder:
         index = with_query_params(scann, leaves, reorder)
         # Small galleries clamp many grid points to the same search: time it once.
-        effective = effective_query_params(index.metadata.scann_params, count)
+        effective = effective_query_params(index.metadata.backend_params, count)
         if effective in seen:
           continue
         seen.add(effective)
@@ -280,7 +277,7 @@ def real_embeddings(workdir: str) -> dict[str, np.ndarray]:
 
 def train_real_workdir(config_name: str, workdir: str) -> None:
   """Runs the embedded-benchmark experiment (configs/default.py, 'tiny' or 'default')."""
-  experiment.train_and_evaluate(
+  loop.train_and_evaluate(
       default.get_config(None if config_name == "default" else config_name), workdir)
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from ccr_jax import experiment  # noqa: E402
+from ccr_jax.run import loop  # noqa: E402
 from configs import default  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -90,7 +90,7 @@ def run(name: str, seed: int, split: str, overrides: dict, quick: bool) -> dict:
   tag = "_".join([name.replace("+", "-"), split, f"s{seed}"] +
                  [f"{k.split('.')[0]}{v:g}" for k, v in sorted(overrides.items())])
   start = time.perf_counter()
-  results = experiment.train_and_evaluate(config, os.path.join(FLAGS.workroot, tag))
+  results = loop.train_and_evaluate(config, os.path.join(FLAGS.workroot, tag))
   line = {"strategy": name, "seed": seed, "split": split, "overrides": overrides,
           "wall_s": round(time.perf_counter() - start, 1),
           "summary": results["summary"], "settings": results["strategy"]}

@@ -47,7 +47,7 @@ import ml_collections
 import numpy as np
 
 from benchmarks import harness
-from ccr_jax import experiment
+from ccr_jax.run import setup as setup_lib
 from ccr_jax import sharding
 from ccr_jax import strategies
 from ccr_jax import train as train_lib
@@ -167,7 +167,7 @@ def build_train_step(config: ml_collections.ConfigDict, vocab_size: int,
 
   Built as the experiment builds it (`losses.make_loss`, the strategy, the
   optimizer, `train.make_train_step`, `train.create_train_state`), with params
-  from PRNGKey(0) plus the loss's own (`experiment.with_loss_params`).
+  from PRNGKey(0) plus the loss's own (`setup_lib.with_loss_params`).
 
   Returns:
     (train_step: jitted, not yet compiled; state; params).
@@ -175,10 +175,11 @@ def build_train_step(config: ml_collections.ConfigDict, vocab_size: int,
   model = dual_encoder.build_model(config.model, vocab_size)
   loss_fn = train_lib.make_loss(config.loss)
   strategy = strategies.get_strategy(config.strategy, loss_fn)
-  optimizer = train_lib.make_optimizer(config.optim, config.train.steps_per_task, strategy)
-  train_step = train_lib.make_train_step(model, optimizer, loss_fn, mesh, strategy)
+  optimizer = train_lib.make_optimizer(config.optim, config.train.steps_per_task, strategy.transform)
+  train_step = train_lib.make_train_step(model, optimizer, loss_fn, mesh,
+                                         strategy.loss_term)
   params = jax.jit(
-      lambda rng: experiment.with_loss_params(
+      lambda rng: setup_lib.with_loss_params(
           dual_encoder.init_params(model, rng, image_shape, max_len), config),
       out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(0))
   return train_step, train_lib.create_train_state(params, optimizer, mesh), params

@@ -9,7 +9,7 @@ the saved index holds when one exists, else freshly embedded).
   snapshot q against the gallery embedded by snapshot g. Its diagonal is the
   reindex regime and its column g = j the fixed regime, so both regimes are
   entries of this one computation (`evaluation.exact_metrics`, the
-  function `experiment.evaluate_after_task` calls for its exact ranks).
+  function `run.results.evaluate_after_task` calls for its exact ranks).
 * Tower attribution `A_j[a][b]`: the image tower of snapshot a paired with the
   text tower of snapshot b. In a dual encoder a query is embedded by one tower
   and the gallery by the other, so A is C arranged by tower instead of by role
@@ -33,18 +33,13 @@ lists indexed from 0, with None where a snapshot has not yet seen the task.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
-import ml_collections
 import numpy as np
 
-from ccr_jax import checkpoints
 from ccr_jax import evaluation
-from ccr_jax import experiment
-from ccr_jax import reporting
-from ccr_jax import sharding
+from ccr_jax import schema
 
 DIRECTIONS = {"i2t": ("images", "texts"), "t2i": ("texts", "images")}
 DEFAULTS = {
@@ -56,6 +51,16 @@ DEFAULTS = {
     "uniformity_items": 2048,
 }
 POLICIES = ("random", "drift")
+
+
+def config_keys() -> dict[str, schema.Key]:
+  """The `analysis` config section (--mode=evaluate), `DEFAULTS` with their meaning."""
+  docs = {"budgets": "fractions of each old gallery re-embedded by the newest snapshot",
+          "policies": f"how the re-embedded items are chosen: {', '.join(POLICIES)}",
+          "uniformity_t": "the temperature t of the uniformity loss (Wang & Isola)",
+          "uniformity_items": "items per task the uniformity averages over (a fixed "
+                              "seeded subset bounds its [n, n] cost)"}
+  return {k: schema.Key(v, docs[k]) for k, v in DEFAULTS.items()}
 
 
 def settings(config) -> dict:
@@ -174,74 +179,42 @@ def pearson(x, y) -> float | None:
 # ------------------------------------------------------------ the workdir
 
 
-def embed_all(setup: experiment.Setup, params: dict[int, Any],
-              index_cache: dict | None = None):
-  """Every task's test items embedded by every snapshot that has seen it.
-
-  Args:
-    setup: the workdir's setup.
-    params: snapshot (1-based) -> params, for snapshots 1..T.
-    index_cache: filled with the saved indices it loads, for
-      `experiment.evaluate_after_task` to search without loading them again.
-
-  Returns:
-    queries: {(j, s): `experiment.test_queries` of task j by snapshot s}, s >= j.
-    galleries: {(j, s, modality): (emb float32 [N, dim], item_ids int64 [N])},
-      the saved index's embeddings when index snap_s/task_j exists, else the
-      fresh ones.
-    max_diff: the largest |saved - fresh| over every saved gallery (0.0 when
-      embedding is deterministic; None if no index is saved).
-  """
-  num = len(params)
-  queries, galleries, diffs = {}, {}, []
-  for j in range(1, num + 1):
-    for s in range(j, num + 1):
-      q = experiment.test_queries(setup, params[s], j - 1)
-      queries[(j, s)] = q
-      for modality in experiment.MODALITIES:
-        path = experiment.index_dir(setup.workdir, s, j, modality)
-        if os.path.exists(os.path.join(path, "metadata.json")):
-          ix = experiment.load_gallery_index(
-              setup, s, j, modality, index_cache,
-              expect_item_ids=q[modality]["item_ids"])
-          galleries[(j, s, modality)] = (ix.embeddings, ix.item_ids)
-          diffs.append(float(np.max(np.abs(ix.embeddings - q[modality]["emb"]),
-                                    initial=0.0)))
-        else:
-          galleries[(j, s, modality)] = (q[modality]["emb"], q[modality]["item_ids"])
-  return queries, galleries, max(diffs, default=None)
-
-
 def _matrix(num: int) -> list[list[Any]]:
   return [[None] * num for _ in range(num)]
 
 
-def analyze(setup: experiment.Setup, queries: dict, galleries: dict,
-            opts: dict) -> dict:
+def analyze(queries: dict, galleries: dict, opts: dict, *, ks: Sequence[int],
+            captions_per_image: int, seed: int) -> dict:
   """Every instrument of the module docstring, for snapshots 1..T.
 
   Args:
-    setup: the workdir's setup (`experiment.build_setup`).
-    queries, galleries: `embed_all`'s first two outputs.
+    queries: {(j, s): task j's evaluation items embedded by snapshot s} for
+      s >= j (1-based), each {"images" | "texts": {"emb" [N, D], "item_ids"
+      [N], "owners" [N]}}.
+    galleries: {(j, s, modality): (emb float32 [N, D], item_ids int64 [N])},
+      task j's gallery as embedded by snapshot s (`run.evaluate.embed_all`).
     opts: `settings(config)`.
+    ks: the recall cut-offs (config.eval.ks).
+    captions_per_image: captions of each image (caption ids are id * C + c).
+    seed: the experiment's seed (uniformity subsets, random reindexing order).
 
   Returns:
     {"compatibility", "towers", "attribution", "drift", "partial_reindex",
      "settings"}; see README "Forgetting analysis".
   """
   num = max(s for _, s in queries)
-  ks = tuple(setup.config.eval.ks)
-  cpi = setup.encoded[0]["train"].captions_per_image
+  ks = tuple(ks)
+  cpi = captions_per_image
 
   def gallery(tasks, g, modality):
     embs, ids = zip(*(galleries[(j, g, modality)] for j in tasks))
     ids = np.concatenate(ids)
-    return np.concatenate(embs), experiment.owner_of(modality, ids, cpi)
+    return np.concatenate(embs), evaluation.owner_of(modality, ids, cpi)
 
-  compat: dict = {}
+  compatibility: dict = {}
   for scope in ("task_aware", "task_agnostic"):
     for direction, (qm, gm) in DIRECTIONS.items():
-      per_task = compat.setdefault(scope, {}).setdefault(direction, {})
+      per_task = compatibility.setdefault(scope, {}).setdefault(direction, {})
       for j in range(1, num + 1):
         mats: dict = {}
         for q in range(j, num + 1):
@@ -258,7 +231,7 @@ def analyze(setup: experiment.Setup, queries: dict, galleries: dict,
               mats.setdefault(name, _matrix(num))[q - 1][g - 1] = v
         per_task[str(j)] = mats
 
-  aware = compat["task_aware"]
+  aware = compatibility["task_aware"]
   towers: dict = {}
   for direction in DIRECTIONS:
     towers[direction] = {}
@@ -278,7 +251,7 @@ def analyze(setup: experiment.Setup, queries: dict, galleries: dict,
           "own": a[j - 1][j - 1], "new_image_tower": a[num - 1][j - 1],
           "new_text_tower": a[j - 1][num - 1], "both_new": a[num - 1][num - 1]})
 
-  drift = _drift(queries, num, opts, setup.config.seed)
+  drift = _drift(queries, num, opts, seed)
   tracking = []
   for j in range(1, num + 1):
     for s in range(j, num + 1):
@@ -305,9 +278,8 @@ def analyze(setup: experiment.Setup, queries: dict, galleries: dict,
   drift["tracking"] = tracking
   drift["correlations"] = correlations
 
-  partial = _partial_reindex(queries, galleries, num, ks, cpi, opts,
-                             setup.config.seed)
-  return {"compatibility": compat, "towers": towers, "attribution": attribution,
+  partial = _partial_reindex(queries, galleries, num, ks, cpi, opts, seed)
+  return {"compatibility": compatibility, "towers": towers, "attribution": attribution,
           "drift": drift, "partial_reindex": partial,
           "settings": {k: list(v) if isinstance(v, (list, tuple)) else v
                        for k, v in opts.items()}}
@@ -355,7 +327,7 @@ def _partial_reindex(queries, galleries, num: int, ks, cpi: int, opts: dict,
                            "hold different items; rebuild the indices.")
         order = reindex_order(old, new, policy, seed=seed + j)
         query = queries[(j, num)][qm]
-        owner = experiment.owner_of(gm, ids, cpi)
+        owner = evaluation.owner_of(gm, ids, cpi)
         points = {name: [] for name in r_names}
         for b in opts["budgets"]:
           m, _ = evaluation.exact_metrics(query["emb"], mixed_gallery(old, new, order, b),
@@ -370,56 +342,3 @@ def _partial_reindex(queries, galleries, num: int, ks, cpi: int, opts: dict,
                           for name in r_names}
       out["curves"].setdefault(policy, {})[direction] = curves
   return out
-
-
-def evaluate_workdir(workdir: str,
-                     analysis_config: ml_collections.ConfigDict | None = None) -> dict:
-  """Recomputes every result from a workdir's snapshots and indices, and analyses it.
-
-  Nothing is trained or indexed: a missing index of the regimes is an error.
-  Writes results/evaluate.json (and .md, plots) beside the training run's
-  results.json: the same metrics and summary, plus "analysis" (`analyze`).
-
-  Args:
-    workdir: a workdir written by `experiment.train_and_evaluate`.
-    analysis_config: overrides the workdir config's `analysis` section.
-  """
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(
-        f"{workdir} has no config.json: it is not a ccr_jax workdir (train first "
-        "with --mode=train).")
-  config = ml_collections.ConfigDict(reporting.read_json(path))
-  opts = settings(ml_collections.ConfigDict(
-      {"analysis": analysis_config if analysis_config is not None
-       else config.get("analysis", {})}))
-  setup = experiment.build_setup(config, workdir)
-  done = checkpoints.completed_snapshots(workdir)
-  if not done:
-    raise FileNotFoundError(f"{workdir}/snapshots holds no complete snapshot.")
-  missing = sorted(set(range(1, max(done) + 1)) - set(done))
-  if missing:
-    raise FileNotFoundError(f"{workdir}/snapshots lacks snapshots {missing} below "
-                            f"{max(done)}; resume the training run to rebuild them.")
-  params = {s: experiment.load_snapshot(setup, s) for s in done}
-  index_cache: dict = {}
-  queries, galleries, max_diff = embed_all(setup, params, index_cache)
-  rows = []
-  for t in range(max(done)):
-    own = {j: queries[(j + 1, t + 1)] for j in range(t + 1)}
-    rows.append(experiment.evaluate_after_task(setup, t, params[t + 1], own,
-                                               index_cache=index_cache))
-    rows[-1].pop("embeddings")
-  results = experiment.aggregate(setup, rows)
-  results["analysis"] = analyze(setup, queries, galleries, opts)
-  results["analysis"]["gallery_reembedding_max_abs_diff"] = max_diff
-  experiment.write_results(setup, results, name="evaluate")
-  if not sharding.is_lead_process():  # Every process computed; one writes.
-    return results
-  out = os.path.join(workdir, "results")
-  reporting.write_atomic(
-      os.path.join(out, "evaluate.md"),
-      reporting.results_markdown(results) + reporting.analysis_markdown(
-          results["analysis"], plots_dir="plots", name="evaluate"))
-  reporting.plot_analysis(results["analysis"], os.path.join(out, "plots"), "evaluate")
-  return results

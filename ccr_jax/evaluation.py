@@ -215,6 +215,11 @@ def paired_ranks(image_emb, text_emb, image_owner, text_owner, *,
   return i2t.astype(np.int64), t2i.astype(np.int64)
 
 
+def owner_of(modality: str, item_ids: np.ndarray, captions_per_image: int) -> np.ndarray:
+  """The image id each gallery item `[count]` belongs to (captions: id * C + c)."""
+  return item_ids // captions_per_image if modality == "texts" else item_ids
+
+
 def ranks_from_topk(topk_owner, query_owner) -> np.ndarray:
   """0-based rank of each query's first positive within a retrieved top-k.
 

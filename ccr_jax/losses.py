@@ -11,7 +11,11 @@ and are never negatives of each other), `step` the (possibly traced) global
 step, `loss_params` the loss's own trainable parameters (`initial_params`:
 InfoNCE's and SigLIP's learnable temperature and bias; None for the hinge
 losses or a fixed temperature), `loss` a float scalar and `extras` a dict of
-float scalars for logging. Config values are bound with `make_loss`.
+float scalars for logging. Each is a `Loss` entry of `LOSSES` holding the
+function, the `config.loss` keys it reads and its learnable initial
+parameters; `make_loss` binds the config's values and `initial_params` builds
+the parameters from the entry, so neither names a loss. `config_keys`
+declares the whole `loss` config section.
 
 Compiled variants (settings of every loss; the same loss mathematically):
   block_size   0: the dense [B, B] score matrix. b > 0: the caption side in
@@ -29,12 +33,16 @@ a block of caption columns) it returns a per-image partial (combined across
 blocks by sum, max or logaddexp) and complete per-caption values. The dense
 form is the one-block case of the same function.
 """
+import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+import types
+from typing import Any, Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from ccr_jax import schema
 
 REDUCTIONS = ("sum", "mean")
 MATMUL_DTYPES = ("float32", "bfloat16")
@@ -173,11 +181,8 @@ def vse0(img_emb, txt_emb, *, image_ids, margin=0.2, reduction="sum", step=None,
   """VSE0: hinge loss summed over all negatives. See `contrastive_hinge`.
 
   Args:
-    img_emb: `[B, D]`.
-    txt_emb: `[B, D]`.
-    image_ids: `[B]` ints.
-    margin: hinge margin.
-    reduction: 'sum' or 'mean' over the batch.
+    img_emb: `[B, D]`; txt_emb: `[B, D]`; image_ids: `[B]` ints.
+    margin, reduction: as `contrastive_hinge`.
     step, loss_params: unused; accepted so all registered losses share one
       signature.
     **variant: block_size, matmul_dtype, remat (module docstring).
@@ -200,11 +205,8 @@ def vse_pp(img_emb, txt_emb, *, image_ids, margin=0.2, reduction="sum", step=Non
   phases.
 
   Args:
-    img_emb: `[B, D]`.
-    txt_emb: `[B, D]`.
-    image_ids: `[B]` ints.
-    margin: hinge margin.
-    reduction: 'sum' or 'mean' over the batch.
+    img_emb: `[B, D]`; txt_emb: `[B, D]`; image_ids: `[B]` ints.
+    margin, reduction: as `contrastive_hinge`.
     step: int scalar (Python or traced): the global step; required when
       `warmup_steps > 0`.
     warmup_steps: Python int; VSE0 is used while `step < warmup_steps`.
@@ -334,25 +336,63 @@ def siglip(img_emb, txt_emb, *, image_ids, temperature=0.1, bias=-10.0,
   return pos_term + neg_term, extras
 
 
-LOSSES = {"vse0": vse0, "vse_pp": vse_pp, "infonce": infonce, "siglip": siglip}
-# The config keys each loss reads (beyond the variant keys, read by all).
-LOSS_SETTINGS = {
-    "vse0": ("margin", "reduction"),
-    "vse_pp": ("margin", "reduction", "warmup_steps"),
-    "infonce": ("temperature", "reduction"),
-    "siglip": ("temperature", "bias", "reduction"),
-}
+# ----------------------------------------------------------------- registry
+
+
+def _learnt_temperature(config) -> dict[str, Any] | None:
+  """{'log_scale': log(1 / temperature)} when `config.learn_temperature`, else None."""
+  if not config.get("learn_temperature", False):
+    return None
+  return {"log_scale": jnp.float32(math.log(1.0 / config.temperature))}
+
+
+def _learnt_temperature_and_bias(config) -> dict[str, Any] | None:
+  """`_learnt_temperature` plus {'bias': config.bias} (SigLIP learns both)."""
+  params = _learnt_temperature(config)
+  if params is not None:
+    params["bias"] = jnp.float32(config.bias)
+  return params
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """A registered loss.
+
+  Attributes:
+    name: what `config.loss.name` says.
+    fn: `fn(img_emb [B, D], txt_emb [B, D], *, image_ids [B], step,
+      loss_params, **settings, **variant) -> (loss, extras)`.
+    settings: the `config.loss` keys bound to `fn` by name (beyond
+      `VARIANT_SETTINGS`, which every loss reads).
+    initial_params: config.loss -> the loss's trainable parameters at
+      initialisation (a dict of float32 scalars), or None when it has none.
+  """
+  name: str
+  fn: Callable
+  settings: tuple[str, ...]
+  initial_params: Callable[[Any], dict[str, Any] | None] = lambda config: None
+
+
+# name -> Loss, built once from the entries below: no loss registers itself.
+LOSSES: Mapping[str, Loss] = types.MappingProxyType({entry.name: entry for entry in (
+    Loss("vse0", vse0, ("margin", "reduction")),
+    Loss("vse_pp", vse_pp, ("margin", "reduction", "warmup_steps")),
+    # InfoNCE learns log(1/T) when `learn_temperature`, from CLIP's T = 0.07.
+    Loss("infonce", infonce, ("temperature", "reduction"), _learnt_temperature),
+    # SigLIP learns log(1/T) and the bias b (its initialisation: T = 0.1, b = -10).
+    Loss("siglip", siglip, ("temperature", "bias", "reduction"),
+         _learnt_temperature_and_bias),
+)})
 VARIANT_SETTINGS = ("block_size", "matmul_dtype", "remat")
 
 
-def get_loss(name):
-  """Returns the registered loss function called `name`.
+def names() -> tuple[str, ...]:
+  """The registered loss names."""
+  return tuple(LOSSES)
 
-  Args:
-    name: a key of `LOSSES`.
 
-  Returns:
-    `loss_fn(img_emb, txt_emb, *, image_ids, step, loss_params, **settings)`.
+def get(name: str) -> Loss:
+  """The registry entry of the loss called `name`.
 
   Raises:
     ValueError: for an unknown name, listing the valid ones.
@@ -360,6 +400,53 @@ def get_loss(name):
   if name not in LOSSES:
     raise ValueError(f"Unknown loss {name!r}; valid: {sorted(LOSSES)}")
   return LOSSES[name]
+
+
+def get_loss(name: str) -> Callable:
+  """The registered loss function called `name` (`get(name).fn`).
+
+  Returns:
+    `loss_fn(img_emb, txt_emb, *, image_ids, step, loss_params, **settings)`.
+
+  Raises:
+    ValueError: for an unknown name, listing the valid ones.
+  """
+  return get(name).fn
+
+
+def config_keys() -> dict[str, schema.Key]:
+  """The `loss` config section: name -> `schema.Key` (configs/default.py's defaults)."""
+  return {
+      "name": schema.Key(
+          "vse0", f"the loss, one of {list(LOSSES)}; vse0 by default because"
+          " VSE++'s hardest negatives collapse from scratch", schema.one_of(names)),
+      "margin": schema.Key(0.2, "vse0 / vse_pp: the hinge margin (VSE++: 0.2)"),
+      "reduction": schema.Key(
+          "sum", "'sum' over the batch (VSE++) or 'mean' (CLIP, SigLIP)",
+          schema.one_of(REDUCTIONS)),
+      "warmup_steps": schema.Key(
+          0, "vse_pp only: VSE0 steps before hardest negatives",
+          schema.at_least(0, integer=True)),
+      "temperature": schema.Key(
+          0.07, "infonce / siglip: the logit temperature (CLIP 0.07; SigLIP"
+          " starts at 0.1), learnt from that start when learn_temperature",
+          schema.greater_than(0)),
+      "learn_temperature": schema.Key(
+          False, "infonce / siglip: learn the temperature (siglip also its"
+          " bias) from the configured values"),
+      "bias": schema.Key(
+          -10.0, "siglip: the logit bias (its start when learn_temperature)"),
+      "block_size": schema.Key(
+          0, "compiled variant, the same loss: 0 = dense [B, B] scores, b > 0"
+          " = caption blocks of b (b must divide the batch)",
+          schema.at_least(0, integer=True)),
+      "matmul_dtype": schema.Key(
+          "float32", "compiled variant: float32 or bfloat16 score matmuls",
+          schema.one_of(MATMUL_DTYPES)),
+      "remat": schema.Key(
+          False, "compiled variant: recompute the scores in the backward pass"
+          " instead of storing them"),
+  }
 
 
 def make_loss(config) -> Callable:
@@ -372,36 +459,30 @@ def make_loss(config) -> Callable:
     `loss_fn(img_emb, txt_emb, *, image_ids, step, loss_params=None)`.
 
   Raises:
-    ValueError: unknown name, reduction or matmul dtype; a negative block
-      size; a non-positive temperature.
+    ValueError: unknown name; a setting the loss reads that `config_keys`
+      refuses (unknown reduction or matmul dtype, a negative block size, a
+      non-positive temperature, ...), each named as `--config.loss.KEY=...`.
   """
-  fn = get_loss(config.name)
-  kwargs = {key: config[key] for key in LOSS_SETTINGS[config.name]}
-  _check_reduction(kwargs["reduction"])
-  if "temperature" in kwargs and not kwargs["temperature"] > 0:
-    raise ValueError(f"--config.loss.temperature must be > 0, got {kwargs['temperature']}")
-  variant = {key: config.get(key, default) for key, default in
-             (("block_size", 0), ("matmul_dtype", "float32"), ("remat", False))}
-  if variant["matmul_dtype"] not in MATMUL_DTYPES:
-    raise ValueError(f"--config.loss.matmul_dtype={variant['matmul_dtype']!r};"
-                     f" valid: {list(MATMUL_DTYPES)}")
-  if variant["block_size"] < 0:
-    raise ValueError(f"--config.loss.block_size must be >= 0 (0: dense), got"
-                     f" {variant['block_size']}")
-  return functools.partial(fn, **kwargs, **variant)
+  entry = get(config.name)
+  kwargs = {key: config[key] for key in entry.settings}
+  # Variant keys keep their defaults when a (test or older) config omits them.
+  keys = config_keys()
+  variant = {key: config.get(key, keys[key].default) for key in VARIANT_SETTINGS}
+  wrong = schema.problems(keys, {**kwargs, **variant}, prefix="loss.")
+  if wrong:
+    raise ValueError(" ".join(wrong))
+  return functools.partial(entry.fn, **kwargs, **variant)
 
 
 def initial_params(config) -> dict[str, Any] | None:
   """The loss's trainable parameters at initialisation, or None if it has none.
 
-  InfoNCE learns log(1/T) when `config.learn_temperature`; SigLIP learns
-  log(1/T) and the bias b when `config.learn_temperature` (SigLIP's
-  initialisation: T = 0.1, b = -10). Scalars, float32.
+  Args:
+    config: the config's `loss` section; the registry entry of `config.name`
+      decides what it reads (InfoNCE / SigLIP: `learn_temperature`,
+      `temperature`, SigLIP also `bias`).
+
+  Returns:
+    A dict of float32 scalars, or None.
   """
-  if config.name not in ("infonce", "siglip") or not config.get("learn_temperature",
-                                                                 False):
-    return None
-  params = {"log_scale": jnp.float32(math.log(1.0 / config.temperature))}
-  if config.name == "siglip":
-    params["bias"] = jnp.float32(config.bias)
-  return params
+  return get(config.name).initial_params(config)

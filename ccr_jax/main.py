@@ -22,12 +22,14 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ccr_jax import analysis
 from ccr_jax import checkpoints
-from ccr_jax import experiment
 from ccr_jax import indexing
 from ccr_jax import reporting
+from ccr_jax import schema
 from ccr_jax import sharding
+from ccr_jax.run import config as config_lib
+from ccr_jax.run import evaluate as evaluate_lib
+from ccr_jax.run import loop
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
@@ -76,12 +78,12 @@ def main(argv):
       if FLAGS.config is None:
         raise ValueError("--config is required with --mode=train "
                          "(e.g. --config=configs/default.py).")
-      results = experiment.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+      results = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
       name = "results"
     else:
       # With --config, only its `analysis` section is used (budgets, policies):
       # everything else comes from the workdir's own config.json.
-      results = analysis.evaluate_workdir(
+      results = evaluate_lib.evaluate_workdir(
           FLAGS.workdir, FLAGS.config.get("analysis") if FLAGS.config else None)
       name = "evaluate"
   except EXPECTED_ERRORS as e:
@@ -123,12 +125,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (AttributeError, KeyError):
     overrides = [a[len("--config."):].split("=", 1)[0] for a in argv
                  if a.startswith("--config.")]
-    valid = experiment.valid_config_keys()
+    valid = config_lib.valid_config_keys()
     unknown = [k for k in overrides if k not in valid]
     if not unknown:
       raise
     print("error: " + "; ".join(
-        f"--config.{k} is not a config key.{experiment.nearest_key_hint(k, valid)}"
+        f"--config.{k} is not a config key.{schema.nearest_key_hint(k, valid)}"
         for k in unknown), file=sys.stderr)
     sys.exit(2)
 

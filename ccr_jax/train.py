@@ -21,8 +21,6 @@ from ccr_jax import losses as losses_lib
 from ccr_jax import progress
 from ccr_jax import sharding
 from ccr_jax.models.dual_encoder import DualEncoder
-from ccr_jax.strategies import Strategy
-from ccr_jax.strategies import regularizers
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict,
@@ -42,10 +40,11 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict,
 
 
 def make_optimizer(optim: ml_collections.ConfigDict, steps_per_task: int,
-                   strategy: Strategy) -> optax.GradientTransformation:
-  """strategy transform -> global-norm clip -> Adam with the per-task schedule."""
+                   transform: optax.GradientTransformation
+                   ) -> optax.GradientTransformation:
+  """`transform` (a strategy's) -> global-norm clip -> Adam with the per-task schedule."""
   return optax.chain(
-      strategy.transform,
+      transform,
       optax.clip_by_global_norm(optim.grad_clip),
       optax.adam(learning_rate_schedule(optim, steps_per_task)),
   )
@@ -57,53 +56,51 @@ def make_loss(loss_config: ml_collections.ConfigDict) -> Callable:
 
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation,
-                       mesh: Mesh, step: int = 0, *, strategy_state: dict | None = None,
-                       accumulators: regularizers.ImportanceState | None = None,
-                       freeze_active: float | None = None) -> dict:
-  """{"params", "opt", "step"[, "strategy"]} with a fresh optimizer state at `step`.
+                       mesh: Mesh, step: int = 0, *, old_model: dict | None = None,
+                       install: Callable | None = None, strategy_state: dict | None = None,
+                       task: int = 0) -> dict:
+  """{"params", "opt", "step"[, "old_model"]} with a fresh optimizer state at `step`.
 
   Args:
-    strategy_state: for strategies that need the previous snapshot,
+    old_model: for loss terms that need the previous snapshot,
       {"old_params": params pytree, "active": float32 scalar} (see
       `old_model_state`); kept unchanged by the train step.
-    accumulators: importance-regulariser accumulators (EWC, MAS, L2) to
-      install in the optimizer state.
-    freeze_active: the `freeze` strategy's flag for this task (1.0 frozen).
+    install: a strategy's (opt_state, strategy_state, task) -> opt_state,
+      applied to the fresh optimizer state (e.g. importance accumulators, a
+      freeze flag); `strategy_state` and `task` (0-based) are what it gets.
   Every leaf is placed where `sharding.param_sharding` says (replicated
   without a model axis), exactly as `train_step` returns it: a state placed
   otherwise would compile the step a second time.
   """
-
-  args = (params, jnp.asarray(step, jnp.int32), strategy_state, accumulators,
-          None if freeze_active is None else jnp.float32(freeze_active))
+  args = (params, jnp.asarray(step, jnp.int32), old_model, strategy_state,
+          jnp.asarray(task, jnp.int32))
   # Placed first: freshly initialised (unplaced) and trained (placed)
   # params are different input types to jit, two compilations otherwise.
-  return _state_builder(optimizer, mesh)(*sharding.place(args, mesh))
+  return _state_builder(optimizer, install, mesh)(*sharding.place(args, mesh))
 
 
 @functools.lru_cache(maxsize=None)
-def _state_builder(optimizer: optax.GradientTransformation, mesh: Mesh) -> Callable:
-  # One jitted builder per (optimizer, mesh): a fresh closure per call would
-  # be a new function to jit, traced and compiled again at every task.
-  # Jitted at all because an eager optimizer.init compiles one tiny program
-  # per leaf.
+def _state_builder(optimizer: optax.GradientTransformation, install: Callable | None,
+                   mesh: Mesh) -> Callable:
+  # One jitted builder per (optimizer, install, mesh): a fresh closure per
+  # call would be a new function to jit, traced and compiled again at every
+  # task. Jitted at all because an eager optimizer.init compiles one tiny
+  # program per leaf.
 
-  def build(p, s, strategy_state, acc, frozen):
+  def build(p, s, old_model, strategy_state, task):
     opt = optimizer.init(p)
-    if acc is not None:
-      opt = regularizers.install(opt, acc)
-    if frozen is not None:
-      opt = optax.tree_utils.tree_set(opt, freeze_active=frozen)
+    if install is not None:
+      opt = install(opt, strategy_state, task)
     state = {"params": p, "opt": opt, "step": s}
-    if strategy_state is not None:
-      state["strategy"] = strategy_state
+    if old_model is not None:
+      state["old_model"] = old_model
     return sharding.constrain(state, mesh)
 
   return jax.jit(build)
 
 
 def old_model_state(old_params: Any | None, params: Any) -> dict:
-  """state["strategy"] for distillation / compat: the previous snapshot, or none yet.
+  """state["old_model"] for loss terms that need the previous snapshot, or none yet.
 
   On the first task there is no previous snapshot: the current params stand in
   (same shapes, so nothing recompiles later) and `active` = 0 switches the
@@ -114,8 +111,12 @@ def old_model_state(old_params: Any | None, params: Any) -> dict:
           "active": jnp.float32(1.0 if active else 0.0)}
 
 
-def _embed_pairs(model: DualEncoder, mesh: Mesh) -> Callable:
-  """(params, batch) -> (img [B, dim], txt [B, dim]), each device its own rows."""
+def pair_embedder(model: DualEncoder, mesh: Mesh) -> Callable:
+  """(params, batch) -> (img [B, dim], txt [B, dim]), each device its own rows.
+
+  Traceable (not jitted itself): the train step and strategies' hooks call it
+  inside their own jitted functions.
+  """
   apply = sharding.per_batch_shard(
       lambda p, images, tokens, lengths: model.apply({"params": p}, images, tokens,
                                                      lengths), mesh)
@@ -125,7 +126,7 @@ def _embed_pairs(model: DualEncoder, mesh: Mesh) -> Callable:
 
 def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
                     loss_fn: Callable, mesh: Mesh,
-                    strategy: Strategy) -> Callable:
+                    loss_term: Callable | None = None) -> Callable:
   """Compiles `train_step(state, batch) -> (state, metrics)` over `mesh`.
 
   The batch (images [B, H, W, 3], tokens [B, L], lengths [B], image_ids [B]) is
@@ -134,27 +135,31 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
   donated. The loss is computed over the global batch: XLA gathers the
   embeddings (and split parameters) it needs, so the result equals the
   single-device step up to float reassociation.
+
+  `loss_term` (a strategy's: (img, txt, old, batch, step, loss_params) ->
+  (loss, extras)) is added times state["old_model"]["active"], old being the
+  previous snapshot's embeddings of the batch; the state then needs
+  "old_model" (`old_model_state`).
   """
 
-  embed = _embed_pairs(model, mesh)
+  embed = pair_embedder(model, mesh)
 
-  def loss_and_extras(params, batch, step, strategy_state):
+  def loss_and_extras(params, batch, step, old_model):
     img, txt = embed(params, batch)
     loss_params = params.get("loss")
     loss, extras = loss_fn(img, txt, image_ids=batch["image_ids"], step=step,
                            loss_params=loss_params)
     extras = {"contrastive": loss, **extras}
-    if strategy.loss_term is not None:
-      old = embed(jax.lax.stop_gradient(strategy_state["old_params"]), batch)
-      extra_loss, extra_extras = strategy.loss_term(img, txt, old, batch, step,
-                                                    loss_params)
-      loss = loss + strategy_state["active"] * extra_loss
+    if loss_term is not None:
+      old = embed(jax.lax.stop_gradient(old_model["old_params"]), batch)
+      extra_loss, extra_extras = loss_term(img, txt, old, batch, step, loss_params)
+      loss = loss + old_model["active"] * extra_loss
       extras.update(extra_extras)
     return loss, extras
 
   def train_step(state, batch):
     (loss, extras), grads = jax.value_and_grad(loss_and_extras, has_aux=True)(
-        state["params"], batch, state["step"], state.get("strategy"))
+        state["params"], batch, state["step"], state.get("old_model"))
     updates, opt = optimizer.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **extras}
@@ -292,35 +297,3 @@ def embed_in_batches(embed_fn: Callable, params: Any, arrays: tuple[np.ndarray, 
     emb = embed_fn(params, *(placed[i] for i in range(len(chunk))))
     out.append(sharding.to_host(emb)[:count])
   return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 0), np.float32)
-
-
-def make_importance_fns(model: DualEncoder, loss_fn: Callable, mesh: Mesh,
-                        reduction: str) -> dict[str, Callable]:
-  """Jitted per-batch gradients that importance estimates average over tasks' data.
-
-  Returns {"loss": (params, batch) -> grad of the batch's per-pair mean loss,
-           "similarity": (params, batch) -> grad of ||S||_F^2 / B^2}, with S the
-  batch's image-caption similarity matrix (see strategies/regularizers.py).
-  """
-  data = sharding.batch_sharded(mesh)
-
-  embed = _embed_pairs(model, mesh)
-
-  def mean_loss(params, batch):
-    img, txt = embed(params, batch)
-    # The loss the task ended with (after any VSE0 warm-up of vse_pp).
-    loss, _ = loss_fn(img, txt, image_ids=batch["image_ids"],
-                      step=jnp.int32(jnp.iinfo(jnp.int32).max),
-                      loss_params=params.get("loss"))
-    return loss / img.shape[0] if reduction == "sum" else loss
-
-  def similarity_energy(params, batch):
-    img, txt = embed(params, batch)
-    return jnp.sum(jnp.square(img @ txt.T)) / img.shape[0] ** 2
-
-  def gradient(fn):
-    # Gradients land where their parameters are.
-    return lambda params, batch: sharding.constrain(jax.grad(fn)(params, batch), mesh)
-
-  return {name: jax.jit(gradient(fn), in_shardings=(None, data))
-          for name, fn in (("loss", mean_loss), ("similarity", similarity_energy))}

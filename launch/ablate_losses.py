@@ -52,9 +52,9 @@ import numpy as np
 
 from benchmarks import harness
 from benchmarks import train_throughput
-from ccr_jax import experiment
 from ccr_jax import losses
 from ccr_jax import sharding
+from ccr_jax.run import loop
 
 MODULE = "launch.ablate_losses"
 # name -> (blocked, matmul_dtype, remat); a blocked variant uses --block_size.
@@ -170,7 +170,7 @@ def measure_loss(config: ml_collections.ConfigDict, batch_size: int) -> dict:
 def train_record(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains and evaluates the embedded benchmark; final task-aware reindex R@1."""
   start = time.perf_counter()
-  results = experiment.train_and_evaluate(config, workdir)
+  results = loop.train_and_evaluate(config, workdir)
   summary = results["summary"]["reindex" if config.index.reindex else "fixed"]
   return {"train_wall_s": time.perf_counter() - start,
           "final_r1_i2t": summary["task_aware"]["i2t_r1"]["final_average"],

@@ -9,7 +9,10 @@ import pytest
 
 from ccr_jax import analysis
 from ccr_jax import evaluation
-from ccr_jax import experiment
+from ccr_jax.run import loop
+from ccr_jax.run import setup as setup_lib
+from ccr_jax.run import indices as indices_lib
+from ccr_jax.run import evaluate as evaluate_lib
 from configs import default
 
 
@@ -110,8 +113,8 @@ def _tiny_config(learning_rate=None, num_tasks=3):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("analysis"))
-  experiment.train_and_evaluate(_tiny_config(), workdir)
-  return workdir, analysis.evaluate_workdir(workdir)
+  loop.train_and_evaluate(_tiny_config(), workdir)
+  return workdir, evaluate_lib.evaluate_workdir(workdir)
 
 
 @pytest.mark.slow
@@ -169,11 +172,11 @@ def test_tower_attribution_pairs_real_towers(trained):
   num = res["tasks_completed"]
   config = ml_collections.ConfigDict(
       __import__("json").load(open(os.path.join(workdir, "config.json"))))
-  setup = experiment.build_setup(config, workdir)
-  snaps = {s: experiment.load_snapshot(setup, s) for s in (1, num)}
+  setup = setup_lib.build_setup(config, workdir)
+  snaps = {s: setup_lib.load_snapshot(setup, s)[0] for s in (1, num)}
   j = 1
   mixed = {**snaps[num], "img": snaps[num]["img"], "txt": snaps[1]["txt"]}
-  q = experiment.test_queries(setup, mixed, j - 1)
+  q = indices_lib.test_queries(setup, mixed, j - 1)
   for direction, (qm, gm) in analysis.DIRECTIONS.items():
     m, _ = evaluation.exact_metrics(q[qm]["emb"], q[gm]["emb"], q[qm]["owners"],
                                     q[gm]["owners"], (1, 5, 10))
@@ -202,11 +205,11 @@ def test_identical_snapshots_give_constant_compatibility_and_no_drift(tmp_path):
   # Learning rate 0: Adam's updates are exactly zero, every snapshot is the init.
   workdir = str(tmp_path)
   config = _tiny_config(learning_rate=0.0, num_tasks=2)
-  experiment.train_and_evaluate(config, workdir)
-  res = analysis.evaluate_workdir(workdir)
+  loop.train_and_evaluate(config, workdir)
+  res = evaluate_lib.evaluate_workdir(workdir)
   a = res["analysis"]
   setup_params = [jax.tree.leaves(p) for p in
-                  (experiment.load_snapshot(experiment.build_setup(config, workdir), s)
+                  (setup_lib.load_snapshot(setup_lib.build_setup(config, workdir), s)[0]
                    for s in (1, 2))]
   assert all(np.array_equal(x, y) for x, y in zip(*setup_params))
   for direction in ("i2t", "t2i"):

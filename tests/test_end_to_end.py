@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ccr_jax import checkpoints
-from ccr_jax import experiment
+from ccr_jax.run import loop
 from configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +140,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path, monkeypatch, strategy
   # the snapshot, the old model in the train state, the replay memory.
   config = default.get_config("tiny")
   config.strategy.name = strategy
-  full = experiment.train_and_evaluate(config, str(tmp_path / "full"))
+  full = loop.train_and_evaluate(config, str(tmp_path / "full"))
 
   # Kill the second run while it saves task 2's snapshot: task 2's state
   # checkpoint (step 2 of 4) is on disk, the snapshot is not.
@@ -153,9 +153,9 @@ def test_killed_run_resumes_to_identical_results(tmp_path, monkeypatch, strategy
 
   monkeypatch.setattr(checkpoints, "save_snapshot", dying_save)
   with pytest.raises(KeyboardInterrupt):
-    experiment.train_and_evaluate(config, str(tmp_path / "killed"))
+    loop.train_and_evaluate(config, str(tmp_path / "killed"))
   assert checkpoints.completed_snapshots(str(tmp_path / "killed")) == [1]
   monkeypatch.setattr(checkpoints, "save_snapshot", real_save)
-  resumed = experiment.train_and_evaluate(config, str(tmp_path / "killed"))
+  resumed = loop.train_and_evaluate(config, str(tmp_path / "killed"))
   # Same device count on CPU: bit-identical.
   assert resumed["metrics"] == full["metrics"]

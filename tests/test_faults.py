@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 
 from ccr_jax import checkpoints
-from ccr_jax import experiment
-from ccr_jax import train as train_lib
+from ccr_jax import losses
+from ccr_jax.run import loop
+from ccr_jax.run import setup as setup_lib
+from ccr_jax import schema
+from ccr_jax.run import config as config_lib
+from ccr_jax.data import registry as data_registry
 from ccr_jax.data import tasks as tasks_lib
 from configs import default
 
@@ -40,7 +44,7 @@ def _results(workdir):
 def uninterrupted(tmp_path_factory):
   """results.json of the tiny config, run once without faults (in process)."""
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
-  experiment.train_and_evaluate(default.get_config("tiny"), workdir)
+  loop.train_and_evaluate(default.get_config("tiny"), workdir)
   return workdir, _results(workdir)
 
 
@@ -85,7 +89,7 @@ def test_corrupt_snapshot_is_quarantined_and_retrained(uninterrupted, tmp_path,
   _truncate_largest_file(checkpoints.snapshot_dir(workdir, 2))
   # Orbax still lists the broken snapshot: only reading it fails.
   assert checkpoints.completed_snapshots(workdir) == [1, 2]
-  results = experiment.train_and_evaluate(default.get_config("tiny"), workdir)
+  results = loop.train_and_evaluate(default.get_config("tiny"), workdir)
   assert results == uninterrupted[1]
   assert "snapshot of task 2" in caplog.text and "retrained from snapshot 1" in caplog.text
   quarantined = os.listdir(os.path.join(workdir, "quarantine"))
@@ -108,12 +112,12 @@ def test_corrupt_state_falls_back_to_an_older_one(uninterrupted, tmp_path, caplo
 
   monkeypatch.setattr(checkpoints, "save_snapshot", killed_at_task_2)
   with pytest.raises(KeyboardInterrupt):
-    experiment.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
   monkeypatch.setattr(checkpoints, "save_snapshot", real_save)
   newest = checkpoints.latest_state_step(workdir)
   assert newest == 4 + 3  # task 2, step 3 (global step)
   _truncate_largest_file(os.path.join(workdir, "state", str(newest)))
-  results = experiment.train_and_evaluate(config, workdir)
+  results = loop.train_and_evaluate(config, workdir)
   assert f"state at step {newest}" in caplog.text and "older" in caplog.text
   # checkpoint_every is not part of the experiment: same numbers as every=2.
   assert results["metrics"] == uninterrupted[1]["metrics"]
@@ -122,7 +126,7 @@ def test_corrupt_state_falls_back_to_an_older_one(uninterrupted, tmp_path, caplo
 def test_nan_loss_names_step_and_last_good_checkpoint(tmp_path, monkeypatch):
   config = default.get_config("tiny")
   config.data.num_tasks, config.data.num_categories = 1, 2
-  real_make_loss = train_lib.make_loss
+  real_make_loss = losses.make_loss
 
   def poisoned_loss(loss_config):
     loss_fn = real_make_loss(loss_config)
@@ -134,9 +138,9 @@ def test_nan_loss_names_step_and_last_good_checkpoint(tmp_path, monkeypatch):
 
     return loss
 
-  monkeypatch.setattr(train_lib, "make_loss", poisoned_loss)
+  monkeypatch.setattr(losses, "make_loss", poisoned_loss)
   with pytest.raises(FloatingPointError) as e:
-    experiment.train_and_evaluate(config, str(tmp_path))
+    loop.train_and_evaluate(config, str(tmp_path))
   message = str(e.value)
   assert "between steps 2 and 4" in message
   assert f"{tmp_path}/state/2 (step 2 of task 1)" in message
@@ -144,20 +148,20 @@ def test_nan_loss_names_step_and_last_good_checkpoint(tmp_path, monkeypatch):
 
 
 def test_same_seed_and_config_give_the_same_results(uninterrupted, tmp_path):
-  again = experiment.train_and_evaluate(default.get_config("tiny"), str(tmp_path))
+  again = loop.train_and_evaluate(default.get_config("tiny"), str(tmp_path))
   assert again == uninterrupted[1]
 
 
 @pytest.mark.parametrize("flag, message", [
     ("--config.train.stepz=3", "--config.train.stepz is not a config key. "
      "Did you mean 'train.steps_per_task'?"),
-    ("--config.optim.learning_rate=-0.1", "learning_rate=-0.1 must be >= 0"),
-    ("--config.eval.ks=()", "eval.ks=() must be a non-empty list"),
-    ("--config.loss.name=vse", "valid: ['infonce', 'siglip', 'vse0', 'vse_pp']"),
+    ("--config.optim.learning_rate=-0.1", "learning_rate=-0.1 must be a number >= 0"),
+    ("--config.eval.ks=()", "eval.ks=[] must be a non-empty list"),
+    ("--config.loss.name=vse", "must be one of ['infonce', 'siglip', 'vse0', 'vse_pp']"),
     ("--config.strategy.name=ewcc", "valid components"),
-    ("--config.data.name=cocoo", "valid: ['coco', 'flickr30k', 'precomputed'"),
+    ("--config.data.name=cocoo", "must be one of ['coco', 'flickr30k', 'precomputed'"),
     ("--config.train.batch_size=abc", "invalid literal for int()"),
-    ("--config.train.batch_size=0", "batch_size=0 must be >= 1"),
+    ("--config.train.batch_size=0", "batch_size=0 must be an integer >= 1"),
 ])
 def test_bad_config_is_one_clear_line_and_exit_2(flag, message, tmp_path):
   proc = _cli(TINY, f"--workdir={tmp_path}", flag)
@@ -173,26 +177,31 @@ def test_config_file_typo_names_the_nearest_key():
   config.train.step_per_task = 3  # a typo in a user's config file
   with pytest.raises(ValueError, match="'train.step_per_task'. Did you mean "
                                        "'train.steps_per_task'"):
-    experiment.validate_config(config)
+    config_lib.validate_config(config)
 
 
-def test_every_shipped_config_validates_and_uses_only_known_keys():
+def test_every_shipped_config_validates_and_every_key_is_documented():
   import importlib  # pylint: disable=g-import-not-at-top
-  used = set()
   for name, args in (("default", (None, "tiny")), ("secoco", (None,)),
                      ("sevige", (None,)), ("coco_vsepp", (None,)),
                      ("flickr30k_vsepp", (None,)), ("coco_precomp", (None, "secoco")),
                      ("f30k_precomp", (None,))):
     module = importlib.import_module(f"configs.{name}")
     for arg in args:
-      config = module.get_config(arg)
-      experiment.validate_config(config)
-      used |= set(experiment._key_paths(json.loads(config.to_json())))  # pylint: disable=protected-access
-  # The schema has no stale key: each is set by some shipped config (the
-  # pretrained-tower keys are optional, read with defaults).
-  optional = {"model.freeze_text_backbone", "model.minilm_weights"}
-  stale = set(experiment.valid_config_keys()) - used - optional
-  assert not stale, stale
+      config_lib.validate_config(module.get_config(arg))
+
+  def undocumented(section, prefix=""):
+    out = []
+    for key, value in section.items():
+      if isinstance(value, schema.Key):
+        out += [] if len(value.doc) > 5 else [prefix + key]
+      else:
+        out += undocumented(value, prefix + key + ".")
+    return out
+
+  assert not undocumented(config_lib.config_schema())
+  # The default config is the schema's defaults: one declaration per key.
+  assert default.get_config().to_dict() == config_lib.default_config().to_dict()
 
 
 def test_images_of_the_wrong_shape_are_named(tmp_path):
@@ -203,20 +212,20 @@ def test_images_of_the_wrong_shape_are_named(tmp_path):
   bad = tasks_lib.Split(images=np.zeros((4, 9, 8, 3), np.uint8), captions=caps,
                         categories=np.zeros(4, np.int32), ids=np.arange(4, 8))
   with pytest.raises(ValueError, match=r"task 1 test images have shape \(9, 8, 3\)"):
-    experiment.check_image_shapes([{"train": good, "val": good, "test": bad}])
+    setup_lib.check_image_shapes([{"train": good, "val": good, "test": bad}])
   # Pooled features and regions of the same dimension go together; not others.
   pooled, regions, other = (
       tasks_lib.Split(images=np.zeros(shape, np.float32), captions=caps,
                       categories=np.zeros(4, np.int32), ids=np.arange(4))
       for shape in ((4, 6), (4, 3, 6), (4, 3, 5)))
-  assert experiment.check_image_shapes([{"train": pooled, "test": regions}]) == (6,)
+  assert setup_lib.check_image_shapes([{"train": pooled, "test": regions}]) == (6,)
   with pytest.raises(ValueError, match=r"\(3, 5\)"):
-    experiment.check_image_shapes([{"train": pooled, "test": other}])
+    setup_lib.check_image_shapes([{"train": pooled, "test": other}])
 
 
 def test_empty_caption_is_named_with_its_task_and_split(tmp_path, monkeypatch):
   config = default.get_config("tiny")
-  real_load = tasks_lib.load_task_sequence
+  real_load = data_registry.load_task_sequence
 
   def with_empty_caption(*args, **kwargs):
     sequence = real_load(*args, **kwargs)
@@ -226,7 +235,7 @@ def test_empty_caption_is_named_with_its_task_and_split(tmp_path, monkeypatch):
     object.__setattr__(val, "captions", tuple(caps))
     return sequence
 
-  monkeypatch.setattr(tasks_lib, "load_task_sequence", with_empty_caption)
+  monkeypatch.setattr(data_registry, "load_task_sequence", with_empty_caption)
   with pytest.raises(ValueError, match=r"task 2 val split of 'synthetic': "
                                        r"Caption 5 has no word tokens"):
-    experiment.build_setup(config, str(tmp_path))
+    setup_lib.build_setup(config, str(tmp_path))

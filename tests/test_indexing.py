@@ -1,13 +1,16 @@
 """Tests for ccr_jax.indexing: exact search, ScaNN recall, save/load safety."""
 
+import hashlib
 import json
 import os
 
 import numpy as np
 import pytest
 
+from ccr_jax import files
 from ccr_jax import indexing
 from ccr_jax.indexing import IndexMismatchError
+from ccr_jax.indexing import scann_backend
 
 
 def _normalise(x):
@@ -148,7 +151,7 @@ def test_scann_parameter_rule_small_galleries_and_overrides():
 
 
 def test_scann_tree_recall_on_clustered_data(tree_index):
-  params = tree_index.metadata.scann_params
+  params = tree_index.metadata.backend_params
   assert tree_index.metadata.backend == "scann"
   assert params == indexing.scann_parameters(20_000)
   # Approximate search: the bar is 0.95 of exact recall@10. k-means starts
@@ -173,7 +176,7 @@ def test_scann_brute_force_equals_exact(small_gallery):
   gallery, ids = small_gallery
   index = _build(gallery, ids)
   assert index.metadata.backend == "scann"
-  assert index.metadata.scann_params["mode"] == "brute_force"
+  assert index.metadata.backend_params["mode"] == "brute_force"
   queries = _clustered(100, 32, seed=6)
   exact = _build(gallery, ids, backend="exact")
   _assert_same_top_k(*indexing.search(index, queries, 10),
@@ -185,9 +188,9 @@ def test_scann_unbuildable_falls_back_to_exact(small_gallery):
   gallery, ids = small_gallery
   # More leaves than points: ScaNN refuses to build.
   index = _build(gallery, ids,
-                 scann_options={"mode": "tree_ah", "num_leaves": 10_000})
+                 options={"mode": "tree_ah", "num_leaves": 10_000})
   assert index.metadata.backend == "exact"
-  assert "clusters" in index.metadata.scann_params["fallback_reason"]
+  assert "clusters" in index.metadata.backend_params["fallback_reason"]
   empty = _build(np.zeros((0, 32), np.float32), np.zeros((0,), np.int64))
   assert empty.metadata.backend == "exact"
   scores, found = indexing.search(empty, gallery[:3], 10)
@@ -198,11 +201,11 @@ def test_scann_anisotropic_threshold_option_builds(small_gallery):
   gallery, ids = small_gallery
   # Every leaf searched, so recall measures the AH scores and the reorder
   # alone, not where random k-means centres happened to cut.
-  index = _build(gallery, ids, scann_options={
+  index = _build(gallery, ids, options={
       "mode": "tree_ah", "num_leaves": 10, "leaves_to_search_fraction": 1.0,
       "anisotropic_quantization_threshold": 0.2})
   assert index.metadata.backend == "scann"
-  assert index.metadata.scann_params["anisotropic_quantization_threshold"] == 0.2
+  assert index.metadata.backend_params["anisotropic_quantization_threshold"] == 0.2
   assert indexing.recall_against_exact(index, gallery[:50], k=10) >= 0.99
 
 
@@ -211,6 +214,39 @@ def test_scann_options_are_validated():
     indexing.scann_parameters(100, {"leaves": 3})
   with pytest.raises(ValueError, match="tree_ah"):
     indexing.scann_parameters(100, {"num_leaves": 3})
+
+
+def test_backends_are_registered_by_name():
+  assert indexing.names() == indexing.BACKENDS == ("scann", "exact")
+  for name in indexing.names():
+    assert indexing.get_backend(name).name == name
+  with pytest.raises(ValueError, match="scann.*exact"):
+    indexing.get_backend("faiss")
+  with pytest.raises(ValueError, match="scann.*exact"):
+    _build(np.eye(3, dtype=np.float32), backend="faiss")
+
+
+def test_exact_backend_takes_no_options(small_gallery):
+  gallery, ids = small_gallery
+  with pytest.raises(ValueError, match="no options"):
+    _build(gallery, ids, backend="exact", options={"mode": "tree_ah"})
+  # The older keyword names ScaNN's options; exact ignores it, as it did.
+  index = _build(gallery, ids, backend="exact", scann_options={"mode": "tree_ah"})
+  assert index.metadata.backend_params == {}
+  same = _build(gallery, ids, scann_options={"mode": "brute_force"})
+  assert same.metadata.backend_params == {"mode": "brute_force",
+                                          "num_neighbors": 10}
+  with pytest.raises(ValueError, match="not both"):
+    _build(gallery, ids, options={}, scann_options={})
+
+
+def test_config_keys_match_the_default_config():
+  keys = indexing.config_keys()
+  # configs/default.py's index section, written out.
+  assert {name: key.default for name, key in keys.items()} == {
+      "backend": "scann", "reindex": True}
+  assert keys["backend"].check("exact") is None
+  assert "scann" in keys["backend"].check("faiss")
 
 
 def test_metadata_json_round_trip(tree_index):
@@ -268,7 +304,7 @@ def test_saved_scann_index_stores_embeddings_once(mode, tree_index,
     index = tree_index
   else:
     index = _build(*small_gallery)
-  assert index.metadata.scann_params["mode"] == mode
+  assert index.metadata.backend_params["mode"] == mode
   exact = _build(index.embeddings, index.item_ids, backend="exact")
   indexing.save_index(index, tmp_path / "scann")
   indexing.save_index(exact, tmp_path / "exact")
@@ -286,9 +322,9 @@ def test_saved_scann_index_stores_embeddings_once(mode, tree_index,
 def test_share_embeddings_keeps_a_dataset_that_differs(small_gallery, tmp_path):
   gallery, ids = small_gallery
   index = _build(gallery, ids)
-  index.searcher.serialize(str(tmp_path), relative_path=True)
+  index.state.serialize(str(tmp_path), relative_path=True)
   assets = (tmp_path / "scann_assets.pbtxt").read_text()
-  indexing._share_embeddings(str(tmp_path), gallery[::-1].copy())
+  scann_backend.share_embeddings(str(tmp_path), gallery[::-1].copy())
   assert (tmp_path / "dataset.npy").exists()
   assert (tmp_path / "scann_assets.pbtxt").read_text() == assets
 
@@ -300,6 +336,89 @@ def saved_small(small_gallery, tmp_path):
   index = _build(gallery, ids, modality="images")
   indexing.save_index(index, directory)
   return index, directory
+
+
+def _rewrite_metadata(directory, change, manifest_version=None):
+  """Applies `change` (dict -> None) to metadata.json and refreshes its manifest entry.
+
+  The entry is recomputed with hashlib, independently of the code under test.
+  """
+  metadata = json.loads((directory / "metadata.json").read_text())
+  change(metadata)
+  text = json.dumps(metadata, indent=2, sort_keys=True)
+  (directory / "metadata.json").write_text(text)
+  manifest = json.loads((directory / "manifest.json").read_text())
+  if manifest_version is not None:
+    manifest["format_version"] = manifest_version
+  manifest["files"]["metadata.json"] = {
+      "bytes": len(text.encode()),
+      "sha256": hashlib.sha256(text.encode()).hexdigest()}
+  (directory / "manifest.json").write_text(json.dumps(manifest, indent=2,
+                                                      sort_keys=True))
+  return metadata
+
+
+def _as_version_1(metadata):
+  """What the code before pluggable backends wrote: `scann_params`, version 1."""
+  metadata["scann_params"] = metadata.pop("backend_params")
+  metadata["format_version"] = 1
+
+
+def test_loads_version_1_exact_index_written_literally(tmp_path):
+  # Every file as the version-1 writer laid it out, written here by hand.
+  directory = tmp_path / "v1_exact"
+  directory.mkdir()
+  embeddings = np.array([[1, 0], [0, 1], [0.6, 0.8]], np.float32)
+  np.save(directory / "embeddings.npy", embeddings, allow_pickle=False)
+  np.save(directory / "item_ids.npy", np.array([5, 6, 7], np.int64),
+          allow_pickle=False)
+  (directory / "metadata.json").write_text(json.dumps({
+      "backend": "exact", "count": 3, "dim": 2, "format_version": 1,
+      "modality": "images", "scann_params": {"fallback_reason": "empty"},
+      "snapshot": 4, "task": 2}, indent=2, sort_keys=True))
+  manifest = {name: {"bytes": (directory / name).stat().st_size,
+                     "sha256": hashlib.sha256(
+                         (directory / name).read_bytes()).hexdigest()}
+              for name in ("embeddings.npy", "item_ids.npy", "metadata.json")}
+  (directory / "manifest.json").write_text(json.dumps(
+      {"format_version": 1, "files": manifest}, indent=2, sort_keys=True))
+
+  index = indexing.load_index(directory, expect_snapshot=4, expect_task=2,
+                              expect_modality="images", expect_dim=2)
+  assert index.metadata == indexing.IndexMetadata(
+      snapshot=4, task=2, modality="images", dim=2, count=3, backend="exact",
+      backend_params={"fallback_reason": "empty"},
+      format_version=indexing.FORMAT_VERSION)
+  # Query (0.8, 0.6): scores 0.8, 0.6, 0.96 -> items 7, 5, 6.
+  scores, ids = indexing.search(index, np.array([[0.8, 0.6]], np.float32), 3)
+  np.testing.assert_array_equal(ids, [[7, 5, 6]])
+  np.testing.assert_allclose(scores, [[0.96, 0.8, 0.6]], atol=1e-6)
+
+
+def test_loads_version_1_scann_index_and_saves_it_as_current(saved_small,
+                                                             tmp_path):
+  index, directory = saved_small
+  old = _rewrite_metadata(directory, _as_version_1, manifest_version=1)
+  loaded = indexing.load_index(directory, expect_snapshot=2,
+                               expect_item_ids=index.item_ids)
+  assert loaded.metadata.backend == "scann"
+  assert loaded.metadata.backend_params == old["scann_params"] == (
+      index.metadata.backend_params)
+  assert loaded.metadata == index.metadata
+  _same_search(loaded, index, index.embeddings[:20])
+  indexing.save_index(loaded, tmp_path / "resaved")
+  written = json.loads((tmp_path / "resaved" / "metadata.json").read_text())
+  assert written["format_version"] == indexing.FORMAT_VERSION == 2
+  assert "backend_params" in written and "scann_params" not in written
+
+
+def test_load_rejects_an_unknown_format_version(saved_small):
+  _, directory = saved_small
+  _rewrite_metadata(directory, lambda m: m.update(format_version=99))
+  with pytest.raises(IndexMismatchError) as error:
+    indexing.load_index(directory)
+  assert error.value.field == "format_version"
+  assert error.value.found == 99
 
 
 @pytest.mark.parametrize("field,kwargs", [
@@ -389,7 +508,7 @@ def test_interrupted_save_never_leaves_half_an_index(saved_small, small_gallery,
   def failing_hash(path):
     raise OSError("disk gone")
 
-  monkeypatch.setattr(indexing, "_sha256", failing_hash)
+  monkeypatch.setattr(files, "sha256", failing_hash)
   with pytest.raises(OSError, match="disk gone"):
     indexing.save_index(new_index, directory)
   monkeypatch.undo()
@@ -400,7 +519,7 @@ def test_interrupted_save_never_leaves_half_an_index(saved_small, small_gallery,
 
   # First-time save interrupted: nothing at all appears at the final path.
   fresh = directory.parent / "fresh"
-  monkeypatch.setattr(indexing, "_sha256", failing_hash)
+  monkeypatch.setattr(files, "sha256", failing_hash)
   with pytest.raises(OSError):
     indexing.save_index(new_index, fresh)
   monkeypatch.undo()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ccr_jax import experiment
+from ccr_jax.run import loop
 from configs import default
 
 pytestmark = pytest.mark.slow
@@ -18,7 +18,7 @@ def test_default_loss_and_model_learn_one_task(tmp_path):
   config.data.test_per_category = 20
   config.train.steps_per_task = 200
   config.index.reindex = False
-  results = experiment.train_and_evaluate(config, str(tmp_path))
+  results = loop.train_and_evaluate(config, str(tmp_path))
   aware = results["metrics"]["fixed"]["task_aware"]
   # Chance: text->image R@1 = 1/60 images = 1.7 %, image->text R@1 = 5/300
   # captions = 1.7 %. A collapsed embedding (VSE++ from scratch: every score

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ccr_jax import losses
+from ccr_jax import schema
 
 
 def reference_hinge(img, txt, ids, margin, hardest, reduction):
@@ -380,3 +381,95 @@ def test_make_loss_rejects_bad_settings(field, value, match):
   cfg[field] = value
   with pytest.raises(ValueError, match=match):
     losses.make_loss(cfg)
+
+
+# ------------------------------------------------------------------ registry
+
+
+# configs/default.py's loss section, written out: the declared defaults must
+# reproduce it exactly.
+DEFAULT_LOSS_SECTION = dict(
+    name="vse0", margin=0.2, reduction="sum", warmup_steps=0, temperature=0.07,
+    learn_temperature=False, bias=-10.0, block_size=0, matmul_dtype="float32",
+    remat=False)
+
+
+def _default_loss_config(**overrides):
+  cfg = schema.defaults(losses.config_keys())
+  cfg.update(overrides)
+  return cfg
+
+
+def test_config_keys_are_the_default_config_section():
+  keys = losses.config_keys()
+  defaults = {name: key.default for name, key in keys.items()}
+  assert defaults == DEFAULT_LOSS_SECTION
+  assert [type(v) for v in defaults.values()] == [
+      type(v) for v in DEFAULT_LOSS_SECTION.values()]  # 0.2 is no 0, False no 0
+  for name in losses.names():
+    # Every key a loss binds is declared (with a doc), and none is a variant key.
+    entry = losses.get(name)
+    assert set(entry.settings) <= keys.keys() - set(losses.VARIANT_SETTINGS), name
+  assert set(losses.VARIANT_SETTINGS) <= keys.keys()
+  assert all(key.doc for key in keys.values())
+  assert keys["name"].check("siglip") is None and keys["name"].check("clip")
+
+
+def test_registry_names_every_loss_once():
+  assert losses.names() == tuple(losses.LOSSES) == ALL_LOSSES
+  assert {losses.get(name).name for name in losses.names()} == set(ALL_LOSSES)
+
+
+@pytest.mark.parametrize("name", ALL_LOSSES)
+def test_make_loss_binds_the_settings_the_entry_names(name):
+  # Settings away from every function default, so an unbound one would show.
+  cfg = _default_loss_config(name=name, margin=0.35, reduction="mean",
+                             warmup_steps=0, temperature=0.2, bias=-1.5)
+  img, txt = random_embeddings(8, 6, 8)
+  ids = jnp.asarray(IDS_DUPLICATE)
+  got, _ = losses.make_loss(cfg)(img, txt, image_ids=ids, step=0)
+  explicit = {"vse0": dict(margin=0.35, reduction="mean"),
+              "vse_pp": dict(margin=0.35, reduction="mean", warmup_steps=0),
+              "infonce": dict(temperature=0.2, reduction="mean"),
+              "siglip": dict(temperature=0.2, bias=-1.5, reduction="mean")}[name]
+  want, _ = losses.get_loss(name)(img, txt, image_ids=ids, step=0, **explicit)
+  np.testing.assert_array_equal(got, want)
+  if name in ("vse0", "vse_pp"):
+    want = reference_hinge(img, txt, IDS_DUPLICATE, 0.35, hardest=name == "vse_pp",
+                           reduction="mean")[0]
+  elif name == "infonce":
+    want = reference_infonce(img, txt, IDS_DUPLICATE, 1 / 0.2)
+  else:
+    want = reference_siglip(img, txt, IDS_DUPLICATE, 1 / 0.2, -1.5)
+  # float32 against float64 references: ~1e-6 relative.
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_initial_params_come_from_the_entries():
+  for name in ("vse0", "vse_pp"):
+    assert losses.initial_params(_default_loss_config(
+        name=name, learn_temperature=True)) is None
+  for name in ("infonce", "siglip"):
+    assert losses.initial_params(_default_loss_config(name=name)) is None
+  infonce = losses.initial_params(_default_loss_config(
+      name="infonce", learn_temperature=True, temperature=0.07))
+  assert infonce.keys() == {"log_scale"}
+  np.testing.assert_allclose(infonce["log_scale"], np.log(1 / 0.07), rtol=1e-6)
+  siglip = losses.initial_params(_default_loss_config(
+      name="siglip", learn_temperature=True, temperature=0.1, bias=-10.0))
+  assert siglip.keys() == {"log_scale", "bias"}
+  assert all(v.dtype == jnp.float32 for v in siglip.values())
+  np.testing.assert_allclose(siglip["log_scale"], np.log(10.0), rtol=1e-6)
+  assert siglip["bias"] == -10.0
+  with pytest.raises(ValueError, match="vse0"):
+    losses.initial_params(_default_loss_config(name="clip"))
+
+
+def test_make_loss_names_every_bad_setting():
+  cfg = ml_collections.ConfigDict({**DEFAULT_LOSS_SECTION, "name": "vse_pp",
+                                   "warmup_steps": -1, "margin": "wide"})
+  with pytest.raises(ValueError) as error:
+    losses.make_loss(cfg)
+  message = str(error.value)
+  assert "--config.loss.warmup_steps=-1" in message
+  assert "--config.loss.margin='wide' must be a number" in message

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import pytest
 
-from ccr_jax import experiment
+from ccr_jax.run import loop
+from ccr_jax.run import setup as setup_lib
 from ccr_jax import sharding
 from ccr_jax.data import pipeline
 from configs import default
@@ -143,7 +144,7 @@ def reference(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   data_dir = str(root / "tfds")
   workdir = str(root / "single")
-  results = experiment.train_and_evaluate(_tiny_config(data_dir), workdir)
+  results = loop.train_and_evaluate(_tiny_config(data_dir), workdir)
   return {"root": root, "data_dir": data_dir, "workdir": workdir, "results": results}
 
 
@@ -159,9 +160,9 @@ def _launch_local(reference, name: str, processes: int, devices: int, *extra: st
 
 
 def _final_params(reference, workdir: str):
-  setup = experiment.build_setup(_tiny_config(reference["data_dir"]),
+  setup = setup_lib.build_setup(_tiny_config(reference["data_dir"]),
                                  reference["workdir"])
-  return experiment.load_snapshot(dataclasses.replace(setup, workdir=workdir), 2)
+  return setup_lib.load_snapshot(dataclasses.replace(setup, workdir=workdir), 2)[0]
 
 
 def _assert_same_results(got: dict, want: dict, path: str = "") -> None:

@@ -147,9 +147,9 @@ def _tiny_train_step():
   model = dual_encoder.build_model(cfg.model, vocab_size=20)
   mesh = sharding.make_mesh(jax.devices()[:1])
   strategy = strategies.get_strategy(cfg.strategy)
-  optimizer = train_lib.make_optimizer(cfg.optim, steps, strategy)
+  optimizer = train_lib.make_optimizer(cfg.optim, steps, strategy.transform)
   step = train_lib.make_train_step(model, optimizer, train_lib.make_loss(cfg.loss),
-                                   mesh, strategy)
+                                   mesh, strategy.loss_term)
   size, length, batch = cfg.data.image_size, 6, cfg.train.batch_size
   params = dual_encoder.init_params(model, jax.random.PRNGKey(0), (size, size, 3),
                                     length)

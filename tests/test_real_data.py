@@ -9,8 +9,10 @@ Expected values are worked out by hand from the fixture definitions below.
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 from PIL import Image
@@ -18,11 +20,15 @@ import pytest
 
 from ccr_jax.data import coco
 from ccr_jax.data import flickr30k
+from ccr_jax.data import images
 from ccr_jax.data import pipeline
 from ccr_jax.data import precomputed
+from ccr_jax.data import registry
 from ccr_jax.data import tasks
 from ccr_jax.data import text
 from ccr_jax.data import visual_genome
+from ccr_jax.run import loop
+from ccr_jax.run import setup as setup_lib
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,15 +50,41 @@ def _colour(image_id):
                    (image_id * 70) % 256], np.uint8)
 
 
+def _pixels(image_id):
+  if image_id % 2 == 0:
+    return np.random.default_rng(image_id).integers(
+        0, 256, (32, 32, 3), dtype=np.uint8)
+  shape = (24, 40, 3) if image_id % 4 == 1 else (44, 30, 3)
+  return np.broadcast_to(_colour(image_id), shape).copy()
+
+
 def _write_image(path, image_id):
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  if image_id % 2 == 0:
-    pixels = np.random.default_rng(image_id).integers(
-        0, 256, (32, 32, 3), dtype=np.uint8)
-  else:
-    shape = (24, 40, 3) if image_id % 4 == 1 else (44, 30, 3)
-    pixels = np.broadcast_to(_colour(image_id), shape).copy()
-  Image.fromarray(pixels).save(path, format="JPEG", quality=95)
+  Image.fromarray(_pixels(image_id)).save(path, format="JPEG", quality=95)
+
+
+def _write_image_bytes(image_id):
+  """A file holding image `image_id`, in a fresh temporary directory."""
+  path = os.path.join(tempfile.mkdtemp(), f"{image_id}.jpg")
+  _write_image(path, image_id)
+  return path
+
+
+def _write_json(path, obj):
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f)
+
+
+def _fixture_dirs(tmp_path_factory, name, write):
+  """A manual dir written by `write` (-> {id: image path}) and a TFDS dir.
+
+  Module-scoped: each source is built once in "tfds" and reused by its tests.
+  """
+  root = tmp_path_factory.mktemp(name)
+  paths = write(str(root / "manual"))
+  return dict(manual=str(root / "manual"), tfds=str(root / "tfds"),
+              paths=paths)
 
 
 def _check_images(view, ids, paths):
@@ -139,25 +171,19 @@ def write_coco(root):
         filepath=folder, filename=_coco_file(image_id), cocoid=image_id,
         split=split, imgid=image_id,
         sentences=[dict(raw=f"karpathy {k}") for k in range(5)]))
-  os.makedirs(os.path.join(root, "annotations"))
   for folder in ("train2014", "val2014"):
-    with open(os.path.join(root, "annotations", f"captions_{folder}.json"),
-              "w") as f:
-      json.dump(dict(annotations=captions[folder]), f)
-    with open(os.path.join(root, "annotations", f"instances_{folder}.json"),
-              "w") as f:
-      json.dump(dict(annotations=instances[folder], categories=categories), f)
-  with open(os.path.join(root, "dataset_coco.json"), "w") as f:
-    json.dump(dict(images=karpathy, dataset="coco"), f)
+    _write_json(os.path.join(root, "annotations", f"captions_{folder}.json"),
+                dict(annotations=captions[folder]))
+    _write_json(os.path.join(root, "annotations", f"instances_{folder}.json"),
+                dict(annotations=instances[folder], categories=categories))
+  _write_json(os.path.join(root, "dataset_coco.json"),
+              dict(images=karpathy, dataset="coco"))
   return paths
 
 
 @pytest.fixture(scope="module")
 def coco_dirs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("coco")
-  paths = write_coco(str(root / "manual"))
-  return dict(manual=str(root / "manual"), tfds=str(root / "tfds"),
-              paths=paths)
+  return _fixture_dirs(tmp_path_factory, "coco", write_coco)
 
 
 def _coco_data_config(dirs, **overrides):
@@ -196,7 +222,7 @@ def test_coco_splits_captions_and_areas(coco_dirs):
 
 
 def test_coco_tasks_by_dominant_group(coco_dirs):
-  sequence = tasks.load_task_sequence(_coco_data_config(coco_dirs),
+  sequence = registry.load_task_sequence(_coco_data_config(coco_dirs),
                                       coco_dirs["tfds"])
   assert len(sequence.tasks) == 3
   for split, per_task in _COCO_TASK_IDS.items():
@@ -216,7 +242,7 @@ def test_coco_tasks_by_dominant_group(coco_dirs):
 def test_coco_single_task_keeps_every_image(coco_dirs):
   config = _config("coco_vsepp")
   config.data.manual_dir = coco_dirs["manual"]
-  sequence = tasks.load_task_sequence(config.data, coco_dirs["tfds"])
+  sequence = registry.load_task_sequence(config.data, coco_dirs["tfds"])
   (task,) = sequence.tasks
   assert (len(task.train), len(task.val), len(task.test)) == (6, 3, 4)
   assert sequence.describe()["assignment_rule"] == tasks.SINGLE_TASK_RULE
@@ -274,6 +300,81 @@ def test_coco_missing_or_incomplete_manual_dir(coco_dirs, tmp_path):
               str(tmp_path / "tfds"))
 
 
+@pytest.mark.parametrize("stored_image_size", [0, 16])
+def test_truncated_jpeg_names_the_file_in_one_line(coco_dirs, tmp_path,
+                                                   stored_image_size):
+  # stored_image_size=0 stores the file's bytes as they are: the image must
+  # still be decoded once at build time, or the error would only come in a
+  # training batch, far from the file.
+  manual = str(tmp_path / "manual")
+  shutil.copytree(coco_dirs["manual"], manual)
+  path = os.path.join(manual, "val2014", _coco_file(8))
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+  config = _coco_data_config(coco_dirs, manual_dir=manual,
+                             stored_image_size=stored_image_size)
+  with pytest.raises(ValueError) as error:
+    coco.load(config, str(tmp_path / "tfds"))
+  message = str(error.value)
+  assert "\n" not in message
+  assert message.startswith(path + ": cannot read this image")
+  assert "truncated" in message and "extract it again" in message
+  # What the message says to do works: TFDS kept nothing of the failed build.
+  with open(path, "wb") as f:
+    f.write(data)
+  assert len(coco.load(config, str(tmp_path / "tfds")).splits["val"]) == 3
+
+
+def test_unreadable_image_names_the_file(flickr_dirs, tmp_path):
+  manual = str(tmp_path / "manual")
+  shutil.copytree(flickr_dirs["manual"], manual)
+  path = os.path.join(manual, "flickr30k-images", "2001.jpg")
+  with open(path, "wb") as f:
+    f.write(b"<html>Not Found</html>")  # what a failed download leaves
+  config = _config("flickr30k_vsepp")
+  config.data.manual_dir = manual
+  with pytest.raises(ValueError, match=r"^[^\n]*2001\.jpg: cannot read this "
+                     r"image \(UnidentifiedImageError"):
+    flickr30k.load(config.data, str(tmp_path / "tfds"))
+
+
+def test_damaged_stored_image_names_its_record():
+  class Records:  # a TFDS data source whose second record is damaged
+    def __init__(self, records):
+      self.records = records
+
+    def __len__(self):
+      return len(self.records)
+
+    def __getitems__(self, rows):
+      return [self.records[r] for r in rows]
+
+  good = images.encode_image_file(_write_image_bytes(3), 0)
+  source = images.JpegRecords(
+      Records([dict(id=3, image=good), dict(id=77, image=good[:40])]), 8, 1,
+      where="/tfds/ccr_coco/original/1.0.0 (val split)")
+  assert source.read(np.array([0])).shape == (1, 8, 8, 3)
+  with pytest.raises(ValueError, match=r"^/tfds/ccr_coco/original/1.0.0 \(val "
+                     r"split\), image id 77: cannot decode .* delete it from "
+                     r"data_dir"):
+    source.read(np.array([0, 1]))
+
+
+def test_coco_json_syntax_error_names_the_file(coco_dirs, tmp_path):
+  manual = str(tmp_path / "manual")
+  shutil.copytree(coco_dirs["manual"], manual)
+  path = os.path.join(manual, "dataset_coco.json")
+  with open(path, "w") as f:
+    # A trailing comma: the "}" after it is line 2, column 21.
+    f.write('{"images": [\n  {"split": "train",}\n]}')
+  with pytest.raises(ValueError, match=re.escape(path) + r" is not valid JSON "
+                     r"\(.* at line 2, column 21\)"):
+    coco.load(_coco_data_config(coco_dirs, manual_dir=manual),
+              str(tmp_path / "tfds"))
+
+
 # ----------------------------------------------------------------------------
 # Flickr30K fixture: photo id -> Karpathy split.
 _F30K_IMAGES = ((1000, "train"), (1002, "train"), (1001, "train"),
@@ -289,17 +390,14 @@ def write_flickr30k(root):
                        imgid=len(images), sentences=[
                            dict(raw=f"Flickr photo {image_id}, sentence {k}.")
                            for k in range(5)]))
-  with open(os.path.join(root, "dataset_flickr30k.json"), "w") as f:
-    json.dump(dict(images=images, dataset="flickr30k"), f)
+  _write_json(os.path.join(root, "dataset_flickr30k.json"),
+              dict(images=images, dataset="flickr30k"))
   return paths
 
 
 @pytest.fixture(scope="module")
 def flickr_dirs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("flickr30k")
-  paths = write_flickr30k(str(root / "manual"))
-  return dict(manual=str(root / "manual"), tfds=str(root / "tfds"),
-              paths=paths)
+  return _fixture_dirs(tmp_path_factory, "flickr30k", write_flickr30k)
 
 
 def test_flickr30k_builds_and_reads(flickr_dirs):
@@ -316,7 +414,7 @@ def test_flickr30k_builds_and_reads(flickr_dirs):
   for split in splits.values():
     np.testing.assert_array_equal(split.categories, 0)
     _check_images(split.images, split.ids, flickr_dirs["paths"])
-  sequence = tasks.load_task_sequence(config.data, flickr_dirs["tfds"])
+  sequence = registry.load_task_sequence(config.data, flickr_dirs["tfds"])
   assert [len(sequence.tasks[0].train), len(sequence.tasks[0].test)] == [3, 2]
 
 
@@ -325,7 +423,7 @@ def test_flickr30k_missing_manual_dir(tmp_path):
   config.data.manual_dir = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match=r"missing \['dataset_flickr30k"
                      r".json', 'flickr30k-images/'\](.|\n)*DenotationGraph"):
-    tasks.load_task_sequence(config.data, str(tmp_path / "tfds"))
+    registry.load_task_sequence(config.data, str(tmp_path / "tfds"))
 
 
 # ----------------------------------------------------------------------------
@@ -384,17 +482,13 @@ def write_visual_genome(root):
         image_id, phrases or _good_phrases(image_id))))
   for name, data in (("image_data", image_data), ("objects", objects),
                      ("region_descriptions", regions)):
-    with open(os.path.join(root, f"{name}.json"), "w") as f:
-      json.dump(data, f)
+    _write_json(os.path.join(root, f"{name}.json"), data)
   return paths
 
 
 @pytest.fixture(scope="module")
 def vg_dirs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("visual_genome")
-  paths = write_visual_genome(str(root / "manual"))
-  return dict(manual=str(root / "manual"), tfds=str(root / "tfds"),
-              paths=paths)
+  return _fixture_dirs(tmp_path_factory, "visual_genome", write_visual_genome)
 
 
 def test_vg_image_texts_rule():
@@ -430,7 +524,7 @@ def test_vg_builds_splits_and_assigns_tasks(vg_dirs):
   assert areas[3, categories.index("dog.n.01")] == 72
   assert areas[3, categories.index("car.n.01")] == 64
   assert areas[4].sum() == 0  # sky only
-  sequence = tasks.load_task_sequence(config.data, vg_dirs["tfds"])
+  sequence = registry.load_task_sequence(config.data, vg_dirs["tfds"])
   for split, per_task in _VG_TASK_IDS.items():
     got = [sorted(getattr(t, split).ids.tolist()) for t in sequence.tasks]
     assert got == per_task, split
@@ -449,6 +543,21 @@ def test_vg_incomplete_manual_dir(vg_dirs, tmp_path):
   config.data.manual_dir = manual
   with pytest.raises(FileNotFoundError,
                      match=r"missing \['objects.json'\](.|\n)*visualgenome"):
+    visual_genome.load(config.data, str(tmp_path / "tfds"))
+
+
+def test_vg_json_syntax_error_names_the_file(vg_dirs, tmp_path):
+  manual = str(tmp_path / "manual")
+  shutil.copytree(vg_dirs["manual"], manual)
+  path = os.path.join(manual, "region_descriptions.json")
+  with open(path) as f:
+    data = f.read()
+  with open(path, "w") as f:
+    f.write(data[:-10])  # cut short, as an interrupted extraction leaves it
+  config = _config("sevige")
+  config.data.manual_dir = manual
+  with pytest.raises(ValueError, match=re.escape(path) + r" is not valid JSON "
+                     r"\(.* at line 1, column \d+\): fix or replace"):
     visual_genome.load(config.data, str(tmp_path / "tfds"))
 
 
@@ -486,8 +595,8 @@ def write_precomputed(root, categories_file=True):
     labels = {"1": {"0": 5.0}, "2": {"0": 1.0, "2": 2.0}, "3": [1],
               "7": 0, "8": [2], "9": {"1": 1.0},
               "10": 2, "11": 0, "12": 1}
-    with open(os.path.join(root, "categories.json"), "w") as f:
-      json.dump(dict(category_names=["a", "b", "c"], images=labels), f)
+    _write_json(os.path.join(root, "categories.json"),
+                dict(category_names=["a", "b", "c"], images=labels))
   return root
 
 
@@ -510,7 +619,7 @@ def test_precomputed_layouts_and_ids(tmp_path):
   np.testing.assert_array_equal(train.images[np.array([True, False, True,
                                                        False])][:, 0], [0, 2])
   assert dataset.category_names == ("all",)  # no categories given
-  sequence = tasks.load_task_sequence(config.data, "")
+  sequence = registry.load_task_sequence(config.data, "")
   assert len(sequence.tasks) == 1 and len(sequence.tasks[0].val) == 3
 
 
@@ -521,7 +630,7 @@ def test_precomputed_categories_file_assigns_tasks(tmp_path):
   config.data.categories_file = os.path.join(root, "categories.json")
   config.data.num_tasks = 2
   config.data.task_categories = [["a"], ["b", "c"]]
-  sequence = tasks.load_task_sequence(config.data, "")
+  sequence = registry.load_task_sequence(config.data, "")
   got = {s: [sorted(getattr(t, s).ids.tolist()) for t in sequence.tasks]
          for s in ("train", "val", "test")}
   assert got == {"train": [[1], [2, 3]], "val": [[7], [8, 9]],
@@ -542,7 +651,7 @@ def test_precomputed_coco_instances_through_ids(tmp_path, coco_dirs):
   # Ids are COCO ids of the COCO fixture: image 2 has dog 300 and car 200.
   areas = dataset.splits["train"].category_areas
   assert areas[1, coco.CATEGORY_NAMES.index("dog")] == 300
-  sequence = tasks.load_task_sequence(config.data, "")
+  sequence = registry.load_task_sequence(config.data, "")
   assert [sorted(t.train.ids.tolist()) for t in sequence.tasks] == [
       [1], [2], [3]]  # 4 is person-only: no task
   assert [t.val.ids.tolist() for t in sequence.tasks] == [[7], [8], [9]]
@@ -631,14 +740,14 @@ def _pointed(name, arg, coco_dirs, flickr_dirs, vg_dirs, tmp_path):
 def test_config_smoke(name, arg, num_tasks, image_shape, coco_dirs,
                       flickr_dirs, vg_dirs, tmp_path):
   config = _pointed(name, arg, coco_dirs, flickr_dirs, vg_dirs, tmp_path)
-  assert config.data.name in tasks.DATASET_NAMES
+  assert config.data.name in registry.names()
   assert config.model.image_tower in (
       ("precomputed",) if config.data.name == "precomputed"
       else ("resnet18", "resnet50", "resnet152"))
-  sequence = tasks.load_task_sequence(config.data, config.data.data_dir)
+  sequence = registry.load_task_sequence(config.data, config.data.data_dir)
   assert len(sequence.tasks) == config.data.num_tasks == num_tasks
   json.dumps(sequence.describe())
-  # As experiment.build_setup does: vocabulary from training captions only.
+  # As run/setup.py's build_setup does: vocabulary from training captions only.
   vocab = text.build_vocabulary(
       (c for t in sequence.tasks for caps in t.train.captions for c in caps),
       min_count=config.data.vocab_min_count)
@@ -676,24 +785,63 @@ _TRAINED_CONFIGS = [
 ]
 
 
+def _r1_bounds(path, direction):
+  """R@1 (%) of a saved query/gallery pair: (ties as misses, ties as hits).
+
+  Recomputed with NumPy in float64 from the saved embeddings; the index
+  scored in float32, so scores within 1e-5 of each other count as ties.
+  """
+  with np.load(path) as f:
+    q, g, t2i = (f[k] for k in ("query_emb", "gallery_emb", "text_to_image"))
+  scores = q.astype(np.float64) @ g.astype(np.float64).T
+  if direction == "t2i":  # query i's image is gallery row t2i[i]
+    own = np.arange(len(g))[None, :] == t2i[:, None]
+  else:  # gallery caption j belongs to query image t2i[j]
+    own = t2i[None, :] == np.arange(len(q))[:, None]
+  best_own = np.where(own, scores, -np.inf).max(axis=1)
+  best_other = np.where(own, -np.inf, scores).max(axis=1)
+  return (100 * np.mean(best_own > best_other + 1e-5),
+          100 * np.mean(best_own >= best_other - 1e-5))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name, arg, text_tower", _TRAINED_CONFIGS)
 def test_config_trains_two_steps_and_evaluates(name, arg, text_tower, coco_dirs,
                                                flickr_dirs, vg_dirs, tmp_path):
   """Every real config, shrunk onto its fixture, through the whole experiment."""
-  from ccr_jax import experiment  # pylint: disable=g-import-not-at-top
   config = _pointed(name, arg, coco_dirs, flickr_dirs, vg_dirs, tmp_path)
   config.model.text_tower = text_tower
   if text_tower == "minilm":
     config.model.freeze_text_backbone = True
+  config.eval.save_embeddings = True
   workdir = str(tmp_path / "workdir")
-  results = experiment.train_and_evaluate(config, workdir)
+  results = loop.train_and_evaluate(config, workdir)
   assert results["tasks_completed"] == config.data.num_tasks
   assert results["config"]["train"]["steps_per_task"] == 2
-  r1 = results["metrics"]["fixed"]["task_aware"]["t2i"]["r1"][-1][0]
-  assert 0.0 <= r1 <= 100.0
+  # Every task-aware recall after the last task, recomputed from the saved
+  # embeddings; each gallery is exactly its task's fixture test images.
+  sequence = registry.load_task_sequence(config.data, config.data.data_dir)
+  last = config.data.num_tasks
+  aware = results["metrics"]["fixed"]["task_aware"]
+  emb_dir = os.path.join(workdir, "embeddings")
+  with open(os.path.join(emb_dir, "manifest.json")) as f:
+    entries = [e for e in json.load(f) if e["scope"] == "task_aware"
+               and e["regime"] == "fixed" and e["query_snapshot"] == last]
+  assert sorted((e["direction"], e["task"]) for e in entries) == sorted(
+      (d, j) for d in ("i2t", "t2i") for j in range(1, last + 1))
+  for entry in entries:
+    test_images = len(sequence.tasks[entry["task"] - 1].test)
+    with np.load(os.path.join(emb_dir, entry["file"])) as f:
+      sizes = (len(f["query_emb"]), len(f["gallery_emb"]))
+    assert sizes == ((5 * test_images, test_images) if entry["direction"] == "t2i"
+                     else (test_images, 5 * test_images)), entry
+    r1 = aware[entry["direction"]]["r1"][last - 1][entry["task"] - 1]
+    assert r1 == entry["r1"]
+    low, high = _r1_bounds(os.path.join(emb_dir, entry["file"]),
+                           entry["direction"])
+    assert low <= r1 <= high, (entry, low, high)
   if text_tower == "minilm":
     assert results["vocabulary_size"] == 30522
     # The snapshot records the tokenizer: evaluation from it tokenises the same.
-    setup = experiment.build_setup(config, workdir)
-    experiment.load_snapshot(setup, config.data.num_tasks)
+    setup = setup_lib.build_setup(config, workdir)
+    setup_lib.load_snapshot(setup, config.data.num_tasks)

@@ -20,11 +20,13 @@ from ccr_jax import sharding
 from ccr_jax import strategies
 from ccr_jax import train as train_lib
 from ccr_jax.data import pipeline
-from ccr_jax.data import tasks as tasks_lib
 from ccr_jax.models import dual_encoder
+from ccr_jax.strategies import base
 from ccr_jax.strategies import compat
-from ccr_jax.strategies import distillation
-from ccr_jax.strategies import regularizers
+from ccr_jax.strategies import freeze as freeze_lib
+from ccr_jax.strategies import importance as regularizers
+from ccr_jax.strategies import lwf as distillation
+from ccr_jax.strategies import replay as replay_lib
 
 # ------------------------------------------------------------------ fixtures
 
@@ -74,9 +76,9 @@ def host_copy(tree):
 
 def build_step(setup, name):
   strategy = strategies.get_strategy(strategy_config(name), setup["loss_fn"])
-  optimizer = train_lib.make_optimizer(setup["optim"], STEPS, strategy)
+  optimizer = train_lib.make_optimizer(setup["optim"], STEPS, strategy.transform)
   step = train_lib.make_train_step(setup["model"], optimizer, setup["loss_fn"],
-                                   setup["mesh"], strategy)
+                                   setup["mesh"], strategy.loss_term)
   return strategy, optimizer, step
 
 
@@ -207,7 +209,7 @@ def test_install_replaces_accumulators_without_changing_structure_or_recompiling
   strategy = strategies.get_strategy(strategy_config("ewc"))
   opt = train_lib.make_optimizer(
       ml_collections.ConfigDict(dict(learning_rate=1e-3, grad_clip=1.0, decay_at=0.5,
-                                     decay_factor=0.1)), 10, strategy)
+                                     decay_factor=0.1)), 10, strategy.transform)
   opt_state = opt.init(THETA)
   installed = regularizers.install(opt_state, acc)
   assert jax.tree.structure(installed) == jax.tree.structure(opt_state)
@@ -244,18 +246,19 @@ def test_mas_importance_is_mean_absolute_sensitivity():
 
 def test_parameter_labels_match_full_paths():
   params = {"img": {"conv0": {"kernel": 0.0}}, "txt": {"gru": {"bias": 0.0}}}
-  labels = strategies.parameter_labels(params, ("img/.*",))
+  labels = freeze_lib.parameter_labels(params, ("img/.*",))
   assert labels == {"img": {"conv0": {"kernel": "frozen"}},
                     "txt": {"gru": {"bias": "trainable"}}}
   # fullmatch: a prefix of a path is not a match.
-  labels = strategies.parameter_labels(params, ("img",))
+  labels = freeze_lib.parameter_labels(params, ("img",))
   assert labels["img"]["conv0"]["kernel"] == "trainable"
 
 
 def test_freeze_keeps_image_tower_bit_identical(setup):
-  _, optimizer, step = build_step(setup, "freeze")
+  strategy, optimizer, step = build_step(setup, "freeze")
+  # Task 2 (0-based 1): freeze.from_task=2, the image tower is frozen.
   state = train_lib.create_train_state(host_copy(setup["params"]), optimizer,
-                                       setup["mesh"], freeze_active=1.0)
+                                       setup["mesh"], install=strategy.install, task=1)
   rng = np.random.default_rng(1)
   losses_seen = []
   for _ in range(STEPS):
@@ -276,9 +279,9 @@ def test_freeze_keeps_image_tower_bit_identical(setup):
 def test_freeze_waits_for_its_first_task(setup):
   """freeze.from_task=2: on task 1 (flag 0) the image tower still learns."""
   strategy, optimizer, step = build_step(setup, "freeze")
-  assert strategy.freeze_active(0) == 0.0 and strategy.freeze_active(1) == 1.0
   state = train_lib.create_train_state(host_copy(setup["params"]), optimizer,
-                                       setup["mesh"], freeze_active=0.0)
+                                       setup["mesh"], install=strategy.install, task=0)
+  assert float(optax.tree_utils.tree_get(state["opt"], "freeze_active")) == 0.0
   rng = np.random.default_rng(1)
   for _ in range(3):
     state, _ = step(state, sharding.shard_batch(random_batch(rng), setup["mesh"]))
@@ -289,7 +292,7 @@ def test_freeze_waits_for_its_first_task(setup):
 
 def test_freeze_pattern_matching_nothing_raises(setup):
   with pytest.raises(ValueError, match="match no parameter"):
-    strategies.freeze(("image/.*",)).init(setup["params"])
+    freeze_lib.freeze(("image/.*",)).init(setup["params"])
   cfg = strategy_config("freeze")
   cfg.freeze.patterns = ()
   with pytest.raises(ValueError, match="patterns"):
@@ -320,7 +323,7 @@ def test_freeze_with_ewc_keeps_frozen_leaves_fixed():
   strategy = strategies.get_strategy(cfg)
   optimizer = train_lib.make_optimizer(
       ml_collections.ConfigDict(dict(learning_rate=1e-2, grad_clip=2.0, decay_at=0.5,
-                                     decay_factor=0.1)), 10, strategy)
+                                     decay_factor=0.1)), 10, strategy.transform)
   opt_state = regularizers.install(optimizer.init(params), acc)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = jax.jit(optimizer.update)(grads, opt_state, params)
@@ -470,29 +473,29 @@ def check_memory(rows, task_sizes, memory_size):
 @pytest.mark.parametrize("policy", ["reservoir", "balanced"])
 def test_replay_memory_is_bounded_deterministic_and_in_range(policy):
   for sizes, memory in (([50, 40, 30], 20), ([7], 3), ([3, 4], 10), ([100] * 4, 37)):
-    rows = tasks_lib.replay_memory(sizes, memory, policy, seed=0)
+    rows = replay_lib.replay_memory(sizes, memory, policy, seed=0)
     check_memory(rows, sizes, memory)
-    again = tasks_lib.replay_memory(sizes, memory, policy, seed=0)
+    again = replay_lib.replay_memory(sizes, memory, policy, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(rows, again))
     # Enough examples to fill it: the memory is full.
     assert sum(len(r) for r in rows) == min(memory, sum(sizes))
-  seed0 = tasks_lib.replay_memory([100] * 4, 37, policy, seed=0)
-  seed1 = tasks_lib.replay_memory([100] * 4, 37, policy, seed=1)
+  seed0 = replay_lib.replay_memory([100] * 4, 37, policy, seed=0)
+  seed1 = replay_lib.replay_memory([100] * 4, 37, policy, seed=1)
   assert not all(np.array_equal(a, b) for a, b in zip(seed0, seed1))
 
 
 def test_replay_memory_without_past_tasks_is_empty():
   # A one-task run asks for the memory "at the last task" over no past tasks
-  # (experiment.py: replay_memory([... for e in setup.encoded[:-1]], ...)).
-  assert tasks_lib.replay_memory([], 10, "reservoir", seed=0) == []
-  assert tasks_lib.replay_memory([], 10, "balanced", seed=0) == []
+  # (run/loop.py: the memory's rows over setup.encoded[:-1]).
+  assert replay_lib.replay_memory([], 10, "reservoir", seed=0) == []
+  assert replay_lib.replay_memory([], 10, "balanced", seed=0) == []
 
 
 def test_balanced_memory_splits_slots_evenly_over_every_task():
   sizes = [50, 40, 30]
-  rows = tasks_lib.replay_memory(sizes, 20, "balanced", seed=0)
+  rows = replay_lib.replay_memory(sizes, 20, "balanced", seed=0)
   assert [len(r) for r in rows] == [7, 7, 6]  # 20 = 6 * 3 + 2; first tasks take the rest
-  rows = tasks_lib.replay_memory([100] * 4, 37, "balanced", seed=2)
+  rows = replay_lib.replay_memory([100] * 4, 37, "balanced", seed=2)
   counts = [len(r) for r in rows]
   assert max(counts) - min(counts) <= 1 and min(counts) > 0 and sum(counts) == 37
 
@@ -501,7 +504,7 @@ def test_reservoir_memory_samples_every_task_uniformly():
   # Algorithm R keeps each of the 300 examples with probability 60/300, so a
   # task of 100 has 20 slots on average (hypergeometric sd ~3.3). P(a task has
   # none) = C(200, 60)/C(300, 60) < 1e-10 per seed.
-  counts = np.array([[len(r) for r in tasks_lib.replay_memory([100, 100, 100], 60,
+  counts = np.array([[len(r) for r in replay_lib.replay_memory([100, 100, 100], 60,
                                                               "reservoir", seed=s)]
                      for s in range(20)])
   assert np.all(counts > 0)
@@ -510,13 +513,13 @@ def test_reservoir_memory_samples_every_task_uniformly():
   # only the latest task (or only the first) would give 0 or 60.
   assert np.all(np.abs(counts.mean(axis=0) - 20) < 3.7)
   # Everything fits: everything is kept.
-  rows = tasks_lib.replay_memory([3, 4], 10, "reservoir", seed=0)
+  rows = replay_lib.replay_memory([3, 4], 10, "reservoir", seed=0)
   assert [r.tolist() for r in rows] == [[0, 1, 2], [0, 1, 2, 3]]
 
 
 def test_replay_memory_rejects_unknown_policy():
   with pytest.raises(ValueError, match="reservoir"):
-    tasks_lib.replay_memory([10], 5, "fifo", seed=0)
+    replay_lib.replay_memory([10], 5, "fifo", seed=0)
 
 
 def encoded(num_images, captions, offset):
@@ -578,29 +581,60 @@ def test_subset_keeps_the_given_images_with_all_captions():
 
 def test_get_strategy_composes_components():
   s = strategies.get_strategy(strategy_config("ewc+replay"))
-  assert s.importance == "ewc" and s.importance_batches == 20
-  assert s.replay == strategies.Replay(memory_size=200, ratio=0.25, policy="reservoir")
+  assert s.name == "ewc+replay" and [p.name for p in s.parts] == ["ewc", "replay"]
+  assert s.settings["ewc"] == {"strength": 300.0, "batches": 20}
+  assert s.settings["replay"] == {"memory_size": 200, "ratio": 0.25,
+                                  "policy": "reservoir"}
+  assert s.memory.ratio == 0.25 and s.state_keys == ("importance", "weighted_anchor")
+  assert sum(len(r) for r in s.memory.rows([300, 300], 0)) == 200
   assert not s.needs_old_model and s.loss_term is None
   assert s.training_tasks(2) == [2]
 
   s = strategies.get_strategy(strategy_config("online_ewc"))
-  assert s.importance == "online_ewc" and s.importance_decay == 0.9
+  assert s.settings["online_ewc"]["decay"] == 0.9
 
   s = strategies.get_strategy(strategy_config("joint"))
-  assert s.training_tasks(2) == [0, 1, 2] and s.importance is None
+  assert s.training_tasks(2) == [0, 1, 2] and s.init_state is None
 
   s = strategies.get_strategy(strategy_config("lwf"))
   assert s.needs_old_model and s.loss_term is not None
 
   s = strategies.get_strategy(strategy_config("finetune"))
-  assert s.replay is None and s.importance is None and not s.needs_old_model
+  assert s.memory is None and s.init_state is None and not s.needs_old_model
+  # Parts compose in registration order whatever order the name gives.
+  a = strategies.get_strategy(strategy_config("replay+joint+freeze"))
+  assert [p.name for p in a.parts] == ["joint", "freeze", "replay"]
+
+
+def test_plus_composes_strategy_values():
+  """`a + b` does what both do: chained transforms, summed terms, merged state."""
+  double = base.Strategy(
+      name="double", transform=optax.scale(2.0), state_keys=("count",),
+      init_state=lambda p: {"count": jnp.zeros((), jnp.int32)},
+      end_of_task=lambda ctx, t, p, st: {"count": st["count"] + 1},
+      loss_term=lambda *a: (jnp.float32(1.5), {"one": 1.5}), needs_old_model=True)
+  last = base.Strategy(name="last", transform=optax.scale(-1.0), transform_last=True,
+                       loss_term=lambda *a: (jnp.float32(0.25), {"two": 0.25}),
+                       train_tasks=lambda t: [0, t])
+  both = last + double
+  assert both.name == "last+double" and both.needs_old_model
+  updates, _ = both.transform.update(GRAD, both.transform.init(THETA), THETA)
+  for k in ("a", "b"):  # scale 2 then -1, whatever order `+` was given.
+    np.testing.assert_array_equal(updates[k], -2.0 * GRAD[k])
+  value, extras = both.loss_term(None, None, None, None, None)
+  assert float(value) == 1.75 and extras == {"one": 1.5, "two": 0.25}
+  assert both.training_tasks(3) == [0, 3]
+  state = both.init_state(THETA)
+  assert both.end_of_task(None, 0, THETA, state)["count"] == 1
+  with pytest.raises(ValueError, match="both keep state 'count'"):
+    _ = double + double
 
 
 def test_get_strategy_rejects_bad_names_and_settings():
   with pytest.raises(ValueError) as err:
     strategies.get_strategy(strategy_config("ewc+foo"))
   assert "foo" in str(err.value)
-  for component in strategies.COMPONENTS:
+  for component in strategies.names():
     assert repr(component) in str(err.value)
   for name in ("ewc+mas", "online_ewc+l2"):
     with pytest.raises(ValueError, match="one importance regulariser"):
@@ -638,7 +672,7 @@ def test_lwf_compat_step_equals_finetune_until_a_snapshot_exists(setup):
       train_lib.create_train_state(host_copy(setup["params"]), ft_opt, mesh), batch)
   inactive = train_lib.old_model_state(None, host_copy(setup["params"]))
   state, metrics = step(train_lib.create_train_state(
-      host_copy(setup["params"]), opt, mesh, strategy_state=inactive), batch)
+      host_copy(setup["params"]), opt, mesh, old_model=inactive), batch)
   # active = 0 multiplies the extra terms by exactly 0: the same loss.
   assert float(metrics["loss"]) == float(ft_metrics["loss"])
   assert float(metrics["contrastive"]) == float(ft_metrics["contrastive"])
@@ -652,7 +686,7 @@ def test_lwf_compat_step_equals_finetune_until_a_snapshot_exists(setup):
                                      host_copy(setup["params"]))
   assert float(active["active"]) == 1.0
   _, metrics = step(train_lib.create_train_state(
-      host_copy(setup["params"]), opt, mesh, strategy_state=active), batch)
+      host_copy(setup["params"]), opt, mesh, old_model=active), batch)
   # Old and new embeddings come from the same params through the same ops, so
   # the similarity distributions agree to float32 rounding: |KL| < 1e-6.
   assert abs(float(metrics["lwf_kl"])) < 1e-6

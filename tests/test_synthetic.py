@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from ccr_jax import schema
+from ccr_jax.data import registry
 from ccr_jax.data import synthetic
 from ccr_jax.data import text
 
@@ -167,6 +169,26 @@ def test_image_size_and_fewer_categories(tmp_path):
 def test_invalid_parameters_raise(bad):
   with pytest.raises(ValueError):
     synthetic.synthetic_config(**bad)
+  # The config schema refuses the same values before any work, except
+  # image_size: a key every pixel source reads, checked here when rendering.
+  ((key, value),) = bad.items()
+  if key != "image_size":
+    (problem,) = schema.problems(synthetic.CONFIG_KEYS, {key: value}, "data.")
+    assert f"data.{key}={value}" in problem
+
+
+def test_registered_source_is_load_synthetic(data_root, small):
+  # The default experiment's data, through the registry, is load_synthetic's.
+  config = schema.defaults(registry.config_keys())
+  config.update(SMALL)
+  dataset = registry.lookup("synthetic").load(config, str(data_root / "a"))
+  assert dataset.category_names == synthetic.CATEGORY_NAMES[:12]
+  for name in ("train", "val", "test"):
+    got, want = dataset.splits[name], small[name]
+    np.testing.assert_array_equal(got.images, want.images)
+    np.testing.assert_array_equal(got.ids, want.ids)
+    np.testing.assert_array_equal(got.categories, want.categories)
+    assert got.captions == want.captions
 
 
 def test_category_names():

@@ -1,14 +1,29 @@
-"""Split, task assignment and the task sequence's description."""
+"""Split, task assignment, the task sequence's description and the registry."""
 
+import ast
+import importlib
 import json
+import os
+import re
+import sys
 
 import ml_collections
 import numpy as np
 import pytest
 
+from ccr_jax import schema
+from ccr_jax.data import pipeline
+from ccr_jax.data import registry
 from ccr_jax.data import tasks
 
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES = ("circle", "square", "triangle", "plus", "ring", "diamond")
+
+
+def _config(name, arg=None):
+  if _REPO not in sys.path:
+    sys.path.insert(0, _REPO)
+  return importlib.import_module(f"configs.{name}").get_config(arg)
 
 
 def _split(categories, first_id=0):
@@ -155,7 +170,7 @@ def _data_config(**overrides):
 
 
 def test_load_task_sequence_synthetic(tmp_path):
-  sequence = tasks.load_task_sequence(_data_config(), str(tmp_path))
+  sequence = registry.load_task_sequence(_data_config(), str(tmp_path))
   description = sequence.describe()
   assert [t["category_ids"] for t in description["tasks"]] == [
       [0, 1], [2, 3], [4, 5]]
@@ -167,20 +182,171 @@ def test_load_task_sequence_synthetic(tmp_path):
 def test_load_task_sequence_explicit_groups(tmp_path):
   config = _data_config(num_tasks=2)
   config.task_categories = [[5, 0], [1]]
-  sequence = tasks.load_task_sequence(config, str(tmp_path))
+  sequence = registry.load_task_sequence(config, str(tmp_path))
   assert [t.categories for t in sequence.tasks] == [(5, 0), (1,)]
   config.task_categories = [[5, 0], [1], [2]]
   with pytest.raises(ValueError, match="num_tasks"):
-    tasks.load_task_sequence(config, str(tmp_path))
+    registry.load_task_sequence(config, str(tmp_path))
+
+
+def test_synthetic_single_task_keeps_the_category_rule(tmp_path):
+  # Every synthetic example has a category: num_tasks=1 is the one group of
+  # all of them (tasks.ASSIGNMENT_RULE), as before the registry.
+  sequence = registry.load_task_sequence(_data_config(num_tasks=1),
+                                         str(tmp_path))
+  (task,) = sequence.tasks
+  assert task.categories == (0, 1, 2, 3, 4, 5)
+  assert sequence.assignment_rule == tasks.ASSIGNMENT_RULE
+  assert (len(task.train), len(task.val), len(task.test)) == (18, 6, 12)
 
 
 def test_load_task_sequence_unknown_name(tmp_path):
-  with pytest.raises(ValueError, match=r"valid names are \['synthetic'\]"):
-    tasks.load_task_sequence(_data_config(name="cifar"), str(tmp_path))
+  with pytest.raises(ValueError, match=r"valid names are \['synthetic', "
+                     r"'coco', 'flickr30k', 'visual_genome', 'precomputed'\]"
+                     r"(.|\n)*rendered locally"):
+    registry.load_task_sequence(_data_config(name="cifar"), str(tmp_path))
+
+
+# ----------------------------------------------------------------------------
+# The registry: names, config keys, registering and the import graph.
+
+
+def test_names_are_the_builtin_sources():
+  assert registry.names() == ("synthetic", "coco", "flickr30k",
+                              "visual_genome", "precomputed")
+  assert registry.lookup("coco").name == "coco"
+
+
+# configs/default.py's data section before the registry (written out here, not
+# read from the code, so a changed default fails this test).
+_DEFAULT_DATA = dict(
+    name="synthetic", data_dir="", image_size=32, num_categories=12,
+    num_tasks=4, task_categories=None, train_per_category=200,
+    val_per_category=10, test_per_category=40, max_distractors=1, seed=0,
+    max_caption_len=24, vocab_min_count=1)
+# The keys only the real sources read, and their "not set" defaults.
+_REAL_SOURCE_DEFAULTS = dict(
+    manual_dir="", stored_image_size=None, decode_threads=0, use_restval=None,
+    categories=None, features_dir="", split_prefixes=None, categories_file="",
+    instances_files=(), mmap=None)
+
+
+def test_config_keys_defaults_are_the_default_experiment():
+  keys = registry.config_keys()
+  assert set(keys) == set(_DEFAULT_DATA) | set(_REAL_SOURCE_DEFAULTS)
+  defaults = schema.defaults(keys)
+  got = {name: defaults[name] for name in keys}
+  assert got == dict(_DEFAULT_DATA, **_REAL_SOURCE_DEFAULTS)
+  assert all(key.doc and "\n" not in key.doc for key in keys.values())
+  # The default section is valid under its own schema.
+  assert schema.problems(keys, json.loads(defaults.to_json())) == []
+
+
+def test_config_keys_hold_fresh_field_references():
+  # A FieldReference is shared by every ConfigDict holding it: two configs
+  # built from one call's keys would change each other's task_categories.
+  first = schema.defaults(registry.config_keys())
+  second = schema.defaults(registry.config_keys())
+  first.task_categories = [[0, 1]]
+  first.stored_image_size = 0
+  first.use_restval = False
+  assert second.task_categories is None
+  assert second.stored_image_size is None and second.use_restval is None
+  # "Not set", but typed: --config.data.use_restval=False parses on any
+  # config, and a value of another type is refused.
+  for key, wrong in (("task_categories", "not a list"),
+                     ("stored_image_size", "256"), ("use_restval", "no"),
+                     ("mmap", 1)):
+    with pytest.raises(TypeError):
+      setattr(second, key, wrong)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("name", "cifar", "one of"),
+    ("num_tasks", 0, "integer >= 1"),
+    ("stored_image_size", -1, "integer >= 0"),
+    ("use_restval", "yes", "true or false"),
+    ("max_distractors", 5, r"\[0, 4\]"),
+    ("num_categories", 17, r"\[2, 16\]"),
+])
+def test_config_keys_refuse_bad_values(key, value, message):
+  keys = registry.config_keys()
+  config = dict(json.loads(schema.defaults(keys).to_json()), **{key: value})
+  (problem,) = schema.problems(keys, config, "data.")
+  assert f"data.{key}" in problem and re.search(message, problem)
+
+
+def test_variant_configs_set_only_declared_keys():
+  keys = registry.config_keys()
+  for name, arg in (("coco_vsepp", None), ("secoco", None),
+                    ("flickr30k_vsepp", None), ("sevige", None),
+                    ("coco_precomp", "secoco"), ("f30k_precomp", None)):
+    data = json.loads(_config(name, arg).data.to_json())
+    assert schema.problems(keys, data, "data.", free_form=(
+        "data.categories", "data.split_prefixes")) == [], name
+
+
+def test_a_key_declared_twice_differently_is_refused(monkeypatch):
+  monkeypatch.setitem(registry._ENTRIES, "twice", registry.Entry(
+      name="twice", load=lambda c, d: None, summary="test",
+      config_keys={"manual_dir": schema.Key("/x", "another manual_dir")}))
+  with pytest.raises(ValueError, match="data.manual_dir is declared by both"):
+    registry.config_keys()
+  with pytest.raises(ValueError, match="already registered"):
+    registry.register("coco", lambda c, d: None, {}, summary="another coco")
+
+
+def test_a_registered_source_loads_through_the_registry(monkeypatch, tmp_path):
+  split = _split([0, 1, 1])
+  dataset = tasks.Dataset(splits=dict(train=split, val=split, test=split),
+                          category_names=("a", "b"))
+  monkeypatch.setitem(registry._ENTRIES, "fixture", registry.Entry(
+      name="fixture", load=lambda config, data_dir: dataset, config_keys={},
+      summary="in memory"))
+  config = _data_config(name="fixture", num_tasks=2, task_categories=[["b"],
+                                                                      [0]])
+  sequence = registry.load_task_sequence(config, str(tmp_path))
+  assert [t.train.ids.tolist() for t in sequence.tasks] == [[1, 2], [0]]
+  assert "fixture" in registry.names()
+
+
+def _imports(path):
+  """The ccr_jax modules a file imports, function-level imports included."""
+  out = set()
+  for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+    if isinstance(node, ast.Import):
+      out |= {a.name for a in node.names}
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      out |= {f"{node.module}.{a.name}" for a in node.names} | {node.module}
+  return {m for m in out if m.startswith("ccr_jax")}
+
+
+def test_data_modules_import_no_cycle():
+  folder = os.path.join(_REPO, "ccr_jax", "data")
+  modules = {f"ccr_jax.data.{f[:-3]}": os.path.join(folder, f)
+             for f in os.listdir(folder) if f.endswith(".py")
+             and f != "__init__.py"}
+  graph = {m: _imports(path) & set(modules) for m, path in modules.items()}
+  assert "ccr_jax.data.coco" not in graph["ccr_jax.data.tasks"]
+  assert not graph["ccr_jax.data.tasks"] and not graph["ccr_jax.data.registry"] - {
+      "ccr_jax.data.tasks"}
+  done, path = set(), []
+
+  def visit(module):
+    assert module not in path, " -> ".join(path[path.index(module):] + [module])
+    if module in done:
+      return
+    path.append(module)
+    for dependency in sorted(graph[module]):
+      visit(dependency)
+    path.pop()
+    done.add(module)
+
+  for module in sorted(graph):
+    visit(module)
 
 
 def test_prefetched_batches_equal_direct_ones_from_any_first_step():
-  from ccr_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   calls = []
 
   def batch_fn(step):

@@ -106,8 +106,16 @@ def test_json_round_trip():
 
 def test_from_json_refuses_another_tokeniser():
   data = dict(text.build_vocabulary(["a"]).to_json(), tokenizer="other")
-  with pytest.raises(ValueError, match="tokenizer"):
+  with pytest.raises(ValueError, match="tokenizer 'other', but this code "
+                     "tokenises with 'lower_ascii_alnum_v1'"):
     text.Vocabulary.from_json(data)
+  # A vocabulary saved by the word tokeniser is no WordPiece tokenizer (refused
+  # before the packaged tokenizer file is looked for).
+  with pytest.raises(ValueError, match="tokenises with "
+                     "'hf_tokenizers_wordpiece_v1'"):
+    text.WordPieceTokenizer.from_json(text.build_vocabulary(["a"]).to_json())
+  assert text.tokenizer_from_json(text.build_vocabulary(["a"]).to_json()) == (
+      text.build_vocabulary(["a"]))
 
 
 def test_vocabulary_validates_specials_and_duplicates():

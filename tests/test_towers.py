@@ -511,7 +511,7 @@ def test_minilm_freeze(freeze):
   encoder = minilm.BertEncoder(vocab_size=40, hidden_dim=16, num_layers=1, num_heads=4,
                                mlp_dim=32, max_positions=16)
   model = DualEncoder(img=image_towers.PrecomputedProjection(embed_dim=8),
-                      txt=minilm.MiniLMTower(embed_dim=8, freeze=freeze, encoder=encoder))
+                      txt=minilm.MiniLMTower(embed_dim=8, freeze_backbone=freeze, encoder=encoder))
   # Random values in the init's tree (a jitted init costs more than the test).
   rng = np.random.default_rng(0)
   shapes = jax.eval_shape(lambda r: dual_encoder.init_params(model, r, (12,), 6),

@@ -39,9 +39,9 @@ TWO_DEVICE_SCRIPT = textwrap.dedent("""
     for n in (1, 2):
       mesh = sharding.make_mesh(jax.devices()[:n])
       strategy = strategies.get_strategy(ml_collections.ConfigDict({"name": "finetune"}))
-      opt = train_lib.make_optimizer(optim, 4, strategy)
+      opt = train_lib.make_optimizer(optim, 4, strategy.transform)
       step = train_lib.make_train_step(model, opt, train_lib.make_loss(loss_cfg),
-                                       mesh, strategy)
+                                       mesh, strategy.loss_term)
       params = dual_encoder.init_params(model, jax.random.PRNGKey(0), (8, 8, 3), 6)
       state = train_lib.create_train_state(params, opt, mesh)
       losses = []
@@ -119,9 +119,9 @@ def test_train_step_compiles_once_across_tasks():
   model = dual_encoder.build_model(cfg, vocab_size=10)
   mesh = sharding.make_mesh()
   strategy = strategies.get_strategy(ml_collections.ConfigDict({"name": "finetune"}))
-  opt = train_lib.make_optimizer(optim, 2, strategy)
+  opt = train_lib.make_optimizer(optim, 2, strategy.transform)
   step = train_lib.make_train_step(model, opt, train_lib.make_loss(loss_cfg), mesh,
-                                   strategy)
+                                   strategy.loss_term)
   params = dual_encoder.init_params(model, jax.random.PRNGKey(0), (8, 8, 3), 5)
   batch = dict(images=np.zeros((4, 8, 8, 3), np.uint8),
                tokens=np.ones((4, 5), np.int32), lengths=np.full((4,), 3, np.int32),
@@ -133,27 +133,28 @@ def test_train_step_compiles_once_across_tasks():
     params = state["params"]
   assert step._cache_size() == 1
   # The state builder too: a new jit per task would retrace and recompile it.
-  assert train_lib._state_builder(opt, mesh)._cache_size() == 1
+  assert train_lib._state_builder(opt, None, mesh)._cache_size() == 1
 
 
 def test_learnable_loss_params_train_and_snapshot_with_the_towers(tmp_path):
   """infonce with learn_temperature: params["loss"] exists, gets updated, restores."""
   from ccr_jax import checkpoints
-  from ccr_jax import experiment
+  from ccr_jax.run import setup as setup_lib
+  from ccr_jax.run import training as training_lib
   from configs import default
   cfg = default.get_config("tiny")
   cfg.loss.name = "siglip"
   cfg.loss.learn_temperature = True
   cfg.loss.temperature = 0.1
-  setup = experiment.build_setup(cfg, str(tmp_path))
-  training = experiment.build_training(setup)
-  params = experiment.initial_params(setup)
+  setup = setup_lib.build_setup(cfg, str(tmp_path))
+  training = training_lib.build_training(setup)
+  params = setup_lib.initial_params(setup)
   assert set(params["loss"]) == {"log_scale", "bias"}
   before = jax.device_get(params["loss"])
-  trained = experiment.train_one_task(setup, training, 0, params, None)
+  trained = training_lib.train_one_task(setup, training, 0, params, None)
   after = jax.device_get(trained["loss"])
   for key in ("log_scale", "bias"):
     assert after[key] != before[key], key
-  checkpoints.save_snapshot(str(tmp_path), 1, trained, experiment._snapshot_meta(setup, 1))
-  restored = experiment.load_snapshot(setup, 1)
+  checkpoints.save_snapshot(str(tmp_path), 1, trained, setup_lib.snapshot_meta(setup, 1))
+  restored, _ = setup_lib.load_snapshot(setup, 1)
   assert jax.device_get(restored["loss"]) == after

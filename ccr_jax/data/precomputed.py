@@ -36,14 +36,40 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import ml_collections
 import numpy as np
 
+from ccr_jax import files
+from ccr_jax import schema
 from ccr_jax.data import coco
+from ccr_jax.data import manual
+from ccr_jax.data import registry
 from ccr_jax.data import tasks
 
 DEFAULT_SPLIT_PREFIXES = {"train": "train", "val": "dev", "test": "test"}
 _ID_STRIDE = 10**9
+
+CONFIG_KEYS = {
+    "features_dir": schema.Key(
+        "", "precomputed: the directory of the {prefix}_ims.npy / "
+        "{prefix}_caps.txt files; '' = not set"),
+    # Free-form: split -> file prefix, checked against the files on loading.
+    "split_prefixes": schema.Key(
+        None, "precomputed: split (train, val, test) -> file prefix; None = "
+        "train / dev / test"),
+    "categories_file": schema.Key(
+        "", "precomputed: JSON of category names and image -> categories; "
+        "'' = none"),
+    "instances_files": schema.Key(
+        (), "precomputed: COCO instances_*.json files matched through the "
+        "ids (COCO's 80 categories); () = none"),
+    "mmap": schema.Key(
+        ml_collections.FieldReference(None, field_type=bool),
+        "precomputed: memory-map the features instead of reading them into "
+        "memory; None = True", registry.optional_bool),
+}
 
 
 def _read_lines(path: str) -> list[str]:
@@ -65,7 +91,7 @@ def check_features_dir(features_dir: str,
     required[f"{prefix}_ims.npy"] = "the image features [N, D] or [N, R, D]"
     required[f"{prefix}_caps.txt"] = "5 captions per image, one per line"
   try:
-    coco.check_manual_dir(features_dir, required, "precomputed features")
+    manual.check_manual_dir(features_dir, required, "precomputed features")
   except FileNotFoundError as error:
     raise FileNotFoundError(
         f"{error}\nVSE++ features: https://www.cs.toronto.edu/~faghri/vsepp/"
@@ -92,7 +118,7 @@ def read_split(features_dir: str, prefix: str, split_index: int,
   files = split_files(features_dir, prefix)
   features = np.load(files["ims"], mmap_mode="r" if mmap else None)
   lines = _read_lines(files["caps"])
-  per_image = coco.CAPTIONS_PER_IMAGE
+  per_image = manual.CAPTIONS_PER_IMAGE
   if len(lines) % per_image:
     raise ValueError(f"{files['caps']} has {len(lines)} captions, not a "
                      f"multiple of {per_image}.")
@@ -135,7 +161,7 @@ def read_split(features_dir: str, prefix: str, split_index: int,
 def read_categories_file(path: str, ids: np.ndarray
                          ) -> tuple[tuple[str, ...], np.ndarray]:
   """Category names and float32 [len(ids), num_categories] weights."""
-  data = coco.read_json(path)
+  data = files.read_json(path)
   names = tuple(data["category_names"])
   labels = data["images"]
   out = np.zeros((len(ids), len(names)), np.float32)
@@ -157,33 +183,34 @@ def read_categories_file(path: str, ids: np.ndarray
   return names, out
 
 
-def load(data_config) -> tasks.Dataset:
+def load(data_config: Any, data_dir: str = "") -> tasks.Dataset:
   """Opens the precomputed features of data_config.features_dir.
 
   Args:
-    data_config: ConfigDict with features_dir, optional split_prefixes
-      ({"train", "val", "test"} -> file prefix; default train/dev/test),
-      categories_file, instances_files (a list of COCO instances JSONs) and
-      mmap (default True).
+    data_config: the `data` config section: features_dir, split_prefixes
+      ({"train", "val", "test"} -> file prefix; None = train/dev/test),
+      categories_file, instances_files (COCO instances JSONs) and mmap
+      (None = True); see `CONFIG_KEYS`.
+    data_dir: unused (nothing is built); the registry's loader signature.
 
   Returns:
     The Dataset: Splits with LazyImages features, 5 captions each and
     categories from the categories file, the COCO instances or "all".
   """
-  features_dir = coco.data_option(data_config, "features_dir", "")
-  prefixes = dict(coco.data_option(data_config, "split_prefixes",
-                                   DEFAULT_SPLIT_PREFIXES))
+  features_dir = registry.option(data_config, "features_dir", "")
+  prefixes = dict(registry.option(data_config, "split_prefixes",
+                                  DEFAULT_SPLIT_PREFIXES))
   check_features_dir(features_dir, prefixes)
-  categories_file = coco.data_option(data_config, "categories_file", "")
+  categories_file = registry.option(data_config, "categories_file", "")
   instances_files: Sequence[str] = tuple(
-      coco.data_option(data_config, "instances_files", ()))
+      registry.option(data_config, "instances_files", ()))
   coco_areas = (coco.read_category_areas(instances_files)
                 if instances_files else None)
   splits, names, aliases = {}, ("all",), {}
   for index, split in enumerate(tasks.SPLIT_NAMES):
     images, captions, ids = read_split(
         features_dir, prefixes[split], index,
-        coco.data_option(data_config, "mmap", True))
+        registry.option(data_config, "mmap", True))
     areas = None
     if categories_file:
       names, areas = read_categories_file(categories_file, ids)
@@ -203,3 +230,8 @@ def load(data_config) -> tasks.Dataset:
       splits=splits, category_names=names, category_aliases=aliases,
       details=dict(source="precomputed", features_dir=features_dir,
                    split_prefixes=prefixes, categories=source))
+
+
+registry.register(
+    "precomputed", load, CONFIG_KEYS,
+    summary="VSE++/SCAN feature files in data.features_dir")

@@ -10,6 +10,8 @@ no download, and the same parameters always give the same bytes.
 The data is a TFDS `GeneratorBasedBuilder` written as `array_record`, so it is
 cached in `data_dir` and read back with `as_data_source()` without TensorFlow.
 
+Registered as the `synthetic` source (`load`, `CONFIG_KEYS`).
+
 Usage:
   splits = load_synthetic("/tmp/tfds", train_per_category=200)
   splits["train"].images  # uint8 [N, 32, 32, 3]
@@ -21,11 +23,14 @@ import dataclasses
 import math
 import types
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from ccr_jax import schema
+from ccr_jax.data import registry
 from ccr_jax.data import tasks
 
 # Shape names, most distinguishable at 32x32 first: a config with
@@ -563,3 +568,54 @@ def load_synthetic(data_dir: str, *, image_size: int = 32,
       download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   sources = builder.as_data_source()
   return {split: _read_split(sources[split]) for split in _SPLITS}
+
+
+# ----------------------------------------------------------------------------
+# The registered source.
+
+# Defaults: configs/default.py's benchmark (4 tasks x 3 of 12 shapes).
+CONFIG_KEYS = {
+    "num_categories": schema.Key(
+        12, "synthetic: shapes rendered, the first of CATEGORY_NAMES",
+        lambda v: None if 2 <= v <= len(CATEGORY_NAMES)
+        else f"an integer in [2, {len(CATEGORY_NAMES)}]"),
+    "train_per_category": schema.Key(
+        200, "synthetic: training images per shape", schema.at_least(1, True)),
+    "val_per_category": schema.Key(
+        10, "synthetic: validation images per shape", schema.at_least(1, True)),
+    "test_per_category": schema.Key(
+        40, "synthetic: test images per shape", schema.at_least(1, True)),
+    "max_distractors": schema.Key(
+        1, "synthetic: smaller objects of other shapes per image, at most",
+        lambda v: None if 0 <= v <= 4 else "an integer in [0, 4]"),
+    "seed": schema.Key(0, "synthetic: the seed every scene is rendered from",
+                       schema.at_least(0, True)),
+}
+
+
+def load(data_config: Any, data_dir: str) -> tasks.Dataset:
+  """The benchmark of data_config (`CONFIG_KEYS` and image_size), in memory.
+
+  Args:
+    data_config: the `data` config section.
+    data_dir: where it is rendered once and cached.
+
+  Returns:
+    The Dataset of `load_synthetic`'s splits and the first num_categories
+    CATEGORY_NAMES.
+  """
+  splits = load_synthetic(
+      data_dir, image_size=data_config.image_size,
+      num_categories=data_config.num_categories,
+      train_per_category=data_config.train_per_category,
+      val_per_category=data_config.val_per_category,
+      test_per_category=data_config.test_per_category,
+      max_distractors=data_config.max_distractors, seed=data_config.seed)
+  return tasks.Dataset(splits=splits, category_names=CATEGORY_NAMES[
+      :data_config.num_categories])
+
+
+# Every example has a category: num_tasks=1 is the one group of them all.
+registry.register(
+    "synthetic", load, CONFIG_KEYS,
+    summary="rendered locally, no download", one_task_keeps_all=False)

@@ -46,6 +46,55 @@ def tokenize(caption: str) -> list[str]:
   return _WORD.findall(ascii_text.lower())
 
 
+def _check_captions(captions: Sequence[str], max_len: int,
+                    specials: str) -> None:
+  """The ValueErrors of both tokenizers' `encode` before any tokenising."""
+  if isinstance(captions, (str, bytes)):
+    raise ValueError("encode takes a sequence of captions, not one string; "
+                     "wrap it in a list.")
+  if max_len < 3:
+    raise ValueError(f"max_len={max_len} leaves no room for a word between "
+                     f"{specials}; use max_len >= 3.")
+  for i, caption in enumerate(captions):
+    if not isinstance(caption, str):
+      raise ValueError(f"Caption {i} is a {type(caption).__name__}, not a "
+                       f"string: {caption!r}.")
+
+
+def _pad(ids: Sequence[list[int]], captions: Sequence[str], max_len: int,
+         pad_id: int, end_id: int) -> tuple[np.ndarray, np.ndarray, int]:
+  """Each caption's ids `start ... end`, cut to max_len and padded.
+
+  A cut caption keeps its first max_len - 1 ids and still ends with end_id.
+
+  Returns:
+    tokens: int32 [N, max_len]; lengths: int32 [N]; how many were cut.
+
+  Raises:
+    ValueError: a caption has no token between start and end (names it).
+  """
+  tokens = np.full((len(ids), max_len), pad_id, np.int32)
+  lengths = np.zeros((len(ids),), np.int32)
+  num_truncated = 0
+  for i, row in enumerate(ids):
+    if len(row) <= 2:
+      raise ValueError(f"Caption {i} has no word tokens: {captions[i]!r}.")
+    if len(row) > max_len:
+      row = row[:max_len - 1] + [end_id]
+      num_truncated += 1
+    tokens[i, :len(row)] = row
+    lengths[i] = len(row)
+  return tokens, lengths, num_truncated
+
+
+def _check_tokenizer_name(data: dict[str, Any], expected: str) -> None:
+  """Refuses a snapshot's text settings written by another tokenizer."""
+  if data.get("tokenizer") != expected:
+    raise ValueError(
+        f"Text was tokenised with tokenizer {data.get('tokenizer')!r}, but "
+        f"this code tokenises with {expected!r}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class Vocabulary:
   """Words by id; ids 0..3 are <pad>, <start>, <end>, <unk>."""
@@ -85,29 +134,10 @@ class Vocabulary:
       ValueError: a caption is not a string or has no word tokens (the
         message names its index), or max_len < 3.
     """
-    if isinstance(captions, (str, bytes)):
-      raise ValueError("encode takes a sequence of captions, not one string; "
-                       "wrap it in a list.")
-    if max_len < 3:
-      raise ValueError(f"max_len={max_len} leaves no room for a word between "
-                       "<start> and <end>; use max_len >= 3.")
-    tokens = np.full((len(captions), max_len), PAD_ID, np.int32)
-    lengths = np.zeros((len(captions),), np.int32)
-    num_truncated = 0
-    for i, caption in enumerate(captions):
-      if not isinstance(caption, str):
-        raise ValueError(f"Caption {i} is a {type(caption).__name__}, not a "
-                         f"string: {caption!r}.")
-      words = tokenize(caption)
-      if not words:
-        raise ValueError(f"Caption {i} has no word tokens: {caption!r}.")
-      if len(words) > max_len - 2:
-        words = words[:max_len - 2]
-        num_truncated += 1
-      ids = [START_ID] + [self._ids.get(w, UNK_ID) for w in words] + [END_ID]
-      tokens[i, :len(ids)] = ids
-      lengths[i] = len(ids)
-    return tokens, lengths, num_truncated
+    _check_captions(captions, max_len, "<start> and <end>")
+    return _pad([[START_ID] + [self._ids.get(w, UNK_ID) for w in tokenize(c)]
+                 + [END_ID] for c in captions], captions, max_len, PAD_ID,
+                END_ID)
 
   def to_json(self) -> dict[str, Any]:
     """A JSON-able dict that `from_json` reads back."""
@@ -116,10 +146,7 @@ class Vocabulary:
   @staticmethod
   def from_json(data: dict[str, Any]) -> Vocabulary:
     """The vocabulary saved by `to_json`; refuses another tokeniser's."""
-    if data.get("tokenizer") != TOKENIZER_NAME:
-      raise ValueError(
-          f"Vocabulary was built with tokenizer {data.get('tokenizer')!r}, "
-          f"but this code tokenises with {TOKENIZER_NAME!r}.")
+    _check_tokenizer_name(data, TOKENIZER_NAME)
     return Vocabulary(words=tuple(data["words"]))
 
 
@@ -240,30 +267,10 @@ class WordPieceTokenizer:
       ValueError: a caption is not a string or has no tokens (the message
         names its index), or max_len < 3.
     """
-    if isinstance(captions, (str, bytes)):
-      raise ValueError("encode takes a sequence of captions, not one string; "
-                       "wrap it in a list.")
-    if max_len < 3:
-      raise ValueError(f"max_len={max_len} leaves no room for a word between "
-                       "[CLS] and [SEP]; use max_len >= 3.")
-    for i, caption in enumerate(captions):
-      if not isinstance(caption, str):
-        raise ValueError(f"Caption {i} is a {type(caption).__name__}, not a "
-                         f"string: {caption!r}.")
+    _check_captions(captions, max_len, "[CLS] and [SEP]")
     encodings = self._tokenizer.encode_batch(list(captions), add_special_tokens=True)
-    tokens = np.zeros((len(captions), max_len), np.int32)  # [PAD] is id 0
-    lengths = np.zeros((len(captions),), np.int32)
-    num_truncated = 0
-    for i, encoding in enumerate(encodings):
-      ids = encoding.ids
-      if len(ids) <= 2:
-        raise ValueError(f"Caption {i} has no word tokens: {captions[i]!r}.")
-      if len(ids) > max_len:
-        ids = ids[:max_len - 1] + [self._end_id]
-        num_truncated += 1
-      tokens[i, :len(ids)] = ids
-      lengths[i] = len(ids)
-    return tokens, lengths, num_truncated
+    # [PAD] is id 0.
+    return _pad([e.ids for e in encodings], captions, max_len, 0, self._end_id)
 
   def to_json(self) -> dict[str, Any]:
     """A JSON-able dict that `from_json` reads back."""
@@ -272,10 +279,7 @@ class WordPieceTokenizer:
   @staticmethod
   def from_json(data: dict[str, Any]) -> WordPieceTokenizer:
     """The packaged tokenizer `to_json` recorded; refuses another file or tokeniser."""
-    if data.get("tokenizer") != WORDPIECE_TOKENIZER_NAME:
-      raise ValueError(
-          f"Text was tokenised with {data.get('tokenizer')!r}, but this "
-          f"tokenizer is {WORDPIECE_TOKENIZER_NAME!r}.")
+    _check_tokenizer_name(data, WORDPIECE_TOKENIZER_NAME)
     tokenizer = WordPieceTokenizer.packaged(data["name"])
     if tokenizer.sha256 != data["sha256"]:
       raise ValueError(

@@ -28,6 +28,8 @@ this module derives both, deterministically:
   `data_config.categories` (default `DEFAULT_CATEGORIES`), so they can change
   without rebuilding; the stored dataset keeps every object's synsets and
   area. Tasks are then assigned by `tasks.DOMINANT_GROUP_RULE`.
+
+The builder body, image storage and reading are manual.py's.
 """
 
 from __future__ import annotations
@@ -36,11 +38,16 @@ import collections
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
+import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ccr_jax.data import coco
+from ccr_jax import files
+from ccr_jax import schema
+from ccr_jax.data import manual
+from ccr_jax.data import registry
 from ccr_jax.data import tasks
 from ccr_jax.data import text
 
@@ -67,15 +74,15 @@ DEFAULT_CATEGORIES: tuple[str, ...] = (
 )
 
 
-def required_files() -> dict[str, str]:
-  """VG manual-dir layout: relative path -> where to get it."""
-  return {"image_data.json": API_URL, "objects.json": API_URL,
-          "region_descriptions.json": API_URL,
-          "VG_100K/": f"images.zip (and images2.zip -> VG_100K_2/), {API_URL}"}
-
-
-def check_vg_manual_dir(manual_dir: str) -> None:
-  coco.check_manual_dir(manual_dir, required_files(), "Visual Genome")
+CONFIG_KEYS = {
+    **manual.CONFIG_KEYS,
+    # Free-form: a list of synset specs, checked against objects.json when
+    # loading (a category no image has logs a warning).
+    "categories": schema.Key(
+        ml_collections.FieldReference(None, field_type=tuple),
+        "Visual Genome: the categories, each a synset or synsets joined by "
+        "'|'; None = visual_genome.DEFAULT_CATEGORIES"),
+}
 
 
 def split_of(image_id: int) -> str:
@@ -128,71 +135,48 @@ def image_path(manual_dir: str, image: dict) -> str:
   return os.path.join(manual_dir, IMAGE_DIRS[0], name)
 
 
-class CcrVisualGenome(tfds.core.GeneratorBasedBuilder):
+class CcrVisualGenome(manual.ManualDirBuilder):
   """VG images, 5 region-description texts, every object's synsets and area."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
-  BUILDER_CONFIGS = [coco.stored_images_config(coco.DEFAULT_STORED_IMAGE_SIZE),
-                     coco.stored_images_config(0)]
-  MANUAL_DOWNLOAD_INSTRUCTIONS = "\n".join(
-      f"{path}: {where}" for path, where in required_files().items())
-  # See synthetic.CcrSynthetic: no checksums file to look for.
-  code_path = None
+  DATASET = "Visual Genome"
+  DESCRIPTION = ("Visual Genome images with 5 texts from region descriptions "
+                 "and object synsets. " + TEXT_RULE)
+  HOMEPAGE = "https://visualgenome.org"
+  REQUIRED_FILES = {
+      "image_data.json": API_URL, "objects.json": API_URL,
+      "region_descriptions.json": API_URL,
+      "VG_100K/": f"images.zip (and images2.zip -> VG_100K_2/), {API_URL}"}
+  IMAGES_FROM = API_URL
+  SPLITS_FROM = f"{SPLIT_RULE} The manual dir holds too few images"
 
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=("Visual Genome images with 5 texts from region "
-                     "descriptions and object synsets. " + TEXT_RULE),
-        features=tfds.features.FeaturesDict({
-            "id": np.int64,
-            "image": coco.image_feature(),
-            "captions": tfds.features.Sequence(
-                tfds.features.Text(), length=coco.CAPTIONS_PER_IMAGE),
-            # One entry per object: its synsets joined by "|", its box area.
-            "object_synsets": tfds.features.Sequence(tfds.features.Text()),
-            "object_areas": tfds.features.Sequence(np.float32),
-        }),
-        homepage="https://visualgenome.org",
-    )
+  def _features(self) -> dict[str, Any]:
+    # One entry per object: its synsets joined by "|", its box area.
+    return {"object_synsets": tfds.features.Sequence(tfds.features.Text()),
+            "object_areas": tfds.features.Sequence(np.float32)}
 
-  def _split_generators(self, dl_manager):
-    manual_dir = os.fspath(dl_manager.manual_dir)
-    check_vg_manual_dir(manual_dir)
-    images = coco.read_json(os.path.join(manual_dir, "image_data.json"))
-    regions = {_image_id(e): e["regions"] for e in coco.read_json(
+  def _examples(self, manual_dir: str) -> dict[str, list[manual.Example]]:
+    regions = {_image_id(e): e["regions"] for e in files.read_json(
         os.path.join(manual_dir, "region_descriptions.json"))}
-    objects = {_image_id(e): e["objects"] for e in coco.read_json(
+    objects = {_image_id(e): e["objects"] for e in files.read_json(
         os.path.join(manual_dir, "objects.json"))}
-    kept = []
-    for image in sorted(images, key=_image_id):
-      texts = image_texts(regions.get(_image_id(image), ()),
-                          coco.CAPTIONS_PER_IMAGE)
-      if len(texts) == coco.CAPTIONS_PER_IMAGE:
-        kept.append((image, texts))
-    coco.check_images_exist([image_path(manual_dir, im) for im, _ in kept],
-                            "Visual Genome", API_URL)
     by_split = collections.defaultdict(list)
-    for image, texts in kept:
-      by_split[split_of(_image_id(image))].append((image, texts))
-    return {split: self._generate_examples(manual_dir, entries, objects)
-            for split, entries in by_split.items()}
-
-  def _generate_examples(self, manual_dir, entries, objects):
-    paths = [image_path(manual_dir, image) for image, _ in entries]
-    encoded = coco.encode_image_files(
-        paths, self.builder_config.stored_image_size, coco.default_threads())
-    for (image, texts), data in zip(entries, encoded):
+    for image in sorted(files.read_json(
+        os.path.join(manual_dir, "image_data.json")), key=_image_id):
       image_id = _image_id(image)
+      texts = image_texts(regions.get(image_id, ()),
+                          manual.CAPTIONS_PER_IMAGE)
+      if len(texts) < manual.CAPTIONS_PER_IMAGE:
+        continue  # TEXT_RULE: too few descriptions.
       synsets, areas = [], []
       for obj in objects.get(image_id, ()):
         if obj.get("synsets"):
           synsets.append("|".join(obj["synsets"]))
           areas.append(float(obj["w"]) * float(obj["h"]))
-      yield image_id, dict(id=image_id, image=data, captions=texts,
-                           object_synsets=synsets,
-                           object_areas=np.asarray(areas, np.float32))
+      by_split[split_of(image_id)].append(manual.Example(
+          key=image_id, image_path=image_path(manual_dir, image),
+          features=dict(captions=texts, object_synsets=synsets,
+                        object_areas=np.asarray(areas, np.float32))))
+    return by_split
 
 
 def category_areas(object_synsets: Sequence[Sequence[str]],
@@ -213,47 +197,34 @@ def category_areas(object_synsets: Sequence[Sequence[str]],
   for i, (synsets, areas) in enumerate(zip(object_synsets, object_areas)):
     for joined, area in zip(synsets, areas):
       hit = set()
-      for synset in coco.as_str(joined).split("|"):
+      for synset in manual.as_str(joined).split("|"):
         hit |= members.get(synset, set())
       for c in hit:  # An object counts once per category.
         out[i, c] += area
   return out
 
 
-def load(data_config, data_dir: str) -> tasks.Dataset:
+def load(data_config: Any, data_dir: str) -> tasks.Dataset:
   """Builds Visual Genome in data_dir if needed and opens it, images lazily.
 
   Args:
-    data_config: ConfigDict with manual_dir (read only when building),
-      image_size, optional categories (category specs; default
-      DEFAULT_CATEGORIES), stored_image_size (default 256; 0 = original
-      bytes) and decode_threads (0 = one per CPU, at most 16).
+    data_config: the `data` config section: image_size, categories
+      (category specs; None = DEFAULT_CATEGORIES) and `manual.CONFIG_KEYS`
+      (manual_dir, read only when building; stored_image_size;
+      decode_threads).
     data_dir: where the TFDS dataset is built and cached.
 
   Returns:
     The Dataset: Splits with LazyImages uint8 [N, image_size, image_size, 3],
     5 texts each, `category_areas` float32 [N, num_categories], VG image ids.
   """
-  categories = tuple(coco.data_option(data_config, "categories",
-                                      DEFAULT_CATEGORIES))
-  threads = (coco.data_option(data_config, "decode_threads", 0)
-             or coco.default_threads())
-  config = coco.stored_images_config(coco.data_option(
-      data_config, "stored_image_size", coco.DEFAULT_STORED_IMAGE_SIZE))
-  builder = coco.make_builder(CcrVisualGenome, data_dir, config)
-  sources = coco.prepare(builder, coco.data_option(data_config, "manual_dir",
-                                                   ""), check_vg_manual_dir)
-  splits = {}
-  for split in tasks.SPLIT_NAMES:
-    if split not in sources:
-      raise ValueError(
-          f"The Visual Genome dataset in {data_dir} has no {split!r} images "
-          f"({SPLIT_RULE}); the manual dir holds too few images.")
-    scanned = coco.scan_split(sources[split], data_config.image_size, threads,
-                              ("object_synsets", "object_areas"))
-    areas = category_areas(scanned.fields["object_synsets"],
-                           scanned.fields["object_areas"], categories)
-    splits[split] = coco.split_from_scan(scanned, areas)
+  categories = tuple(registry.option(data_config, "categories",
+                                     DEFAULT_CATEGORIES))
+  builder, scanned = manual.open_dataset(CcrVisualGenome, data_config, data_dir,
+                                         ("object_synsets", "object_areas"))
+  splits = {split: manual.split_from_scan(part, category_areas(
+      part.fields["object_synsets"], part.fields["object_areas"], categories))
+            for split, part in scanned.items()}
   images_per_category = sum((s.category_areas > 0).sum(axis=0)
                             for s in splits.values())
   absent = [c for c, n in zip(categories, images_per_category) if not n]
@@ -263,7 +234,7 @@ def load(data_config, data_dir: str) -> tasks.Dataset:
   return tasks.Dataset(
       splits=splits, category_names=categories,
       details=dict(
-          source="visual_genome", builder=f"{builder.name}/{config.name}",
+          source="visual_genome", builder=builder,
           splits=SPLIT_RULE, captions=TEXT_RULE,
           category_areas="summed box area of the objects whose synsets "
                          "belong to each category, each object once per "
@@ -271,3 +242,8 @@ def load(data_config, data_dir: str) -> tasks.Dataset:
           images_per_category=dict(zip(categories,
                                        map(int, images_per_category))),
           images=f"shorter side to {data_config.image_size}, centre crop"))
+
+
+registry.register(
+    "visual_genome", load, CONFIG_KEYS,
+    summary="Visual Genome files in data.manual_dir, derived texts and splits")

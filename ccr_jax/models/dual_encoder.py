@@ -116,7 +116,7 @@ def _minilm(model_config, vocab_size):
         f"got a vocabulary of {vocab_size}: tokenise with text.WordPieceTokenizer.packaged().")
   return minilm.MiniLMTower(
       embed_dim=model_config.embed_dim,
-      freeze=bool(model_config.get("freeze_text_backbone", False)))
+      freeze_backbone=bool(model_config.get("freeze_text_backbone", False)))
 
 
 IMAGE_TOWERS = {"cnn": _cnn, "precomputed": _precomputed,

@@ -8,7 +8,7 @@ ResNet (`ResNetTower`, VSE++'s image encoder over pixels): torchvision's
 ResNet-18/50/152 (v1.5: the stride of a bottleneck sits on its 3x3 conv),
 global average pool, then a linear map `proj` to the joint space. Parameters
 live under `backbone/` (named after torchvision's modules: `conv1`, `bn1`,
-`layer1_0/conv1`, `layer1_0/downsample_conv`, ...) and `proj/`, so a freeze
+`layer1_0/conv1`, `layer1_0/downsample_conv`, ...) and `proj/`, so a freezing
 pattern `img/backbone/.*` selects the pretrained part.
 
 Pixels: uint8 in [0, 255] is divided by 255; float input is taken in [-1, 1]

@@ -14,7 +14,7 @@ When `embed_dim` differs from the encoder's width (384) a linear `proj`
 they are equal there is none, so the tower's output is exactly the
 pretrained sentence embedding and retrieval starts from it.
 
-`freeze` (config `model.freeze_text_backbone`) puts `stop_gradient` on the
+`freeze_backbone` (config `model.freeze_text_backbone`) puts `stop_gradient` on the
 pooled vector: the encoder's gradient is exactly zero (its backward pass is
 not computed) and only `proj`, if any, trains.
 
@@ -200,11 +200,11 @@ class MiniLMTower(nn.Module):
   Attributes:
     embed_dim: output size; a `proj` Dense is added only when it differs
       from the encoder's `hidden_dim`.
-    freeze: stop the gradient at the pooled vector (encoder not trained).
+    freeze_backbone: stop the gradient at the pooled vector (encoder not trained).
     encoder: the encoder's sizes (all-MiniLM-L6-v2's by default).
   """
   embed_dim: int
-  freeze: bool = False
+  freeze_backbone: bool = False
   encoder: BertEncoder = BertEncoder()
 
   @nn.compact
@@ -219,7 +219,7 @@ class MiniLMTower(nn.Module):
       `[batch, embed_dim]` float32, not normalised.
     """
     pooled = self.encoder(tokens, lengths)
-    if self.freeze:
+    if self.freeze_backbone:
       pooled = jax.lax.stop_gradient(pooled)
     if self.embed_dim == self.encoder.hidden_dim:
       return pooled

@@ -1,4 +1,4 @@
-"""Backward-compatible training (BCT, Shen et al. 2020) for the fixed index.
+"""Backward-compatible training (`compat`; BCT, Shen et al. 2020) for the fixed index.
 
 In the fixed (no-reindexing) regime, today's queries are embedded by the new
 model and searched in galleries embedded by old snapshots. BCT adds the
@@ -11,9 +11,13 @@ each of which carries both ranking directions (so it also keeps old queries
 meaningful against the new gallery, which partial reindexing needs).
 """
 
+import functools
 from typing import Callable
 
 import jax
+
+from ccr_jax import schema
+from ccr_jax.strategies import base
 
 
 def compatibility_loss(loss_fn: Callable, img: jax.Array, txt: jax.Array,
@@ -30,3 +34,23 @@ def compatibility_loss(loss_fn: Callable, img: jax.Array, txt: jax.Array,
   new_queries_old_texts, _ = loss_fn(img, old_txt, image_ids=image_ids, step=step)
   old_images_new_queries, _ = loss_fn(old_img, txt, image_ids=image_ids, step=step)
   return new_queries_old_texts + old_images_new_queries
+
+
+def compat_strategy(strength: float, loss_fn: Callable | None) -> base.Strategy:
+  """strength * `compatibility_loss` with the training loss `loss_fn`."""
+  if loss_fn is None:
+    raise ValueError("compat needs the training loss: pass loss_fn to get_strategy.")
+
+  def loss_term(img, txt, old, batch, step, loss_params):
+    c = compatibility_loss(functools.partial(loss_fn, loss_params=loss_params), img,
+                           txt, *old, image_ids=batch["image_ids"], step=step)
+    return strength * c, {"compat": c}
+
+  return base.Strategy(name="compat", settings={"compat": {"strength": strength}},
+                       loss_term=loss_term, needs_old_model=True)
+
+
+base.register(
+    "compat", lambda c, loss_fn: compat_strategy(c.strength, loss_fn),
+    keys={"strength": schema.Key(0.1, "weight of the cross-model retrieval loss",
+                                 schema.greater_than(0))})

@@ -1,4 +1,7 @@
-"""Parameter-importance regularisers (EWC, online EWC, MAS, L2) as one optax transform.
+"""Parameter-importance regularisers (EWC, online EWC, MAS, L2): one optax transform.
+
+Registers the strategies `ewc`, `online_ewc` (settings in `config.strategy.ewc`),
+`mas` and `l2`.
 
 Every one of them pulls parameters towards earlier solutions with a quadratic
 penalty `strength/2 * sum_k F_k * (theta - theta*_k)^2`. Its gradient is
@@ -28,11 +31,16 @@ take the output that retrieval reads: the in-batch similarity matrix S. For each
 batch, Omega_m = |d(||S||_F^2 / batch^2)/d theta|; Omega = mean_m Omega_m.
 """
 
+import functools
 from typing import Any, Callable, Iterable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from ccr_jax import schema
+from ccr_jax import sharding
+from ccr_jax.strategies import base
 
 
 class ImportanceState(NamedTuple):
@@ -144,3 +152,104 @@ def mas_importance(sensitivity_fn: Callable[[Any, dict], Any], params: Any,
       batch's image-caption similarity matrix.
   """
   return _mean_over_batches(sensitivity_fn, jnp.abs, params, batches)
+
+
+# ------------------------------------------------------------------ strategies
+
+
+@functools.lru_cache(maxsize=None)
+def _gradient_fns(ctx: base.TrainingContext) -> dict[str, Callable]:
+  """Jitted per-batch gradients the estimates average over (one compile per run).
+
+  Returns {"loss": (params, batch) -> grad of the batch's per-pair mean loss,
+           "similarity": (params, batch) -> grad of ||S||_F^2 / B^2}, S the
+  batch's image-caption similarity matrix (see the module docstring).
+  """
+  data = sharding.batch_sharded(ctx.mesh)
+
+  def mean_loss(params, batch):
+    img, txt = ctx.embed(params, batch)
+    # The loss the task ended with (after any VSE0 warm-up of vse_pp).
+    loss, _ = ctx.loss_fn(img, txt, image_ids=batch["image_ids"],
+                          step=jnp.int32(jnp.iinfo(jnp.int32).max),
+                          loss_params=params.get("loss"))
+    return loss / img.shape[0] if ctx.loss_reduction == "sum" else loss
+
+  def similarity_energy(params, batch):
+    img, txt = ctx.embed(params, batch)
+    return jnp.sum(jnp.square(img @ txt.T)) / img.shape[0] ** 2
+
+  def gradient(fn):
+    # Gradients land where their parameters are.
+    return lambda params, batch: sharding.constrain(jax.grad(fn)(params, batch),
+                                                    ctx.mesh)
+
+  return {name: jax.jit(gradient(fn), in_shardings=(None, data))
+          for name, fn in (("loss", mean_loss), ("similarity", similarity_energy))}
+
+
+def importance_strategy(kind: str, strength: float, batches: int = 0,
+                        decay: float = 1.0) -> base.Strategy:
+  """The pull towards earlier solutions with `kind`'s importance.
+
+  Its state {"importance": F, "weighted_anchor": B} starts at zero (no pull)
+  and is updated after every task from `batches` batches of the task's
+  training data, drawn from a stream other than the training order's (seed + 1).
+
+  Args:
+    kind: 'ewc', 'online_ewc', 'mas' or 'l2' (see `accumulate`).
+  """
+
+  def init_state(params):
+    return zeros_like(params)._asdict()
+
+  def install_state(opt_state, state, task):
+    del task
+    return install(opt_state, ImportanceState(**state))
+
+  def end_of_task(ctx, task, params, state):
+    task_importance = None
+    if kind != "l2":
+      fns = _gradient_fns(ctx)
+      draws = ctx.task_batches(task, batches, ctx.seed + 1)
+      if kind == "mas":
+        task_importance = mas_importance(fns["similarity"], params, draws)
+      else:
+        task_importance = fisher_diagonal(fns["loss"], params, draws, ctx.batch_size)
+    return accumulate(kind, ImportanceState(**state), task_importance, params,
+                      decay)._asdict()
+
+  settings = {"strength": strength}
+  if kind != "l2":
+    settings["batches"] = batches
+  if kind == "online_ewc":
+    settings["decay"] = decay
+  return base.Strategy(
+      name=kind, settings={kind: settings}, transform=importance_pull(strength),
+      state_keys=ImportanceState._fields, init_state=init_state,
+      install=install_state, end_of_task=end_of_task)
+
+
+_STRENGTH = "weight of the quadratic pull strength/2 * sum F (theta - theta*)^2"
+_BATCHES = "training batches of the task the importance estimate averages over"
+
+base.register(
+    "ewc", lambda c, _: importance_strategy("ewc", c.strength, c.batches),
+    keys={"strength": schema.Key(300.0, _STRENGTH, schema.greater_than(0)),
+          "batches": schema.Key(20, _BATCHES, schema.at_least(1, integer=True)),
+          "decay": schema.Key(0.9, "online EWC's gamma: F <- gamma F + F_t (1.0 would "
+                              "be plain EWC with the latest anchor)",
+                              schema.fraction)})
+base.register(
+    "online_ewc",
+    lambda c, _: importance_strategy("online_ewc", c.strength, c.batches, c.decay),
+    section="ewc")
+base.register(
+    "mas", lambda c, _: importance_strategy("mas", c.strength, c.batches),
+    keys={"strength": schema.Key(1000.0, _STRENGTH, schema.greater_than(0)),
+          "batches": schema.Key(20, _BATCHES, schema.at_least(1, integer=True))})
+base.register(
+    "l2", lambda c, _: importance_strategy("l2", c.strength),
+    keys={"strength": schema.Key(0.03, "weight of the pull strength/2 * "
+                                 "||theta - theta*||^2 to the previous solution",
+                                 schema.greater_than(0))})

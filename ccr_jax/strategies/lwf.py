@@ -1,4 +1,6 @@
-"""Distillation from the previous snapshot: similarity distributions (LwF, Mod-X) and embeddings.
+"""Learning without forgetting (`lwf`): distillation from the previous snapshot.
+
+Similarity distributions (LwF, Mod-X) and, optionally, the embeddings themselves.
 
 Both take the current model's embeddings of a batch and the previous
 snapshot's embeddings of the same batch (computed by the train step with the
@@ -7,6 +9,9 @@ old params, no gradient), all `[batch, dim]` and L2-normalised.
 
 import jax
 import jax.numpy as jnp
+
+from ccr_jax import schema
+from ccr_jax.strategies import base
 
 
 def _kl_rows(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
@@ -45,3 +50,30 @@ def embedding_distillation(img: jax.Array, txt: jax.Array, old_img: jax.Array,
   old_img, old_txt = jax.lax.stop_gradient(old_img), jax.lax.stop_gradient(old_txt)
   return (jnp.mean(1.0 - jnp.sum(img * old_img, axis=-1))
           + jnp.mean(1.0 - jnp.sum(txt * old_txt, axis=-1)))
+
+
+def lwf_strategy(strength: float, temperature: float,
+                 embedding_strength: float = 0.0) -> base.Strategy:
+  """strength * similarity KL + embedding_strength * embedding distance to the
+  previous snapshot's embeddings of the same batch."""
+
+  def loss_term(img, txt, old, batch, step, loss_params):
+    del batch, step, loss_params
+    kl = similarity_distillation(img, txt, *old, temperature=temperature)
+    emb = embedding_distillation(img, txt, *old)
+    return strength * kl + embedding_strength * emb, {"lwf_kl": kl, "lwf_embedding": emb}
+
+  return base.Strategy(
+      name="lwf", settings={"lwf": {"strength": strength,
+                                    "embedding_strength": embedding_strength,
+                                    "temperature": temperature}},
+      loss_term=loss_term, needs_old_model=True)
+
+
+base.register(
+    "lwf", lambda c, _: lwf_strategy(c.strength, c.temperature, c.embedding_strength),
+    keys={"strength": schema.Key(1.0, "weight of the similarity-distribution KL"),
+          "embedding_strength": schema.Key(0.0, "weight of the cosine embedding "
+                                           "distillation (0: off)"),
+          "temperature": schema.Key(2.0, "softmax temperature of the similarities",
+                                    schema.greater_than(0))})

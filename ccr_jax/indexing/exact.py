@@ -1,0 +1,140 @@
+"""The exact backend: blocked matmul + top-k over the gallery embeddings.
+
+It keeps no state beyond the index's embeddings and writes no files of its
+own. Its block helpers (`query_blocks`, `map_query_blocks`) also serve
+`ccr_jax.evaluation`, which ranks whole galleries the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ccr_jax.indexing import base
+
+# Query block: [block, count] float32 scores stay small (1024 x 100k = 400 MB)
+# while one matmul still amortises the dispatch.
+DEFAULT_BLOCK_SIZE = 1024
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _top_k_block(queries: jax.Array, gallery: jax.Array, k: int):
+  # HIGHEST: accelerators otherwise multiply float32 in bfloat16, which would
+  # reorder near-ties and make "exact" search inexact.
+  scores = jnp.matmul(queries, gallery.T, precision=jax.lax.Precision.HIGHEST)
+  return jax.lax.top_k(scores, k)
+
+
+def query_blocks(num_queries: int, block_size: int) -> tuple[int, int]:
+  """Returns (block, num_blocks) for scoring `num_queries` in padded blocks.
+
+  Fewer queries than `block_size` use the next power of two, so tiny query sets
+  do not pay for a full block while the number of compiled shapes stays
+  logarithmic.
+  """
+  if block_size < 1:
+    raise ValueError(f"block_size must be >= 1, got {block_size}")
+  block = min(block_size, 1 << max(0, num_queries - 1).bit_length())
+  return block, -(-num_queries // block)
+
+
+def map_query_blocks(fn: Callable, per_query: Sequence[tuple[np.ndarray, Any]],
+                     shared: Sequence[Any], block_size: int) -> list[np.ndarray]:
+  """Runs `fn(*query_block_arrays, *shared)` over padded query blocks.
+
+  Every block has the same shape (`query_blocks`), so one compiled program
+  serves any query count; every block is dispatched before any is read back,
+  so the device stays busy.
+
+  Args:
+    fn: a jitted function returning a tuple of arrays with a leading query axis.
+    per_query: (array [num_queries, ...], pad value) pairs, sliced per block.
+    shared: arguments passed whole to every block (e.g. the gallery).
+    block_size: queries per compiled block.
+
+  Returns:
+    Each output of `fn`, concatenated over blocks and cut to num_queries rows.
+  """
+  num_queries = len(per_query[0][0])
+  block, num_blocks = query_blocks(num_queries, block_size)
+  padded = []
+  for array, fill in per_query:
+    full = np.full((block * num_blocks, *array.shape[1:]), fill, array.dtype)
+    full[:num_queries] = array
+    padded.append(full)
+  results = [fn(*(p[b * block:(b + 1) * block] for p in padded), *shared)
+             for b in range(num_blocks)]
+  return [np.concatenate([np.asarray(r[i]) for r in results])[:num_queries]
+          for i in range(len(results[0]))]
+
+
+def exact_search(queries, gallery, k: int, *,
+                 block_size: int = DEFAULT_BLOCK_SIZE
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """Exact top-k by dot product.
+
+  Queries are scored in blocks of a fixed size (the last one zero-padded), so
+  one compiled program serves every query count.
+
+  Args:
+    queries: float [num_queries, dim].
+    gallery: float [num_gallery, dim].
+    k: neighbours wanted; clamped to num_gallery.
+    block_size: queries per compiled block.
+
+  Returns:
+    scores: float32 [num_queries, min(k, num_gallery)], best first.
+    indices: int64 [num_queries, min(k, num_gallery)], rows of `gallery`; equal
+      scores keep the lower gallery index first.
+  """
+  queries = np.asarray(queries, np.float32)
+  gallery = np.asarray(gallery, np.float32)
+  if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+    raise ValueError(f"queries {queries.shape} and gallery {gallery.shape} must"
+                     " be [num_queries, dim] and [num_gallery, dim]")
+  num_queries = queries.shape[0]
+  k = min(int(k), gallery.shape[0])
+  if k < 0:
+    raise ValueError(f"k must be >= 0, got {k}")
+  if k == 0 or num_queries == 0:
+    return (np.zeros((num_queries, k), np.float32),
+            np.zeros((num_queries, k), np.int64))
+  scores, indices = map_query_blocks(
+      lambda q, g: _top_k_block(q, g, k), [(queries, 0.0)], [jnp.asarray(gallery)],
+      block_size)
+  return scores.astype(np.float32), indices.astype(np.int64)
+
+
+def _parameters(count: int, options: Mapping[str, Any]) -> dict[str, Any]:
+  del count  # Exact search has nothing to tune.
+  if options:
+    raise ValueError(f"the exact backend takes no options, got {sorted(options)}")
+  return {}
+
+
+def _build(embeddings: np.ndarray, params: Mapping[str, Any]) -> None:
+  del embeddings, params  # Searches `Index.embeddings` directly.
+  return None
+
+
+def _search(index: base.Index, queries: np.ndarray, k: int, block_size: int
+            ) -> tuple[np.ndarray, np.ndarray]:
+  return exact_search(queries, index.embeddings, k, block_size=block_size)
+
+
+def _save(index: base.Index, directory: str) -> None:
+  del index, directory  # embeddings.npy, written for every backend, is all.
+
+
+def _load(directory: str, metadata: base.IndexMetadata, embeddings: np.ndarray
+          ) -> None:
+  del directory, metadata, embeddings
+  return None
+
+
+BACKEND = base.Backend(name="exact", parameters=_parameters, build=_build,
+                       search=_search, save=_save, load=_load)

@@ -1,0 +1,107 @@
+"""The continual experiment: train task by task, snapshot, index, evaluate.
+
+The only module that knows the order of the stages (DESIGN.md). Every stage
+leaves its output on disk (snapshot, indices, a results row per task), and
+rerunning the same command skips what is complete and resumes the rest, so a
+killed run loses at most `train.checkpoint_every` steps.
+
+Multi-process runs (every process runs this same code over one global mesh):
+every process reads only its rows of each batch and takes part in training,
+embedding and Orbax saves; process 0 alone renders the data first, builds the
+indices and writes config.json, result rows, embeddings and results, and the
+others wait for it where they read what it wrote (`sharding.sync`). Every
+process evaluates the same embeddings in the same indices, so every process
+returns the same results. The workdir must be on a filesystem all processes see.
+"""
+
+import os
+import time
+
+import ml_collections
+
+from ccr_jax import checkpoints
+from ccr_jax import files
+from ccr_jax import progress
+from ccr_jax.run import config as config_lib
+from ccr_jax.run import indices as indices_lib
+from ccr_jax.run import results as results_lib
+from ccr_jax.run import setup as setup_lib
+from ccr_jax.run import training as training_lib
+from ccr_jax.run import workdir as workdir_lib
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Runs (or resumes) the whole continual experiment; returns results.json's content."""
+  config_lib.validate_config(config)
+  os.makedirs(workdir, exist_ok=True)
+  workdir_lib.check_config(config, workdir, config_lib.default_dict())
+  timing: dict[str, float] = {}
+
+  def timed(stage, fn, *args, **kwargs):
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - start
+    return out
+
+  setup = timed("data_s", setup_lib.build_setup, config, workdir)
+  training = training_lib.build_training(setup)
+  strategy = training.strategy
+  template = training.state_template(setup)
+  done = setup_lib.verified_snapshots(setup, template)
+  emb_dir = (os.path.join(workdir, "embeddings") if config.eval.save_embeddings
+             else None)
+  rows, manifest, params, state = [], [], None, None
+  # Process 0 appends to logs/scalars.jsonl and logs/tensorboard/; a no-op on
+  # other processes.
+  writer = progress.ScalarWriter(workdir)
+  for t in range(setup.num_tasks):
+    if t + 1 in done:
+      params = None  # Loaded below only if this task's later stages are missing.
+    else:
+      if params is None:
+        if t == 0:
+          params = setup_lib.initial_params(setup)
+          state = strategy.init_state(params) if template is not None else None
+        else:
+          params, state = setup_lib.load_snapshot(setup, t, template)
+      params = timed("train_s", training_lib.train_one_task, setup, training, t,
+                     params, state, writer)
+      state = timed("strategy_s", training_lib.end_of_task, training, t, params, state)
+      timed("snapshot_s", checkpoints.save_snapshot,
+            workdir, t + 1, params, setup_lib.snapshot_meta(setup, t + 1),
+            strategy=state)
+    row_path = workdir_lib.row_path(workdir, t + 1)
+    if os.path.exists(row_path) and emb_dir is None:
+      rows.append(files.read_json(row_path))
+      continue
+    if params is None:
+      params, _ = setup_lib.load_snapshot(setup, t + 1)
+    queries = {j: timed("embed_s", indices_lib.test_queries, setup, params, j)
+               for j in range(t + 1)}
+    timed("index_s", indices_lib.build_indices, setup, t + 1, params, queries)
+    row = timed("evaluate_s", results_lib.evaluate_after_task, setup, t, params,
+                queries, emb_dir)
+    manifest += row.pop("embeddings")
+    # Before the row file: a kill in between rewrites the same values at the
+    # same step on resume (read_scalars keeps one), never loses them.
+    writer.write((t + 1) * config.train.steps_per_task,
+                 results_lib.recall_scalars(row, tuple(config.eval.ks)))
+    workdir_lib.write_json(row_path, row)
+    rows.append(row)
+    results_lib.log_row(t, row)
+  results = results_lib.aggregate(setup, rows)
+  results["strategy"] = strategy.describe()
+  if strategy.memory is not None:
+    results["strategy"]["memory_per_task_at_last_task"] = [
+        len(m) for m in training_lib.memory_rows(setup, strategy, setup.num_tasks - 1)]
+  if "compile_s" in training.compiled:
+    # Compiled inside the first trained task: report it as its own stage.
+    timing["compile_s"] = training.compiled["compile_s"]
+    timing["train_s"] -= timing["compile_s"]
+  timed("report_s", results_lib.write_results, setup, results)
+  if emb_dir is not None:
+    workdir_lib.write_json(os.path.join(emb_dir, "manifest.json"), manifest)
+  workdir_lib.write_json(os.path.join(workdir_lib.results_dir(workdir), "timing.json"),
+                         timing)
+  writer.close()
+  return results

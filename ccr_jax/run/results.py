@@ -1,0 +1,201 @@
+"""Evaluation stage: every seen task's queries searched in the saved indices after
+a task, the per-task rows aggregated into results.json, and the results files."""
+
+import io
+import json
+import os
+import platform
+from typing import Any
+
+import jax
+import numpy as np
+from absl import logging
+
+from ccr_jax import evaluation
+from ccr_jax import files
+from ccr_jax import indexing
+from ccr_jax import reporting
+from ccr_jax import sharding
+from ccr_jax.run import indices as indices_lib
+from ccr_jax.run import workdir as workdir_lib
+from ccr_jax.run.setup import Setup
+
+
+def _gallery_snapshot(regime: str, t: int, j: int) -> int:
+  """1-based snapshot whose embeddings form task j's gallery after task t (0-based)."""
+  return j + 1 if regime == "fixed" else t + 1
+
+
+def _text_to_image(query_owners, gallery_owners, direction) -> np.ndarray:
+  """For each caption row, the row of its image on the other side (-1 if absent)."""
+  images, captions = ((query_owners, gallery_owners) if direction == "i2t"
+                      else (gallery_owners, query_owners))
+  row_of = {int(i): r for r, i in enumerate(images)}
+  return np.array([row_of.get(int(o), -1) for o in captions], np.int64)
+
+
+def evaluate_after_task(setup: Setup, t: int, params: Any,
+                        queries: dict[int, dict] | None = None,
+                        embeddings_dir: str | None = None,
+                        index_cache: dict | None = None) -> dict:
+  """Every metric on the test queries of tasks 0..t embedded by snapshot t+1.
+
+  Queries are searched in indices loaded from disk: fixed (task j's gallery
+  from snapshot j+1) and, with `index.reindex`, reindex (from snapshot t+1);
+  task-aware (task j's gallery) and task-agnostic (the union of every seen
+  gallery, searched per index and merged by score).
+
+  Returns {regime: {scope: {direction: {str(j+1): metrics}}}} where metrics
+  has r1, r5, r10 (from the index's top-k), exact_r1, exact_r5, exact_r10,
+  medr, meanr (exact ranks over the same gallery embeddings, as the forgetting
+  analysis computes them), index_recall_at_10 (the index's top-10 against
+  exact search on the same embeddings) and, with `eval.fold_size`, the
+  task-aware fold means fold_r1 ... fold_meanr (COCO-1K). With
+  `embeddings_dir`, also writes the query and gallery embeddings of every
+  evaluation and returns their manifest. `index_cache`: see
+  `load_gallery_index`.
+  """
+  cfg = setup.config
+  ks = tuple(cfg.eval.ks)
+  k = max(ks)
+  cpi = setup.captions_per_image
+  queries = queries or {}
+  regimes = ("fixed", "reindex") if cfg.index.reindex else ("fixed",)
+  index_cache = {} if index_cache is None else index_cache
+
+  metrics: dict = {}
+  manifest = []
+  for j in range(t + 1):
+    q = queries.get(j) or indices_lib.test_queries(setup, params, j)
+    for regime in regimes:
+      for scope in ("task_aware", "task_agnostic"):
+        gallery_tasks = [j] if scope == "task_aware" else list(range(t + 1))
+        for direction, (qm, gm) in (("i2t", ("images", "texts")),
+                                    ("t2i", ("texts", "images"))):
+          indices = [indices_lib.load_gallery_index(setup, _gallery_snapshot(regime, t, g), g + 1, gm,
+                                        index_cache)
+                     for g in gallery_tasks]
+          gallery_emb = np.concatenate([ix.embeddings for ix in indices])
+          gallery_ids = np.concatenate([ix.item_ids for ix in indices])
+          gallery_owner = evaluation.owner_of(gm, gallery_ids, cpi)
+          query_emb, query_owner = q[qm]["emb"], q[qm]["owners"]
+          _, top_ids = indexing.search_many(indices, query_emb, k)
+          ranks = evaluation.ranks_from_topk(evaluation.owner_of(gm, top_ids, cpi), query_owner)
+          exact, exact_rows = evaluation.exact_metrics(
+              query_emb, gallery_emb, query_owner, gallery_owner, ks)
+          agreement = np.mean([len(set(a) & set(b)) / k for a, b in
+                               zip(top_ids.tolist(), gallery_ids[exact_rows].tolist())])
+          m = {**evaluation.recall_at_k(ranks, ks), **exact,
+               "index_recall_at_10": float(agreement)}
+          if cfg.eval.get("fold_size", 0) and scope == "task_aware":
+            # COCO-1K beside COCO-5K: the same embeddings, ranked per fold.
+            m.update(evaluation.fold_metrics(
+                query_emb, gallery_emb, query_owner, gallery_owner,
+                setup.encoded[j][cfg.eval.split].ids, cfg.eval.fold_size, ks))
+          metrics.setdefault(regime, {}).setdefault(scope, {}).setdefault(
+              direction, {})[str(j + 1)] = m
+          if embeddings_dir is not None:
+            name = f"{direction}_q{t + 1}_{regime}_task{j + 1}_{scope}.npz"
+            buf = _npz_bytes(query_emb=query_emb, gallery_emb=gallery_emb,
+                             text_to_image=_text_to_image(query_owner, gallery_owner,
+                                                          direction))
+            workdir_lib.write_bytes(os.path.join(embeddings_dir, name), buf)
+            manifest.append({
+                "file": name, "direction": direction, "query_snapshot": t + 1,
+                "gallery_snapshots": [_gallery_snapshot(regime, t, g)
+                                      for g in gallery_tasks],
+                "gallery_tasks": [g + 1 for g in gallery_tasks],
+                "regime": regime, "task": j + 1, "scope": scope,
+                **{f"r{kk}": m[f"r{kk}"] for kk in (1, 5, 10)}})
+  return {"metrics": metrics, "embeddings": manifest}
+
+
+def _npz_bytes(**arrays) -> bytes:
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return buf.getvalue()
+
+
+def versions() -> dict:
+  import flax, optax, orbax.checkpoint, scann, tensorflow_datasets  # noqa: E401
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "flax": flax.__version__, "optax": optax.__version__,
+          "orbax_checkpoint": orbax.checkpoint.__version__,
+          "scann": getattr(scann, "__version__", "1.4.2"),
+          "tensorflow_datasets": tensorflow_datasets.__version__,
+          "numpy": np.__version__}
+
+
+def aggregate(setup: Setup, rows: list[dict]) -> dict:
+  """results.json's content from the per-task evaluation rows (in task order)."""
+  num = len(rows)
+  metrics: dict = {}
+  for t, row in enumerate(rows):
+    for regime, scopes in row["metrics"].items():
+      for scope, directions in scopes.items():
+        for direction, per_task in directions.items():
+          for j_str, m in per_task.items():
+            j = int(j_str) - 1
+            for name, value in m.items():
+              mat = metrics.setdefault(regime, {}).setdefault(scope, {}).setdefault(
+                  direction, {}).setdefault(name, [[None] * num for _ in range(num)])
+              mat[t][j] = value
+  summary: dict = {}
+  for regime, scopes in metrics.items():
+    for scope, d in scopes.items():
+      rsum = [[None if d["i2t"]["r1"][t][j] is None else
+               sum(d[x][f"r{kk}"][t][j] for x in ("i2t", "t2i") for kk in (1, 5, 10))
+               for j in range(num)] for t in range(num)]
+      d["rsum"] = rsum
+      summary.setdefault(regime, {})[scope] = {
+          name: evaluation.continual_summary(
+              np.array(mat, dtype=float))
+          for name, mat in (("i2t_r1", d["i2t"]["r1"]), ("t2i_r1", d["t2i"]["r1"]),
+                            ("rsum", rsum))}
+  return {
+      "config": json.loads(setup.config.to_json()),
+      "task_split": setup.sequence.describe(),
+      "vocabulary_size": setup.vocab.size,
+      "truncated_captions": setup.truncated_captions,
+      "tasks_completed": num,
+      "metrics": metrics,
+      "summary": summary,
+      "versions": versions(),
+      "devices": {"count": jax.device_count(), "kind": jax.devices()[0].device_kind,
+                  "processes": jax.process_count()},
+  }
+
+
+def write_results(setup: Setup, results: dict, name: str = "results") -> None:
+  """results/<name>.json, <name>.md and the R@1 matrix plot (process 0 only)."""
+  if not sharding.is_lead_process():
+    return
+  out = workdir_lib.results_dir(setup.workdir)
+  files.write_json(os.path.join(out, f"{name}.json"), results)
+  files.write_atomic(os.path.join(out, f"{name}.md"),
+                     reporting.results_markdown(results))
+  reporting.plot_r1_matrices(results, os.path.join(out, "plots", f"{name}_r1.png"))
+
+
+def recall_scalars(row: dict, ks: tuple[int, ...]) -> dict:
+  """A row's index recalls, nested for `progress.ScalarWriter.write`.
+
+  Returns {"recall": {regime: {scope: {direction: {"task_<j>": {"r<k>": v}}}}}},
+  which the writer flattens to names such as recall/fixed/task_aware/i2t/task_1/r1.
+  """
+  out: dict = {}
+  for regime, scopes in row["metrics"].items():
+    for scope, directions in scopes.items():
+      for direction, per_task in directions.items():
+        out.setdefault(regime, {}).setdefault(scope, {})[direction] = {
+            f"task_{j}": {f"r{k}": m[f"r{k}"] for k in ks}
+            for j, m in per_task.items()}
+  return {"recall": out}
+
+
+def log_row(t: int, row: dict) -> None:
+  for regime, scopes in row["metrics"].items():
+    aware = scopes["task_aware"]
+    logging.info("after task %d, %s, task-aware R@1 i2t %s | t2i %s", t + 1, regime,
+                 " ".join(f"{m['r1']:.1f}" for m in aware["i2t"].values()),
+                 " ".join(f"{m['r1']:.1f}" for m in aware["t2i"].values()))

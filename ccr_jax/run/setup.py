@@ -1,0 +1,218 @@
+"""What every stage shares, built once from the config: data, vocabulary, model,
+mesh and embedders; and the snapshots, loaded and verified against it."""
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+from absl import logging
+
+from ccr_jax import checkpoints
+from ccr_jax import losses
+from ccr_jax import sharding
+from ccr_jax import train as train_lib
+from ccr_jax.data import pipeline
+from ccr_jax.data import registry as data_registry
+from ccr_jax.data import tasks as tasks_lib
+from ccr_jax.data import text as text_lib
+from ccr_jax.models import dual_encoder
+from ccr_jax.run import workdir as workdir_lib
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """Everything the stages share, built once from the config."""
+  config: ml_collections.ConfigDict
+  workdir: str
+  sequence: tasks_lib.TaskSequence
+  vocab: text_lib.Vocabulary | text_lib.WordPieceTokenizer
+  encoded: tuple[dict[str, pipeline.EncodedSplit], ...]  # per task: split -> data
+  truncated_captions: int
+  model: dual_encoder.DualEncoder
+  mesh: jax.sharding.Mesh
+  params_template: Any
+  embed_images: Any
+  embed_texts: Any
+
+  @property
+  def num_tasks(self) -> int:
+    return len(self.sequence.tasks)
+
+  @property
+  def captions_per_image(self) -> int:
+    return self.encoded[0]["train"].captions_per_image
+
+
+def check_image_shapes(task_splits: list[dict[str, tasks_lib.Split]]) -> tuple:
+  """The one image shape of every split of every task (without the batch axis).
+
+  Args:
+    task_splits: per task, {"train" | "val" | "test": Split}.
+
+  Raises:
+    ValueError: naming the first task and split whose images differ from
+      task 1's training images (the model is built for one shape; features
+      [D] and regions [R, D] of the same D go together).
+  """
+  expected = tuple(task_splits[0]["train"].images.shape[1:])
+
+  def compatible(shape):
+    # Precomputed features may be pooled [D] in one split and regions [R, D]
+    # in another: the projection tower pools regions, so only D must agree.
+    features = len(shape) <= 2 and len(expected) <= 2
+    return shape == expected or (features and shape[-1:] == expected[-1:])
+
+  for t, splits in enumerate(task_splits):
+    for name, split in splits.items():
+      shape = tuple(split.images.shape[1:])
+      if len(split) and not compatible(shape):
+        raise ValueError(
+            f"task {t + 1} {name} images have shape {shape}, task 1 train images "
+            f"{expected}: every image must have one shape (resize them, or check "
+            "the dataset's features files).")
+  return expected
+
+
+def model_axis_size(config: ml_collections.ConfigDict) -> int:
+  """`config.mesh.model_axis_size`; 1 for configs (and workdirs) without it."""
+  return config.get("mesh", {}).get("model_axis_size", 1)
+
+
+def param_placement(mesh: jax.sharding.Mesh):
+  """leaf -> its sharding on `mesh` (`sharding.param_sharding`), for restores."""
+  return lambda x: sharding.param_sharding(x.shape, mesh)
+
+
+def with_loss_params(params: dict, config: ml_collections.ConfigDict) -> dict:
+  """Model params {img, txt} plus the loss's own, if any, as params["loss"].
+
+  The loss's trainable values (a learnable temperature, SigLIP's bias) train,
+  snapshot and restore with the towers' params, in their own subtree.
+  """
+  loss_params = losses.initial_params(config.loss)
+  return params if loss_params is None else {**params, "loss": loss_params}
+
+
+def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
+  """Loads the data, builds the vocabulary, the model and the compiled embedders."""
+  data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+  # Process 0 renders or builds the TFDS data first; the others then read it
+  # rather than writing the same files at the same time.
+  if sharding.is_lead_process():
+    sequence = data_registry.load_task_sequence(config.data, data_dir)
+  sharding.sync("data prepared")
+  if not sharding.is_lead_process():
+    sequence = data_registry.load_task_sequence(config.data, data_dir)
+  # A pretrained text tower brings its own tokenizer. Otherwise the vocabulary
+  # sees training captions only (VSE++), of every task: the paper's model has
+  # one fixed vocabulary across the sequence.
+  vocab = dual_encoder.pretrained_tokenizer(config.model)
+  if vocab is None:
+    vocab = text_lib.build_vocabulary(
+        (c for task in sequence.tasks for caps in task.train.captions for c in caps),
+        min_count=config.data.vocab_min_count)
+  check_image_shapes([{name: getattr(task, name) for name in SPLITS}
+                      for task in sequence.tasks])
+  encoded, truncated = [], 0
+  for t, task in enumerate(sequence.tasks):
+    splits = {}
+    for name in SPLITS:
+      try:
+        splits[name], n = pipeline.encode_split(getattr(task, name), vocab,
+                                                config.data.max_caption_len)
+      except ValueError as e:  # An empty or non-text caption: say where.
+        raise ValueError(f"task {t + 1} {name} split of {config.data.name!r}: {e} "
+                         "Fix or drop that example in the dataset.") from e
+      truncated += n
+    encoded.append(splits)
+  if truncated:
+    logging.warning("%d captions longer than max_caption_len=%d were truncated.",
+                    truncated, config.data.max_caption_len)
+  model = dual_encoder.build_model(config.model, vocab.size)
+  image_shape = encoded[0]["train"].images.shape[1:]
+  params_template = jax.eval_shape(
+      lambda: with_loss_params(dual_encoder.init_params(
+          model, jax.random.PRNGKey(0), image_shape, config.data.max_caption_len),
+          config))
+  mesh = sharding.make_mesh(model_axis_size=model_axis_size(config))
+  sharding.check_batch_size(config.eval.batch_size, mesh, "eval.batch_size")
+  leaves = jax.tree.leaves(sharding.tree_shardings(params_template, mesh))
+  logging.info("mesh %s over %d processes; %d of %d parameter arrays split over "
+               "the model axis", dict(mesh.shape), jax.process_count(),
+               sum(sharding.MODEL_AXIS in s.spec for s in leaves), len(leaves))
+  embed_images, embed_texts = train_lib.make_embed_fns(model, mesh)
+  return Setup(config, workdir, sequence, vocab, tuple(encoded), truncated, model,
+               mesh, params_template, embed_images, embed_texts)
+
+
+def initial_params(setup: Setup) -> Any:
+  """The initial params {img, txt[, loss]} from `config.seed`, placed on the mesh
+  (`sharding.param_sharding`: replicated without a model axis)."""
+  # One jitted init: op-by-op initialisation compiles every initializer apart.
+  init = jax.jit(
+      lambda rng: with_loss_params(dual_encoder.init_params(
+          setup.model, rng, setup.encoded[0]["train"].images.shape[1:],
+          setup.config.data.max_caption_len), setup.config),
+      out_shardings=sharding.tree_shardings(setup.params_template, setup.mesh))
+  params = init(jax.random.PRNGKey(setup.config.seed))
+  # Pretrained parts (a ResNet weights file, MiniLM) replace their random init.
+  return sharding.place(dual_encoder.load_pretrained(params, setup.config.model),
+                        setup.mesh)
+
+
+def snapshot_meta(setup: Setup, task: int) -> dict:
+  """The JSON saved with snapshot `task`: its vocabulary and config fingerprint."""
+  return {"task": task, "vocab": setup.vocab.to_json(),
+          "config": workdir_lib.fingerprint(setup.config)}
+
+
+def load_snapshot(setup: Setup, task: int,
+                  strategy_template: Any = None) -> tuple[Any, Any]:
+  """(params, strategy state) of snapshot `task` (1-based), checked against
+  this setup's vocabulary.
+
+  Args:
+    strategy_template: the abstract strategy state (`jax.eval_shape` of the
+      strategy's `init_state`) to restore with the params; None restores none
+      and returns None for it.
+  """
+  params, meta = checkpoints.restore_snapshot(
+      setup.workdir, task, setup.params_template, param_placement(setup.mesh),
+      strategy_template=strategy_template)
+  if text_lib.tokenizer_from_json(meta["vocab"]) != setup.vocab:
+    raise ValueError(
+        f"snapshot {task} in {setup.workdir} was trained with another vocabulary "
+        "than this config's data gives; evaluate it with the config it was "
+        "trained with (the workdir's config.json).")
+  return params, meta.get("strategy")
+
+
+def verified_snapshots(setup: Setup, strategy_template: Any = None) -> set[int]:
+  """The completed snapshots that restore; corrupt ones are set aside and retrained.
+
+  Orbax lists a truncated snapshot as complete and only fails when reading
+  it, so every snapshot is read once here (with the strategy state, when
+  `strategy_template` is given). One that fails is moved to
+  <workdir>/quarantine with what was derived from it (its indices and its
+  evaluation row), and the failure is logged with its path; the loop then
+  retrains that task from the previous snapshot (or its saved state), which
+  gives the same params on the same device count. Every process reads every
+  snapshot; process 0 moves the damaged ones, and the others wait for it.
+  """
+  good = set()
+  for task in checkpoints.completed_snapshots(setup.workdir):
+    try:
+      load_snapshot(setup, task, strategy_template)
+      good.add(task)
+    except checkpoints.CheckpointError as e:
+      moved = checkpoints.quarantine_snapshot(setup.workdir, task)
+      workdir_lib.quarantine_derived(setup.workdir, task, moved)
+      logging.warning("%s\nMoved it to %s; task %d is retrained from %s.", e, moved,
+                      task, f"snapshot {task - 1}" if task > 1 else "the initial params")
+  # Nobody reads the rows and indices of a task before process 0 has moved them.
+  sharding.sync("snapshots verified")
+  return good

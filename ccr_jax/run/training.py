@@ -1,0 +1,170 @@
+"""Training stage: one compiled train step for the sequence, a task at a time,
+and the strategy's end-of-task hook. Knows no strategy by name: it calls the
+parts of the `strategies.Strategy` value the config names."""
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+from absl import logging
+
+from ccr_jax import checkpoints
+from ccr_jax import losses
+from ccr_jax import progress
+from ccr_jax import sharding
+from ccr_jax import strategies
+from ccr_jax import train as train_lib
+from ccr_jax.data import pipeline
+from ccr_jax.run import setup as setup_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+  """The compiled pieces of training, built once per experiment.
+
+  `compiled` holds the train step once compiled ahead of time ("step") and
+  the seconds that took ("compile_s"); see `compiled_train_step`.
+  """
+  strategy: strategies.Strategy
+  optimizer: Any
+  train_step: Any
+  context: strategies.TrainingContext
+  compiled: dict = dataclasses.field(default_factory=dict)
+
+  def state_template(self, setup: setup_lib.Setup) -> Any:
+    """The abstract strategy state saved with snapshots (None without one)."""
+    if self.strategy.init_state is None:
+      return None
+    return jax.eval_shape(self.strategy.init_state, setup.params_template)
+
+
+def build_training(setup: setup_lib.Setup) -> Training:
+  """Strategy, optimizer and the one compiled train step for the whole sequence."""
+  cfg = setup.config
+  sharding.check_batch_size(cfg.train.batch_size, setup.mesh)
+  loss_fn = losses.make_loss(cfg.loss)
+  strategy = strategies.get_strategy(cfg.strategy, loss_fn)
+  optimizer = train_lib.make_optimizer(cfg.optim, cfg.train.steps_per_task,
+                                       strategy.transform)
+  train_step = train_lib.make_train_step(setup.model, optimizer, loss_fn, setup.mesh,
+                                         strategy.loss_term)
+  rows = sharding.process_rows(cfg.train.batch_size, setup.mesh)
+
+  def task_batches(task, count, seed):
+    pool = setup.encoded[task]["train"]
+    return (sharding.shard_batch(pipeline.train_batch(
+        pool, cfg.train.batch_size, seed=seed, task=task, step=m, rows=rows),
+                                 setup.mesh) for m in range(count))
+
+  context = strategies.TrainingContext(
+      embed=train_lib.pair_embedder(setup.model, setup.mesh), loss_fn=loss_fn,
+      loss_reduction=cfg.loss.reduction, mesh=setup.mesh,
+      batch_size=cfg.train.batch_size, seed=cfg.seed, task_batches=task_batches)
+  return Training(strategy, optimizer, train_step, context)
+
+
+def memory_rows(setup: setup_lib.Setup, strategy: strategies.Strategy,
+                t: int) -> list:
+  """Per task before t (0-based), the training rows the strategy's memory holds."""
+  return strategy.memory.rows([len(setup.encoded[j]["train"]) for j in range(t)],
+                              setup.config.seed)
+
+
+def memory_pool(setup: setup_lib.Setup, strategy: strategies.Strategy,
+                t: int) -> pipeline.EncodedSplit | None:
+  """The memory available while training task t (0-based): past tasks' pairs."""
+  if strategy.memory is None or t == 0:
+    return None
+  return pipeline.concatenate([pipeline.subset(setup.encoded[j]["train"], r)
+                               for j, r in enumerate(memory_rows(setup, strategy, t))])
+
+
+def compiled_train_step(setup: setup_lib.Setup, training: Training, state: dict,
+                        batch: dict) -> Any:
+  """The train step compiled ahead of time on first use, then reused by every task.
+
+  A compiled executable accepts only the shapes and shardings it was compiled
+  for, so a task whose state or batch would need a second compilation fails
+  loudly instead of silently compiling again (the sequence compiles once).
+
+  Args:
+    state: a train state as `train_lib.create_train_state` returns it.
+    batch: a host batch (images [B, ...], tokens [B, L], lengths [B],
+      image_ids [B]).
+  """
+  if "step" not in training.compiled:
+    start = time.perf_counter()
+    training.compiled["step"] = training.train_step.lower(
+        state, sharding.shard_batch(batch, setup.mesh)).compile()
+    training.compiled["compile_s"] = time.perf_counter() - start
+  return training.compiled["step"]
+
+
+def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: Any,
+                   strategy_state: dict | None,
+                   writer: progress.ScalarWriter | None = None) -> Any:
+  """Trains task index t (0-based) from `params`, resuming a saved state if any.
+
+  `strategy_state` (the strategy's, after task t-1) is installed into the
+  optimizer state. With a `writer`, the logged loss terms and learning rate
+  go to the workdir's live scalars at global steps t * steps_per_task + step.
+  """
+  cfg, strategy = setup.config, training.strategy
+  steps = cfg.train.steps_per_task
+  old_model = None
+  if strategy.needs_old_model:
+    # A copy: the train step donates params, the old model must survive it.
+    old = jax.tree.map(lambda x: x.copy(), params) if t > 0 else None
+    old_model = train_lib.old_model_state(old, params)
+  state = train_lib.create_train_state(
+      params, training.optimizer, setup.mesh, step=t * steps, old_model=old_model,
+      install=strategy.install, strategy_state=strategy_state, task=t)
+  first_step = 0
+  resumed = checkpoints.restore_latest_state(
+      setup.workdir, jax.eval_shape(lambda: state), setup_lib.param_placement(setup.mesh))
+  if resumed is not None and resumed[1]["task"] == t + 1:
+    state, first_step = resumed[0], resumed[1]["next_step"]
+    logging.info("task %d: resuming at step %d from %s/state", t + 1, first_step,
+                 setup.workdir)
+  pool = pipeline.concatenate(
+      [setup.encoded[i]["train"] for i in strategy.training_tasks(t)])
+  memory = memory_pool(setup, strategy, t)
+  ratio = strategy.memory.ratio if strategy.memory else 0.0
+
+  def save(state, next_step):
+    checkpoints.save_state(setup.workdir, state, {"task": t + 1, "next_step": next_step})
+
+  rows = sharding.process_rows(cfg.train.batch_size, setup.mesh)
+
+  def batch_fn(s):
+    return pipeline.mixed_batch(pool, memory, cfg.train.batch_size, ratio,
+                                seed=cfg.seed, task=t, step=s, rows=rows)
+
+  step_fn = compiled_train_step(setup, training, state, batch_fn(0))
+  try:
+    with pipeline.prefetched(batch_fn, steps) as next_batch:
+      state = train_lib.train_task(
+          state, step_fn, next_batch,
+          first_step=first_step, num_steps=steps, mesh=setup.mesh,
+          checkpoint_every=cfg.train.checkpoint_every, checkpoint_fn=save,
+          log_every=cfg.train.log_every, task=t + 1, writer=writer,
+          learning_rate_fn=train_lib.learning_rate_schedule(cfg.optim, steps))
+  except FloatingPointError as e:
+    latest = checkpoints.latest_state_step(setup.workdir)
+    last_good = (f"the state checkpoint at {setup.workdir}/state/{latest} (step "
+                 f"{latest - t * steps} of task {t + 1})"
+                 if latest is not None and latest > t * steps else
+                 f"snapshot {t} at {checkpoints.snapshot_dir(setup.workdir, t)}"
+                 if t > 0 else "none yet (the task started from the initial params)")
+    raise FloatingPointError(f"{e} Last good checkpoint: {last_good}.") from e
+  return state["params"]
+
+
+def end_of_task(training: Training, t: int, params: Any,
+                strategy_state: dict | None) -> dict | None:
+  """The strategy's state after task t (0-based): its end-of-task hook's output,
+  or the state unchanged for strategies without a hook (None without state)."""
+  if training.strategy.end_of_task is None:
+    return strategy_state
+  return training.strategy.end_of_task(training.context, t, params, strategy_state)

@@ -1,0 +1,152 @@
+"""Config keys declared once: each key's default, what it means and what is valid.
+
+Every config section is a mapping name -> `Key` (or a nested mapping for a
+subsection). The defaults of `configs/default.py` are built from these
+declarations (`defaults`), and validation derives from them (`problems`):
+unknown keys (with the nearest valid one), wrong types, and values a key's
+own check refuses. Registries (datasets, losses, index backends, strategies)
+declare the keys of their own entries; `ccr_jax/run/config.py` assembles them.
+Imports nothing of ccr_jax.
+"""
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+  """One config key.
+
+  Attributes:
+    default: its value when a config does not set it (an
+      `ml_collections.FieldReference` for a key whose default is None but
+      whose overrides have a type, e.g. a list).
+    doc: what it means, in a line (shown in docs and errors).
+    check: value -> None when valid, else what a valid value is (e.g.
+      "an integer >= 1"); None accepts any value of the default's type.
+  """
+  default: Any
+  doc: str
+  check: Callable[[Any], str | None] | None = None
+
+
+Schema = Mapping[str, "Key | Schema"]
+
+
+def defaults(schema: Schema) -> ml_collections.ConfigDict:
+  """A ConfigDict of every key's default, nested as the schema is."""
+  out = ml_collections.ConfigDict()
+  for name, key in schema.items():
+    out[name] = defaults(key) if not isinstance(key, Key) else key.default
+  return out
+
+
+def key_paths(schema: Schema, prefix: str = "") -> list[str]:
+  """Every dotted key the schema declares, sections included ('data', 'data.name')."""
+  out = []
+  for name, key in schema.items():
+    out.append(prefix + name)
+    if not isinstance(key, Key):
+      out += key_paths(key, prefix + name + ".")
+  return out
+
+
+def nearest_key_hint(key: str, valid: list[str]) -> str:
+  """' Did you mean ...?' naming the valid key nearest to a mistyped one, or ''."""
+  close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+  if not close:  # Typos at the end of a long key ("steps_per_tsak").
+    close = [v for v in valid if v.split(".")[-1].startswith(key.split(".")[-1][:4])
+             and v.rsplit(".", 1)[0] == key.rsplit(".", 1)[0]][:1]
+  return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def _type_problem(value: Any, default: Any) -> str | None:
+  if isinstance(default, ml_collections.FieldReference):
+    default = default.get()
+  if default is None or value is None and default is None:
+    return None
+  if isinstance(default, bool):
+    return None if isinstance(value, bool) else "true or false"
+  if isinstance(default, int):
+    return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+  if isinstance(default, float):
+    return (None if isinstance(value, (int, float)) and not isinstance(value, bool)
+            else "a number")
+  if isinstance(default, str):
+    return None if isinstance(value, str) else "a string"
+  if isinstance(default, (list, tuple)):
+    return None if isinstance(value, (list, tuple)) else "a list, e.g. '(1, 2)'"
+  return None
+
+
+def problems(schema: Schema, config: Mapping, prefix: str = "",
+             free_form: tuple[str, ...] = ()) -> list[str]:
+  """What is wrong with `config` under `schema`, one line per problem.
+
+  Args:
+    config: a (nested) mapping, e.g. `json.loads(config_dict.to_json())`.
+    prefix: the dotted path of `schema` in the whole config ('strategy.').
+    free_form: dotted keys whose values are user mappings checked elsewhere
+      (e.g. 'data.categories': task name -> categories).
+  Returns:
+    Lines such as "unknown config key 'train.step'. Did you mean
+    'train.steps_per_task'?" or "--config.train.batch_size=0 must be an
+    integer >= 1." (empty when the config is valid).
+  """
+  valid = [prefix + k for k in key_paths(schema)]
+  out = []
+  for name, value in config.items():
+    path = prefix + name
+    key = schema.get(name)
+    if key is None:
+      out.append(f"unknown config key '{path}'.{nearest_key_hint(path, valid)}")
+    elif not isinstance(key, Key):
+      if isinstance(value, Mapping):
+        out += problems(key, value, path + ".", free_form)
+      else:
+        out.append(f"--config.{path}={value!r} must be a section of keys "
+                   f"({', '.join(sorted(key))}).")
+    elif path in free_form:
+      continue
+    else:
+      expected = _type_problem(value, key.default)
+      if expected is None and key.check is not None:
+        expected = key.check(value)
+      if expected is not None:
+        out.append(f"--config.{path}={value!r} must be {expected}.")
+  return out
+
+
+# Checks shared by many keys: each returns None (valid) or what a valid value is.
+
+
+def at_least(low: float, integer: bool = False) -> Callable[[Any], str | None]:
+  """A number >= low (an integer when `integer`)."""
+  def check(v):
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v >= low
+    ok = ok and (isinstance(v, int) or not integer)
+    return None if ok else f"{'an integer' if integer else 'a number'} >= {low}"
+  return check
+
+
+def greater_than(low: float) -> Callable[[Any], str | None]:
+  """A number > low."""
+  return lambda v: None if v > low else f"a number > {low}"
+
+
+def fraction(v: Any) -> str | None:
+  """A number in [0, 1]."""
+  return None if 0 <= v <= 1 else "a fraction in [0, 1]"
+
+
+def one_of(options) -> Callable[[Any], str | None]:
+  """One of `options` (a collection, or a function returning one, read late so
+  that a registry filled after this check was declared is seen whole)."""
+  def check(v):
+    valid = options() if callable(options) else options
+    return None if v in valid else f"one of {sorted(valid)}"
+  return check

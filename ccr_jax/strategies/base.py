@@ -1,0 +1,224 @@
+"""The strategy interface: a continual strategy is a value that training composes.
+
+A `Strategy` has optional parts, each called by generic code that knows no
+strategy by name (DESIGN.md, Strategies):
+  transform      an optax GradientTransformation chained before the optimizer
+                 (`transform_last` puts it after the others, e.g. freezing, so
+                 nothing added later un-zeroes its gradients);
+  loss_term      (img, txt, old, batch, step, loss_params) -> (loss, extras): an
+                 extra loss on the batch's embeddings `[B, dim]`; with
+                 `needs_old_model`, old = (old_img, old_txt) is the previous
+                 snapshot's embeddings of the same batch, and the train step
+                 multiplies the term by 0 until a previous snapshot exists;
+  data policy    `train_tasks(t)`: the tasks whose training data task t trains
+                 on; `memory`: which past pairs a memory keeps and how much of
+                 each batch it fills;
+  state          `init_state(params) -> dict` (keys `state_keys`), carried from
+                 task to task, saved and restored with every snapshot;
+                 `install(opt_state, state, task) -> opt_state` puts it into the
+                 transform's state when a task starts (inside jit: `task` is a
+                 traced int32, 0-based); `end_of_task(ctx, task, params, state)
+                 -> state` updates it once a task is learnt.
+`a + b` composes values: transforms chained, loss terms summed, states merged
+(each part keeps its own keys), data policies joined. Each strategy module
+registers itself with `register` (name -> factory and config keys).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ccr_jax import schema
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TrainingContext:
+  """What end-of-task hooks may use; built once per experiment (hashed by identity,
+  so a hook can cache what it compiles on it).
+
+  Attributes:
+    embed: (params, batch) -> (img [B, dim], txt [B, dim]), traceable, each
+      device embedding its own rows of the batch.
+    loss_fn: the training loss (img, txt, *, image_ids, step, loss_params) ->
+      (loss, extras).
+    loss_reduction: 'sum' or 'mean', how `loss_fn` reduces over pairs.
+    mesh: the device mesh.
+    batch_size: the global training batch size.
+    seed: the experiment's seed.
+    task_batches: (task, count, seed) -> iterator over `count` training batches
+      of task `task` (0-based), drawn with `seed`, placed on the mesh.
+  """
+  embed: Callable
+  loss_fn: Callable
+  loss_reduction: str
+  mesh: jax.sharding.Mesh
+  batch_size: int
+  seed: int
+  task_batches: Callable[[int, int, int], Iterator[dict]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Memory:
+  """A memory of past pairs mixed into every batch once it holds any.
+
+  Attributes:
+    rows: (past task sizes, seed) -> per past task, the sorted int64 rows of
+      its training split the memory holds; a pure function, so a resumed run
+      rebuilds the same memory.
+    ratio: fraction of each batch drawn from the memory.
+  """
+  rows: Callable[[Sequence[int], int], list[np.ndarray]]
+  ratio: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+  """A continual strategy: every part optional (see the module docstring).
+
+  `parts` lists the strategies a composition was made of (empty for one
+  registered strategy); `settings` is what results.json records.
+  """
+  name: str
+  settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  transform: optax.GradientTransformation | None = None
+  transform_last: bool = False
+  loss_term: Callable | None = None
+  needs_old_model: bool = False
+  train_tasks: Callable[[int], list[int]] | None = None
+  memory: Memory | None = None
+  state_keys: tuple[str, ...] = ()
+  init_state: Callable[[Any], dict] | None = None
+  install: Callable[[Any, dict, jax.Array], Any] | None = None
+  end_of_task: Callable[[TrainingContext, int, Any, dict], dict] | None = None
+  parts: tuple[Strategy, ...] = ()
+
+  def __add__(self, other: Strategy) -> Strategy:
+    return compose(*self.leaves(), *other.leaves())
+
+  def leaves(self) -> tuple[Strategy, ...]:
+    """The registered strategies this value is made of."""
+    return self.parts or (self,)
+
+  def training_tasks(self, t: int) -> list[int]:
+    """Tasks (0-based) whose training data task t (0-based) trains on."""
+    return self.train_tasks(t) if self.train_tasks is not None else [t]
+
+  def describe(self) -> dict:
+    """JSON-able description for results.json: name and every part's settings."""
+    return {"name": self.name, "settings": dict(self.settings)}
+
+
+def compose(*strategies: Strategy) -> Strategy:
+  """One strategy doing what every one of `strategies` does.
+
+  The transform is always a chain (identity when no part has one), so the
+  optimizer state has one structure whatever is composed.
+
+  Raises:
+    ValueError: two parts keep state under the same key (e.g. two importance
+      regularisers) or both bring a memory.
+  """
+  leaves = tuple(leaf for s in strategies for leaf in s.leaves())
+  owners: dict[str, str] = {}
+  for leaf in leaves:
+    for key in leaf.state_keys:
+      if key in owners:
+        raise ValueError(
+            f"strategies {owners[key]!r} and {leaf.name!r} both keep state "
+            f"{key!r}: combine at most one of them (e.g. one importance "
+            "regulariser).")
+      owners[key] = leaf.name
+  memories = [leaf for leaf in leaves if leaf.memory is not None]
+  if len(memories) > 1:
+    raise ValueError(f"strategies {[m.name for m in memories]} each bring a memory; "
+                     "combine at most one.")
+  transforms = ([l.transform for l in leaves if l.transform and not l.transform_last]
+                + [l.transform for l in leaves if l.transform and l.transform_last])
+  terms = [leaf.loss_term for leaf in leaves if leaf.loss_term is not None]
+  stateful = [leaf for leaf in leaves if leaf.init_state is not None]
+
+  def loss_term(img, txt, old, batch, step, loss_params=None):
+    total, extras = jnp.float32(0.0), {}
+    for term in terms:
+      value, more = term(img, txt, old, batch, step, loss_params)
+      total, extras = total + value, {**extras, **more}
+    return total, extras
+
+  def train_tasks(t):
+    return sorted({i for leaf in leaves for i in leaf.training_tasks(t)})
+
+  def init_state(params):
+    return {k: v for leaf in stateful for k, v in leaf.init_state(params).items()}
+
+  def own(leaf, state):
+    return {k: state[k] for k in leaf.state_keys}
+
+  def install(opt_state, state, task):
+    for leaf in leaves:
+      if leaf.install is not None:
+        opt_state = leaf.install(opt_state, own(leaf, state), task)
+    return opt_state
+
+  def end_of_task(ctx, task, params, state):
+    new = dict(state)
+    for leaf in leaves:
+      if leaf.end_of_task is not None:
+        new.update(leaf.end_of_task(ctx, task, params, own(leaf, state)))
+    return new
+
+  return Strategy(
+      name="+".join(leaf.name for leaf in leaves),
+      settings={k: v for leaf in leaves for k, v in leaf.settings.items()},
+      transform=optax.chain(*transforms) if transforms else optax.identity(),
+      loss_term=loss_term if terms else None,
+      needs_old_model=any(leaf.needs_old_model for leaf in leaves),
+      train_tasks=train_tasks,
+      memory=memories[0].memory if memories else None,
+      state_keys=tuple(owners),
+      init_state=init_state if stateful else None,
+      install=install if any(l.install for l in leaves) else None,
+      end_of_task=end_of_task if any(l.end_of_task for l in leaves) else None,
+      parts=leaves)
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+  """A registered strategy.
+
+  Attributes:
+    factory: (settings, loss_fn) -> Strategy; settings is the strategy's config
+      section (`config.strategy.<section>`, None without keys), loss_fn the
+      training loss (for strategies that apply it across models).
+    section: the config section it reads (its own name, or one it shares).
+    keys: the keys of that section it declares (empty when shared or none).
+  """
+  factory: Callable[[Any, Callable | None], Strategy]
+  section: str | None
+  keys: Mapping[str, schema.Key]
+
+
+REGISTRY: dict[str, Registration] = {}
+
+
+def register(name: str, factory: Callable[[Any, Callable | None], Strategy], *,
+             keys: Mapping[str, schema.Key] | None = None,
+             section: str | None = None) -> None:
+  """Makes `name` usable in `--config.strategy.name` (alone or in 'a+b').
+
+  Args:
+    factory: (settings, loss_fn) -> Strategy.
+    keys: the config keys of `config.strategy.<name>` with defaults and docs.
+    section: read another strategy's section instead of declaring one (e.g.
+      online EWC reads EWC's).
+  """
+  if name in REGISTRY:
+    raise ValueError(f"strategy {name!r} is registered twice.")
+  REGISTRY[name] = Registration(factory, section or (name if keys else None),
+                                dict(keys or {}))
