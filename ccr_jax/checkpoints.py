@@ -63,7 +63,7 @@ def save_snapshot(workdir: str, task: int, params: Any, meta: dict,
 
   Args:
     strategy: an optional pytree a continual strategy carries to later tasks
-      (e.g. EWC's importance accumulators), saved beside the params.
+      (e.g. importance estimates), saved beside the params.
   Orbax writes into a temporary directory and renames it when complete, so a
   run killed mid-save leaves no snapshot that `completed_snapshots` lists.
   """

@@ -5,7 +5,7 @@ r"""Entry point: train and evaluate a continual retrieval experiment, or re-eval
   python -m ccr_jax.main --mode=report --workdir=/tmp/ccr_default[,/tmp/other...]
 
 Override any config value with --config.<section>.<field>=<value>, e.g.
---config.strategy.name=joint. Rerunning a training command resumes it.
+--config.strategy.name=<a strategy in docs/strategies.md>. Rerunning a training command resumes it.
 
 Multi-process runs start this same command in every process (launch/ has
 launchers for local CPU processes, TPU VM pods and SLURM); under SLURM, Open

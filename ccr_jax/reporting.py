@@ -1,43 +1,11 @@
-"""Results files: atomic JSON writes, readable tables and the R@1 matrix plot."""
+"""Results files: readable tables, plots and the report over workdirs."""
 
-import json
 import os
-import tempfile
 from typing import Any
 
 import numpy as np
 
-
-def write_atomic(path: str, data: bytes | str) -> None:
-  """Writes `data` to `path` through a temporary file and a rename.
-
-  A reader (or a run killed mid-write) never sees half a file.
-  """
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  mode = "wb" if isinstance(data, bytes) else "w"
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                             prefix="." + os.path.basename(path) + ".")
-  try:
-    with os.fdopen(fd, mode) as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Atomically writes `obj` as indented JSON."""
-  write_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-def read_json(path: str) -> Any:
-  """Reads a JSON file written by `write_json`."""
-  with open(path) as f:
-    return json.load(f)
+from ccr_jax import files
 
 
 def _fmt(v: Any) -> str:
@@ -410,7 +378,7 @@ def report(workdirs: list[str], report_dir: str) -> str:
       raise FileNotFoundError(
           f"{path} not found: {w} is not a finished ccr_jax workdir (run "
           "--mode=train there first, or check the path).")
-    runs.append(read_json(path))
+    runs.append(files.read_json(path))
   labels = _labels(workdirs)
   plots = os.path.join(report_dir, "plots")
   lines = ["# ccr_jax report", ""]
@@ -461,7 +429,7 @@ def report(workdirs: list[str], report_dir: str) -> str:
                              cfg["train"]["steps_per_task"])
         lines += ["", "### Training curves", "", f"![training](plots/{label}_training.png)"]
     evaluate = os.path.join(workdir, "results", "evaluate.json")
-    if os.path.exists(evaluate) and "analysis" in (ev := read_json(evaluate)):
+    if os.path.exists(evaluate) and "analysis" in (ev := files.read_json(evaluate)):
       plot_analysis(ev["analysis"], plots, f"{label}_evaluate")
       # Two heading levels down: the analysis sits under this run's heading.
       lines += ["##" + line if line.startswith("#") else line
@@ -473,5 +441,5 @@ def report(workdirs: list[str], report_dir: str) -> str:
                 "tower attribution, drift and partial reindexing.)"]
     lines.append("")
   out = os.path.join(report_dir, "report.md")
-  write_atomic(out, "\n".join(lines) + "\n")
+  files.write_atomic(out, "\n".join(lines) + "\n")
   return out

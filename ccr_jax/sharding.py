@@ -129,7 +129,7 @@ def param_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
   Replicated when the model axis has size 1 or the leaf is small; otherwise
   its largest dimension that divides evenly is split over the model axis
   (the first such on ties). Shape alone decides, so Adam's moments and the
-  EWC accumulators land exactly where their parameter does.
+  a strategy's parameter-shaped state lands exactly where its parameter does.
   """
   m = mesh.shape[MODEL_AXIS]
   if m == 1 or math.prod(shape) < FSDP_MIN_SIZE:

@@ -66,8 +66,8 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation,
       {"old_params": params pytree, "active": float32 scalar} (see
       `old_model_state`); kept unchanged by the train step.
     install: a strategy's (opt_state, strategy_state, task) -> opt_state,
-      applied to the fresh optimizer state (e.g. importance accumulators, a
-      freeze flag); `strategy_state` and `task` (0-based) are what it gets.
+      applied to the fresh optimizer state (e.g. a regulariser's accumulators, a
+      per-task flag); `strategy_state` and `task` (0-based) are what it gets.
   Every leaf is placed where `sharding.param_sharding` says (replicated
   without a model axis), exactly as `train_step` returns it: a state placed
   otherwise would compile the step a second time.

@@ -27,7 +27,7 @@ def _die():
 def _install(point: str) -> None:
   from ccr_jax import checkpoints
   from ccr_jax import indexing
-  from ccr_jax import reporting
+  from ccr_jax import files
   from ccr_jax.data import pipeline
 
   if point == "snapshot_write":
@@ -93,7 +93,7 @@ def _install(point: str) -> None:
 
     indexing.build_index = build
   elif point == "results_write":
-    real_write_atomic = reporting.write_atomic
+    real_write_atomic = files.write_atomic
 
     def write_atomic(path, data):
       if os.path.basename(path) == "results.json":
@@ -104,7 +104,7 @@ def _install(point: str) -> None:
         _die()
       return real_write_atomic(path, data)
 
-    reporting.write_atomic = write_atomic
+    files.write_atomic = write_atomic
   else:
     raise SystemExit(f"unknown fault point {point!r}")
 

@@ -140,7 +140,9 @@ def test_regimes_are_entries_of_the_compatibility_matrix(trained):
                    if q < j - 1 or g < j - 1)
   # Folds: task-aware only, and a fold of the gallery ranks no worse than it.
   fold = metrics["fixed"]["task_aware"]["t2i"]
-  assert 0 <= fold["fold_r1"][num - 1][0] <= 100
+  # Each query's fold holds its positive and a subset of the gallery, so its
+  # rank there is no worse: with equal folds, fold R@1 >= the full gallery's.
+  assert fold["fold_r1"][num - 1][0] >= fold["exact_r1"][num - 1][0]
   assert fold["fold_meanr"][num - 1][0] <= fold["meanr"][num - 1][0]
   assert "fold_r1" not in metrics["fixed"]["task_agnostic"]["t2i"]
   # The saved galleries are the embeddings the snapshots give again.

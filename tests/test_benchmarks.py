@@ -80,7 +80,7 @@ def test_recall_vs_exact_matches_library():
   from ccr_jax import indexing
   index = indexing.build_index(gallery, np.arange(500), backend="scann", snapshot=1,
                                task=1, modality="texts",
-                               scann_options={"mode": "tree_ah", "num_leaves": 10,
+                               options={"mode": "tree_ah", "num_leaves": 10,
                                               "num_leaves_to_search": 1})
   _, exact_rows = indexing.exact_search(queries, gallery, 10)
   _, found = indexing.search(index, queries, 10)

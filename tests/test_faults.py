@@ -123,6 +123,7 @@ def test_corrupt_state_falls_back_to_an_older_one(uninterrupted, tmp_path, caplo
   assert results["metrics"] == uninterrupted[1]["metrics"]
 
 
+@pytest.mark.slow
 def test_nan_loss_names_step_and_last_good_checkpoint(tmp_path, monkeypatch):
   config = default.get_config("tiny")
   config.data.num_tasks, config.data.num_categories = 1, 2
@@ -147,6 +148,7 @@ def test_nan_loss_names_step_and_last_good_checkpoint(tmp_path, monkeypatch):
   assert checkpoints.latest_state_step(str(tmp_path)) == 2
 
 
+@pytest.mark.slow
 def test_same_seed_and_config_give_the_same_results(uninterrupted, tmp_path):
   again = loop.train_and_evaluate(default.get_config("tiny"), str(tmp_path))
   assert again == uninterrupted[1]

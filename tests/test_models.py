@@ -163,7 +163,8 @@ def mixed_captions(seed, batch, max_len):
 
 
 # Block size 8 splits the hoisted matmuls into many blocks; the default runs one.
-@pytest.mark.parametrize("block_rows", [8, text_towers.BLOCK_ROWS])
+@pytest.mark.parametrize("block_rows", [8, pytest.param(text_towers.BLOCK_ROWS,
+                                                     marks=pytest.mark.slow)])
 def test_gru_matches_references(block_rows, monkeypatch):
   monkeypatch.setattr(text_towers, "BLOCK_ROWS", block_rows)
   # Batch 20: the step matmul switches between row counts 8, 16 and 20.

@@ -165,6 +165,7 @@ def _tiny_train_step():
   return cfg, steps, mesh, step, state, batch_fn
 
 
+@pytest.mark.slow
 def test_jsonl_and_tensorboard_hold_the_logged_window_means(tmp_path):
   cfg, steps, mesh, step, state, batch_fn = _tiny_train_step()
   per_step = []

@@ -55,6 +55,7 @@ TWO_DEVICE_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_devices_match_one(tmp_path):
   out = tmp_path / "out.npz"
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
@@ -136,6 +137,7 @@ def test_train_step_compiles_once_across_tasks():
   assert train_lib._state_builder(opt, None, mesh)._cache_size() == 1
 
 
+@pytest.mark.slow
 def test_learnable_loss_params_train_and_snapshot_with_the_towers(tmp_path):
   """infonce with learn_temperature: params["loss"] exists, gets updated, restores."""
   from ccr_jax import checkpoints

@@ -62,7 +62,7 @@ def encode_split(split: Split, vocab: Vocabulary, max_len: int) -> tuple[Encoded
 
 
 def concatenate(parts: Sequence[EncodedSplit]) -> EncodedSplit:
-  """One EncodedSplit holding `parts` in order (joint training's pool)."""
+  """One EncodedSplit holding `parts` in order (a pool over several tasks)."""
   # Lazily read images stay lazy: a real dataset's pool does not fit in RAM.
   return EncodedSplit(*(
       tasks.concatenate_images([p.images for p in parts]) if f.name == "images"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import hashlib
 import importlib.util
 import os
 import re
@@ -24,6 +23,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
+
+from ccr_jax import files
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIAL_TOKENS = (PAD, START, END, UNK)
@@ -198,11 +199,6 @@ def _packaged_dir(name: str) -> str:
   return os.path.join(os.path.dirname(spec.origin), folder)
 
 
-def _sha256(path: str) -> str:
-  with open(path, "rb") as f:
-    return hashlib.sha256(f.read()).hexdigest()
-
-
 @dataclasses.dataclass(frozen=True)
 class WordPieceTokenizer:
   """A pretrained text encoder's own tokenizer (HuggingFace `tokenizer.json`).
@@ -232,7 +228,7 @@ class WordPieceTokenizer:
     # The file pads and truncates to 128; `encode` does both to max_len itself.
     tokenizer.no_padding()
     tokenizer.no_truncation()
-    return WordPieceTokenizer(name=name, sha256=_sha256(path), _tokenizer=tokenizer)
+    return WordPieceTokenizer(name=name, sha256=files.sha256(path), _tokenizer=tokenizer)
 
   @staticmethod
   def packaged(name: str = "all-MiniLM-L6-v2") -> WordPieceTokenizer:
