@@ -67,7 +67,7 @@ def nearest_key_hint(key: str, valid: list[str]) -> str:
 def _type_problem(value: Any, default: Any) -> str | None:
   if isinstance(default, ml_collections.FieldReference):
     default = default.get()
-  if default is None or value is None and default is None:
+  if default is None:  # No type to hold the value to.
     return None
   if isinstance(default, bool):
     return None if isinstance(value, bool) else "true or false"

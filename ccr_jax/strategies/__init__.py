@@ -76,14 +76,14 @@ def get_strategy(config: ml_collections.ConfigDict,
       that cannot be combined.
   """
   parts = _names(config.name)
+  keys = config_keys()
   built = []
   for name in sorted(set(parts), key=list(REGISTRY).index):
     registration = REGISTRY[name]
     settings = None
     if registration.section is not None:
       settings = config[registration.section]
-      section_keys = config_keys()[registration.section]
-      problems = schema.problems(section_keys, settings.to_dict(),
+      problems = schema.problems(keys[registration.section], settings.to_dict(),
                                  f"strategy.{registration.section}.")
       if problems:
         raise ValueError("invalid config:\n  " + "\n  ".join(problems))
