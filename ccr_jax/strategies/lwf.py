@@ -5,7 +5,19 @@ Similarity distributions (LwF, Mod-X) and, optionally, the embeddings themselves
 Both take the current model's embeddings of a batch and the previous
 snapshot's embeddings of the same batch (computed by the train step with the
 old params, no gradient), all `[batch, dim]` and L2-normalised.
+
+Scale. The similarities are cosines in [-1, 1]; LwF's classic temperature 2
+with Hinton's tau^2 factor is meant for classifier logits of scale ~10, and
+on cosines leaves both softmaxes nearly uniform (measured: a term 1e-3 of the
+ranking loss, a gradient 3e-4 of it, benchmarks/lwf_gradient.py). The logits
+here are cosine / temperature with a contrastive temperature (default 0.05,
+logits in [-20, 20], as InfoNCE/CLIP), without the tau^2 factor (which would
+shrink the gradient by tau^2 at small tau), and the KL is reduced over query
+rows the way the training loss reduces over pairs ('sum' as VSE++ or
+'mean'), so strength 1 weighs a query's distillation like its ranking loss.
 """
+
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,31 +26,55 @@ from ccr_jax import schema
 from ccr_jax.strategies import base
 
 
+def _masked(logits: jax.Array, image_ids: jax.Array | None) -> jax.Array:
+  """`logits` `[B, B]` with off-diagonal entries of the same image set to -inf.
+
+  Captions of one image are positives of each other's image, not negatives:
+  the losses exclude them from the ranking, so the distributions do too.
+  """
+  if image_ids is None:
+    return logits
+  same = image_ids[:, None] == image_ids[None, :]
+  off_diagonal = ~jnp.eye(logits.shape[0], dtype=bool)
+  return jnp.where(same & off_diagonal, -jnp.inf, logits)
+
+
 def _kl_rows(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
-  """Sum over rows of KL(softmax(teacher) || softmax(student)), `[B, B]` logits."""
+  """Per row KL(softmax(teacher) || softmax(student)), `[B, B]` logits -> `[B]`.
+
+  Entries that are -inf in both (masked) contribute 0.
+  """
   t_logp = jax.nn.log_softmax(teacher_logits, axis=-1)
   s_logp = jax.nn.log_softmax(student_logits, axis=-1)
-  return jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp))
+  finite = jnp.isfinite(t_logp)
+  terms = jnp.where(finite, jnp.exp(t_logp) * (t_logp - jnp.where(finite, s_logp, 0.0)),
+                    0.0)
+  return jnp.sum(terms, axis=-1)
 
 
 def similarity_distillation(img: jax.Array, txt: jax.Array, old_img: jax.Array,
-                            old_txt: jax.Array, *, temperature: float) -> jax.Array:
+                            old_txt: jax.Array, *, temperature: float,
+                            image_ids: jax.Array | None = None,
+                            reduction: str = "sum") -> jax.Array:
   """KL between the old and new in-batch similarity distributions, both directions.
 
-  With S = img @ txt.T (new) and S' = old_img @ old_txt.T (old), the loss is
-  tau^2 / B * [sum_i KL(softmax(S'_i/tau) || softmax(S_i/tau))           (image->text rows)
-               + sum_j KL(softmax(S'^T_j/tau) || softmax(S^T_j/tau))]    (text->image columns),
-  the LwF form (tau^2 keeps gradient scale independent of tau, as Hinton et
-  al.) applied to cross-modal similarity distributions as in Mod-X. Zero, with
-  zero gradient, when the models agree.
+  With S = img @ txt.T / tau (new) and S' = old_img @ old_txt.T / tau (old),
+  pairs sharing an image masked off the diagonal, the loss is
+    reduce_i KL(softmax(S'_i) || softmax(S_i))  +  reduce_j KL(softmax(S'^T_j) || softmax(S^T_j))
+  (image->text rows, then text->image columns; reduce = sum or mean over the
+  B queries), the LwF form applied to cross-modal similarity distributions as
+  in Mod-X. Zero, with zero gradient, when the models agree.
 
   Args:
     img, txt: `[B, dim]` current embeddings. old_img, old_txt: `[B, dim]` old ones.
+    temperature: tau, applied to cosines (0.05: logits in [-20, 20]).
+    image_ids: `[B]` image of each pair, or None when every pair has its own.
+    reduction: 'sum' or 'mean' over query rows, as the training loss.
   """
-  s_new = img @ txt.T / temperature
-  s_old = jax.lax.stop_gradient(old_img @ old_txt.T) / temperature
-  b = img.shape[0]
-  return temperature ** 2 / b * (_kl_rows(s_old, s_new) + _kl_rows(s_old.T, s_new.T))
+  s_new = _masked(img @ txt.T / temperature, image_ids)
+  s_old = _masked(jax.lax.stop_gradient(old_img @ old_txt.T) / temperature, image_ids)
+  per_query = _kl_rows(s_old, s_new) + _kl_rows(s_old.T, s_new.T)
+  return jnp.sum(per_query) if reduction == "sum" else jnp.mean(per_query)
 
 
 def embedding_distillation(img: jax.Array, txt: jax.Array, old_img: jax.Array,
@@ -52,14 +88,20 @@ def embedding_distillation(img: jax.Array, txt: jax.Array, old_img: jax.Array,
           + jnp.mean(1.0 - jnp.sum(txt * old_txt, axis=-1)))
 
 
-def lwf_strategy(strength: float, temperature: float,
-                 embedding_strength: float = 0.0) -> base.Strategy:
+def loss_reduction(loss_fn: Callable | None) -> str:
+  """'sum' or 'mean': how the bound training loss (`losses.make_loss`) reduces."""
+  return getattr(loss_fn, "keywords", {}).get("reduction", "sum")
+
+
+def lwf_strategy(strength: float, temperature: float, embedding_strength: float = 0.0,
+                 reduction: str = "sum") -> base.Strategy:
   """strength * similarity KL + embedding_strength * embedding distance to the
   previous snapshot's embeddings of the same batch."""
 
   def loss_term(img, txt, old, batch, step, loss_params):
-    del batch, step, loss_params
-    kl = similarity_distillation(img, txt, *old, temperature=temperature)
+    del step, loss_params
+    kl = similarity_distillation(img, txt, *old, temperature=temperature,
+                                 image_ids=batch["image_ids"], reduction=reduction)
     emb = embedding_distillation(img, txt, *old)
     return strength * kl + embedding_strength * emb, {"lwf_kl": kl, "lwf_embedding": emb}
 
@@ -71,9 +113,11 @@ def lwf_strategy(strength: float, temperature: float,
 
 
 base.register(
-    "lwf", lambda c, _: lwf_strategy(c.strength, c.temperature, c.embedding_strength),
+    "lwf", lambda c, loss_fn: lwf_strategy(c.strength, c.temperature,
+                                           c.embedding_strength, loss_reduction(loss_fn)),
     keys={"strength": schema.Key(1.0, "weight of the similarity-distribution KL"),
           "embedding_strength": schema.Key(0.0, "weight of the cosine embedding "
                                            "distillation (0: off)"),
-          "temperature": schema.Key(2.0, "softmax temperature of the similarities",
-                                    schema.greater_than(0))})
+          "temperature": schema.Key(0.05, "softmax temperature on the cosine "
+                                    "similarities (contrastive scale: 0.05 gives "
+                                    "logits in [-20, 20])", schema.greater_than(0))})
