@@ -1,19 +1,29 @@
 r"""Every continual strategy on the embedded benchmark, over seeds: the comparison table.
 
-  # 1. choose each regulariser's strength on the validation split (seed 0):
-  python benchmarks/strategies.py --stage=select --workroot=/tmp/ccr_strategies
-  # 2. run every strategy with the chosen strengths on the test split, 3 seeds:
-  python benchmarks/strategies.py --stage=final --workroot=/tmp/ccr_strategies
+  # 1. each tunable strategy's strength on the validation split (seed 0),
+  #    grids extended until the chosen value is bracketed:
+  python benchmarks/strategies.py --stage=select --setting=scratch
+  python benchmarks/strategies.py --stage=select --setting=pretrained
+  # 2. every strategy with the chosen strengths on the test split, 3 seeds:
+  python benchmarks/strategies.py --stage=final --setting=scratch
+  python benchmarks/strategies.py --stage=final --setting=pretrained
+  # 3. the table (both settings) from the runs log:
+  python benchmarks/strategies.py --stage=table
 
-Prints one JSON object per run, then a markdown table (mean ± std over seeds) of
-final average R@1, forgetting and backward transfer in both indexing regimes and
-both gallery scopes; writes benchmarks/results/strategies.{md,json} and
-strategies_selection.json. The runs use `configs/default.py` with shorter tasks
-(see `sweep_config`) so that 48 runs fit in well under an hour on 2 CPU cores.
+Every run appends one JSON line to --log (benchmarks/results/strategies_runs.jsonl);
+a run whose line is already there is not run again, so an interrupted stage
+resumes and stages may be split over processes (--strategies, --seeds). The
+table is mean ± std over seeds of final average R@1, forgetting and backward
+transfer in both indexing regimes and both gallery scopes, written with the
+commit and commands that produced it to benchmarks/results/strategies.md.
+Settings: `scratch` is `configs/default.py`, `pretrained` its `:pretrained`
+variant (towers first trained on held-out categories), both with shorter
+tasks (`sweep_config`) so a run takes about half a minute on 2 CPU cores.
 """
 
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -25,39 +35,52 @@ from absl import app, flags, logging  # noqa: E402
 from ccr_jax.run import loop  # noqa: E402
 from configs import default  # noqa: E402
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("stage", "final", ["select", "final", "table"],
                   "select: strengths on val; final: every strategy on test over "
-                  "--seeds; table: the table from the JSON lines in --logs.")
-flags.DEFINE_list("logs", [], "--stage=table: files holding final-stage JSON lines.")
+                  "--seeds; table: the table from --log.")
+flags.DEFINE_enum("setting", "scratch", ["scratch", "pretrained"],
+                  "Towers from random init, or pretrained on held-out categories.")
 flags.DEFINE_string("workroot", "/tmp/ccr_strategies", "One workdir per run under here.")
+flags.DEFINE_string("log", os.path.join(HERE, "results", "strategies_runs.jsonl"),
+                    "JSON lines of every run (read to skip finished runs).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds of the final stage.")
 flags.DEFINE_list("strategies", ["finetune", "joint", "freeze", "ewc", "online_ewc",
-                                 "mas", "l2", "lwf", "replay", "compat", "ewc+replay"],
-                  "Strategies of the final stage.")
-flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                        "results"), "Where tables and JSON go.")
-flags.DEFINE_bool("quick", False, "Tiny config, 2 strategies, 1 seed: a smoke test.")
+                                 "mas", "l2", "si", "lwf", "replay", "agem", "der",
+                                 "compat", "query_adapter", "ewc+replay"],
+                  "Strategies of the final stage (and of the table, in this order).")
+flags.DEFINE_list("select", None, "--stage=select: only these grids (default all).")
+flags.DEFINE_string("out", os.path.join(HERE, "results"), "Where tables and JSON go.")
+flags.DEFINE_bool("quick", False, "Tiny config, 1 seed, 1-value grids: a smoke test.")
 
-# Strength grids searched on the validation split; section.field -> candidates.
-# Centred where the penalty is comparable to the summed VSE0 loss (~25 at batch
-# 64) for the parameter change one fine-tuning task causes, measured on the
-# default run: sum F*dtheta^2 = 0.0075 (EWC), sum Omega*dtheta^2 = 0.0037 (MAS),
-# sum dtheta^2 = 49 (L2); then one decade either side.
+# Strength grids searched on the validation split: section.field -> first
+# candidates. When the best is at an edge the grid grows by the same ratio on
+# that side (up to MAX_EXTEND times), so the chosen value is bracketed.
 GRID = {
-    "ewc": ("ewc.strength", (300.0, 3000.0, 30000.0)),
-    "mas": ("mas.strength", (1000.0, 10000.0, 100000.0)),
-    "l2": ("l2.strength", (0.03, 0.3, 3.0)),
-    "lwf": ("lwf.strength", (1.0, 10.0, 100.0)),
-    "compat": ("compat.strength", (0.1, 0.3, 1.0)),
+    "ewc": ("ewc.strength", (30.0, 300.0, 3000.0)),
+    "mas": ("mas.strength", (100.0, 1000.0, 10000.0)),
+    "l2": ("l2.strength", (0.003, 0.03, 0.3)),
+    "si": ("si.strength", (1.0, 10.0, 100.0)),
+    "lwf": ("lwf.strength", (0.1, 1.0, 10.0)),
+    "der": ("der.strength", (0.3, 3.0, 30.0)),
+    "compat": ("compat.strength", (0.03, 0.1, 0.3)),
 }
-# online_ewc shares EWC's strength section (config.strategy.ewc).
+MAX_EXTEND = 3
+# Strategies reading another's section use its chosen value.
 SHARES = {"online_ewc": "ewc", "ewc+replay": "ewc"}
 
 
-def sweep_config(quick: bool):
-  """configs/default.py with 200-step tasks and batch 64 (about 1 minute a run)."""
-  config = default.get_config("tiny" if quick else None)
+def sweep_config(setting: str, quick: bool):
+  """configs/default.py (or :pretrained) with 200-step tasks at batch 64."""
+  variant = "tiny" if quick else ("pretrained" if setting == "pretrained" else None)
+  config = default.get_config(variant)
+  if quick and setting == "pretrained":
+    pretrained = default.get_config("pretrained")
+    config.data.num_categories = pretrained.data.num_categories
+    config.data.task_categories = pretrained.data.task_categories
+    config.pretrain = pretrained.pretrain
+    config.pretrain.steps = 20
   # One rendered benchmark for every run (it is the same data).
   config.data.data_dir = os.path.join(FLAGS.workroot, "tfds")
   if not quick:
@@ -79,39 +102,77 @@ def selection_score(results: dict) -> float:
                         for r in s for d in ("i2t", "t2i")]))
 
 
+def _key(line: dict) -> tuple:
+  return (line["setting"], line["strategy"], line["seed"], line["split"],
+          json.dumps(line["overrides"], sort_keys=True))
+
+
+def _done() -> dict:
+  if not os.path.exists(FLAGS.log):
+    return {}
+  lines = [json.loads(l) for l in open(FLAGS.log) if l.startswith("{")]
+  return {_key(l): l for l in lines}
+
+
 def run(name: str, seed: int, split: str, overrides: dict, quick: bool) -> dict:
-  """One experiment; returns its JSON line (summary numbers + settings)."""
-  config = sweep_config(quick)
+  """One experiment (or its logged line); returns its JSON line."""
+  line = {"setting": FLAGS.setting, "strategy": name, "seed": seed, "split": split,
+          "overrides": overrides}
+  done = {} if quick else _done()
+  if _key(line) in done:
+    return done[_key(line)]
+  config = sweep_config(FLAGS.setting, quick)
   config.seed = seed
   config.strategy.name = name
   config.eval.split = split
   for dotted, value in overrides.items():
     _set(config, dotted, value)
-  tag = "_".join([name.replace("+", "-"), split, f"s{seed}"] +
+  tag = "_".join([FLAGS.setting, name.replace("+", "-"), split, f"s{seed}"] +
                  [f"{k.split('.')[0]}{v:g}" for k, v in sorted(overrides.items())])
   start = time.perf_counter()
   results = loop.train_and_evaluate(config, os.path.join(FLAGS.workroot, tag))
-  line = {"strategy": name, "seed": seed, "split": split, "overrides": overrides,
-          "wall_s": round(time.perf_counter() - start, 1),
-          "summary": results["summary"], "settings": results["strategy"]}
+  line.update(wall_s=round(time.perf_counter() - start, 1),
+              summary=results["summary"], settings=results["strategy"],
+              commit=_commit())
   print(json.dumps(line), flush=True)
+  if not quick:
+    with open(FLAGS.log, "a") as f:
+      f.write(json.dumps(line) + "\n")
   return line
 
 
-def select(quick: bool) -> dict:
-  """Chooses each regulariser's strength by `selection_score` on the val split."""
-  chosen, lines = {}, []
-  for name, (dotted, grid) in GRID.items():
-    if quick:
-      grid = grid[:1]
-    scores = {}
+def _commit() -> str:
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                          capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def select_one(name: str, quick: bool) -> dict:
+  """The best value of `name`'s grid on val, the grid grown until it is bracketed."""
+  dotted, grid = GRID[name]
+  grid = list(grid[:1] if quick else grid)
+  ratio = grid[1] / grid[0] if len(grid) > 1 else 10.0
+  scores = {}
+  for _ in range(MAX_EXTEND + 1):
     for value in grid:
-      line = run(name, 0, "val", {dotted: value}, quick)
-      scores[value] = selection_score(line)
-      lines.append(line)
+      if value not in scores:
+        scores[value] = selection_score(run(name, 0, "val", {dotted: value}, quick))
     best = max(scores, key=scores.get)
-    chosen[name] = {"field": dotted, "value": best, "val_scores": scores}
-  return {"chosen": chosen, "runs": lines}
+    values = sorted(scores)
+    if quick or values[0] < best < values[-1]:
+      break
+    grid = [best / ratio] if best == values[0] else [best * ratio]
+  best = max(scores, key=scores.get)
+  values = sorted(scores)
+  return {"field": dotted, "value": best,
+          "val_scores": {f"{v:g}": scores[v] for v in values},
+          "bracketed": bool(values[0] < best < values[-1])}
+
+
+def _selection_path(setting: str) -> str:
+  return os.path.join(FLAGS.out, f"strategies_selection_{setting}.json")
 
 
 def _fmt(values) -> str:
@@ -122,91 +183,101 @@ def _fmt(values) -> str:
 
 
 def table(lines: list[dict]) -> str:
-  """Markdown: mean ± std over seeds per strategy, regime and scope."""
-  rows = ["| strategy | regime | scope | final avg R@1 i2t | final avg R@1 t2i | "
-          "forgetting i2t | forgetting t2i | BWT i2t | BWT t2i |",
-          "|---|---|---|---|---|---|---|---|---|"]
-  names = list(dict.fromkeys(l["strategy"] for l in lines))
-  for name in names:
-    mine = [l for l in lines if l["strategy"] == name]
-    for regime in ("fixed", "reindex"):
-      for scope in ("task_aware", "task_agnostic"):
-        cells = []
-        for key in ("final_average", "forgetting", "backward_transfer"):
-          for d in ("i2t", "t2i"):
-            cells.append(_fmt([l["summary"][regime][scope][f"{d}_r1"][key]
-                               for l in mine]))
-        rows.append(f"| {name} | {regime} | {scope.replace('_', '-')} | " +
-                    " | ".join(cells) + " |")
+  """Markdown: mean ± std over seeds per setting, strategy, regime and scope."""
+  rows = ["| setting | strategy | regime | scope | final avg R@1 i2t | final avg R@1 t2i | "
+          "forgetting i2t | forgetting t2i | BWT i2t | BWT t2i | seeds |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for setting in ("scratch", "pretrained"):
+    for name in FLAGS.strategies:
+      mine = [l for l in lines if l["strategy"] == name and l["setting"] == setting]
+      if not mine:
+        continue
+      for regime in ("fixed", "reindex"):
+        for scope in ("task_aware", "task_agnostic"):
+          cells = []
+          for key in ("final_average", "forgetting", "backward_transfer"):
+            for d in ("i2t", "t2i"):
+              cells.append(_fmt([l["summary"][regime][scope][f"{d}_r1"][key]
+                                 for l in mine]))
+          seeds = ",".join(str(s) for s in sorted(l["seed"] for l in mine))
+          rows.append(f"| {setting} | {name} | {regime} | {scope.replace('_', '-')} | "
+                      + " | ".join(cells) + f" | {seeds} |")
   return "\n".join(rows)
 
 
-def header(chosen: dict, lines: list[dict]) -> str:
-  """How the table was made: config, seeds, strength selection."""
-  seeds = sorted({l["seed"] for l in lines})
+def header(selections: dict, lines: list[dict]) -> str:
+  """How the table was made: config, seeds, commits, strength selection."""
+  commits = sorted({l.get("commit", "unknown") for l in lines})
   out = ["# Continual strategies on the embedded benchmark", "",
-         "`configs/default.py` (4 tasks x 3 shapes, CNN + GRU, VSE0) with 200 steps "
-         "per task at batch 64 (`sweep_config` in benchmarks/strategies.py); "
-         f"seeds {seeds} (training seed; the benchmark data is fixed); mean ± std "
-         "over seeds. R@1 in percent; forgetting = mean over earlier tasks of "
-         "max_t R[t][j] − R[T][j]; BWT = mean of R[T][j] − R[j][j]. Machine: 2 CPU "
-         "cores, shared with other jobs (wall times in strategies.json).", "",
-         "Commands: `python benchmarks/strategies.py --stage=select` (strengths), "
-         "then `--stage=final` (runs; here split over processes and merged with "
-         "`--stage=table --logs=benchmarks/results/strategies_runs.jsonl`).", "",
+         "`configs/default.py` (4 tasks x 3 shapes, CNN + GRU, VSE0; `scratch`) and its "
+         "`:pretrained` variant (towers first trained on 4 held-out shapes) with 200 "
+         "steps per task at batch 64 (`sweep_config` in benchmarks/strategies.py); "
+         "mean ± std (population) over the training seeds listed per row (the "
+         "benchmark data is fixed). R@1 in percent; forgetting = mean over earlier "
+         "tasks of max_t R[t][j] − R[T][j]; BWT = mean of R[T][j] − R[j][j]. Machine: "
+         "2 CPU cores.", "",
+         f"Produced by commits {', '.join(commits)} with:", "",
+         "```",
+         "python benchmarks/strategies.py --stage=select --setting=scratch",
+         "python benchmarks/strategies.py --stage=select --setting=pretrained",
+         "python benchmarks/strategies.py --stage=final --setting=scratch",
+         "python benchmarks/strategies.py --stage=final --setting=pretrained",
+         "python benchmarks/strategies.py --stage=table",
+         "```", "",
          "## Strengths, chosen on the validation split (seed 0)", "",
          "Score: mean over {fixed, reindex} x {i2t, t2i} of the task-aware final "
          "average R@1 on each task's validation images (the test split is never "
-         "used). `online_ewc` and `ewc+replay` use EWC's strength.", "",
-         "| strategy | field | candidates → validation score | chosen |",
-         "|---|---|---|---|"]
-  for name, c in chosen.items():
-    cands = ", ".join(f"{float(v):g} → {score:.1f}" for v, score in c["val_scores"].items())
-    out.append(f"| {name} | `strategy.{c['field']}` | {cands} | {float(c['value']):g} |")
+         "used). `online_ewc` and `ewc+replay` use EWC's strength. A grid whose best "
+         "value sat at an edge was extended by its ratio on that side.", "",
+         "| setting | strategy | field | candidates → validation score | chosen | bracketed |",
+         "|---|---|---|---|---|---|"]
+  for setting, chosen in selections.items():
+    for name, c in chosen.items():
+      cands = ", ".join(f"{v} → {score:.1f}" for v, score in c["val_scores"].items())
+      out.append(f"| {setting} | {name} | `strategy.{c['field']}` | {cands} | "
+                 f"{float(c['value']):g} | {'yes' if c['bracketed'] else 'NO'} |")
   out += ["", "## Results on the test split", ""]
   return "\n".join(out) + "\n"
+
+
+def _load_selection(setting: str) -> dict:
+  path = _selection_path(setting)
+  return json.load(open(path)) if os.path.exists(path) else {}
 
 
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   os.makedirs(FLAGS.out, exist_ok=True)
-  sel_path = os.path.join(FLAGS.out, "strategies_selection.json")
   if FLAGS.stage == "select":
-    selection = select(FLAGS.quick)
-    if not FLAGS.quick:
-      with open(sel_path, "w") as f:
-        json.dump(selection, f, indent=1)
-    print(json.dumps({"chosen": selection["chosen"]}))
+    chosen = {} if FLAGS.quick else _load_selection(FLAGS.setting)
+    for name in FLAGS.select or list(GRID):
+      chosen[name] = select_one(name, FLAGS.quick)
+      print(json.dumps({"setting": FLAGS.setting, "chosen": {name: chosen[name]}}),
+            flush=True)
+      if not FLAGS.quick:
+        with open(_selection_path(FLAGS.setting), "w") as f:
+          json.dump(chosen, f, indent=1)
     return
-  chosen = {}
-  if os.path.exists(sel_path) and not FLAGS.quick:
-    chosen = json.load(open(sel_path))["chosen"]
-  lines = []
-  if FLAGS.stage == "table":
-    # Final-stage runs split over several processes: merge their JSON lines
-    # in --strategies order.
-    for path in FLAGS.logs:
-      lines += [json.loads(l) for l in open(path) if l.startswith('{"strategy"')]
-    order = {n: i for i, n in enumerate(FLAGS.strategies)}
-    lines.sort(key=lambda l: (order.get(l["strategy"], len(order)), l["seed"]))
-  else:
+  if FLAGS.stage == "final":
+    chosen = {} if FLAGS.quick else _load_selection(FLAGS.setting)
     names = ["finetune", "ewc"] if FLAGS.quick else FLAGS.strategies
     seeds = [0] if FLAGS.quick else [int(s) for s in FLAGS.seeds]
+    lines = []
     for name in names:
-      base = SHARES.get(name, name)
-      overrides = ({chosen[base]["field"]: chosen[base]["value"]} if base in chosen
-                   else {})
+      section = SHARES.get(name, name)
+      overrides = ({chosen[section]["field"]: chosen[section]["value"]}
+                   if section in chosen else {})
       for seed in seeds:
         lines.append(run(name, seed, "test", overrides, FLAGS.quick))
-  md = table(lines)
+    print(table(lines))
+    return
+  lines = [l for l in _done().values() if l["split"] == "test"]
+  selections = {s: _load_selection(s) for s in ("scratch", "pretrained")}
+  md = header({s: c for s, c in selections.items() if c}, lines) + table(lines)
   print(md)
-  md = header(chosen, lines) + md
-  if not FLAGS.quick:
-    with open(os.path.join(FLAGS.out, "strategies.json"), "w") as f:
-      json.dump({"selection": chosen, "runs": lines}, f, indent=1)
-    with open(os.path.join(FLAGS.out, "strategies.md"), "w") as f:
-      f.write(md + "\n")
+  with open(os.path.join(FLAGS.out, "strategies.md"), "w") as f:
+    f.write(md + "\n")
 
 
 if __name__ == "__main__":
