@@ -58,8 +58,9 @@ def make_loss(loss_config: ml_collections.ConfigDict) -> Callable:
 def create_train_state(params: Any, optimizer: optax.GradientTransformation,
                        mesh: Mesh, step: int = 0, *, old_model: dict | None = None,
                        install: Callable | None = None, strategy_state: dict | None = None,
-                       task: int = 0) -> dict:
-  """{"params", "opt", "step"[, "old_model"]} with a fresh optimizer state at `step`.
+                       task: int = 0, keep_strategy_state: bool = False) -> dict:
+  """{"params", "opt", "step"[, "old_model"][, "strategy"]} with a fresh optimizer
+  state at `step`.
 
   Args:
     old_model: for loss terms that need the previous snapshot,
@@ -68,6 +69,8 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation,
     install: a strategy's (opt_state, strategy_state, task) -> opt_state,
       applied to the fresh optimizer state (e.g. a regulariser's accumulators, a
       per-task flag); `strategy_state` and `task` (0-based) are what it gets.
+    keep_strategy_state: also keep `strategy_state` as state["strategy"], for
+      loss terms that read it (`Strategy.loss_reads_state`).
   Every leaf is placed where `sharding.param_sharding` says (replicated
   without a model axis), exactly as `train_step` returns it: a state placed
   otherwise would compile the step a second time.
@@ -76,12 +79,13 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation,
           jnp.asarray(task, jnp.int32))
   # Placed first: freshly initialised (unplaced) and trained (placed)
   # params are different input types to jit, two compilations otherwise.
-  return _state_builder(optimizer, install, mesh)(*sharding.place(args, mesh))
+  return _state_builder(optimizer, install, mesh, keep_strategy_state)(
+      *sharding.place(args, mesh))
 
 
 @functools.lru_cache(maxsize=None)
 def _state_builder(optimizer: optax.GradientTransformation, install: Callable | None,
-                   mesh: Mesh) -> Callable:
+                   mesh: Mesh, keep_strategy_state: bool = False) -> Callable:
   # One jitted builder per (optimizer, install, mesh): a fresh closure per
   # call would be a new function to jit, traced and compiled again at every
   # task. Jitted at all because an eager optimizer.init compiles one tiny
@@ -94,6 +98,8 @@ def _state_builder(optimizer: optax.GradientTransformation, install: Callable | 
     state = {"params": p, "opt": opt, "step": s}
     if old_model is not None:
       state["old_model"] = old_model
+    if keep_strategy_state:
+      state["strategy"] = strategy_state
     return sharding.constrain(state, mesh)
 
   return jax.jit(build)
@@ -126,7 +132,8 @@ def pair_embedder(model: DualEncoder, mesh: Mesh) -> Callable:
 
 def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
                     loss_fn: Callable, mesh: Mesh,
-                    loss_term: Callable | None = None) -> Callable:
+                    loss_term: Callable | None = None,
+                    memory_rows: int = 0) -> Callable:
   """Compiles `train_step(state, batch) -> (state, metrics)` over `mesh`.
 
   The batch (images [B, H, W, 3], tokens [B, L], lengths [B], image_ids [B]) is
@@ -136,31 +143,52 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
   embeddings (and split parameters) it needs, so the result equals the
   single-device step up to float reassociation.
 
-  `loss_term` (a strategy's: (img, txt, old, batch, step, loss_params) ->
-  (loss, extras)) is added times state["old_model"]["active"], old being the
-  previous snapshot's embeddings of the batch; the state then needs
-  "old_model" (`old_model_state`).
+  `loss_term` (a strategy's: (img, txt, old, batch, step, loss_params,
+  strategy_state) -> (loss, extras)) is added; when the state has
+  "old_model" (`old_model_state`), old is the previous snapshot's embeddings
+  of the batch and the term is multiplied by state["old_model"]["active"];
+  strategy_state is state.get("strategy").
+
+  `memory_rows` > 0 (A-GEM, `Strategy.memory_gradient`): the loss is
+  differentiated on the batch's first B - memory_rows rows (current task) and
+  on its last memory_rows rows (the memory, `pipeline.mixed_batch`) apart;
+  the first gradient is the update's, the second goes to the optimizer as
+  the extra argument `memory_grads`.
   """
 
   embed = pair_embedder(model, mesh)
 
-  def loss_and_extras(params, batch, step, old_model):
+  def loss_and_extras(params, batch, step, old_model, strategy_state):
     img, txt = embed(params, batch)
     loss_params = params.get("loss")
     loss, extras = loss_fn(img, txt, image_ids=batch["image_ids"], step=step,
                            loss_params=loss_params)
     extras = {"contrastive": loss, **extras}
     if loss_term is not None:
-      old = embed(jax.lax.stop_gradient(old_model["old_params"]), batch)
-      extra_loss, extra_extras = loss_term(img, txt, old, batch, step, loss_params)
-      loss = loss + old_model["active"] * extra_loss
+      old, active = None, 1.0
+      if old_model is not None:
+        old = embed(jax.lax.stop_gradient(old_model["old_params"]), batch)
+        active = old_model["active"]
+      extra_loss, extra_extras = loss_term(img, txt, old, batch, step, loss_params,
+                                           strategy_state)
+      loss = loss + active * extra_loss
       extras.update(extra_extras)
     return loss, extras
 
+  value_and_grad = jax.value_and_grad(loss_and_extras, has_aux=True)
+
   def train_step(state, batch):
-    (loss, extras), grads = jax.value_and_grad(loss_and_extras, has_aux=True)(
-        state["params"], batch, state["step"], state.get("old_model"))
-    updates, opt = optimizer.update(grads, state["opt"], state["params"])
+    args = (state["step"], state.get("old_model"), state.get("strategy"))
+    extra_args = {}
+    if memory_rows:
+      cut = jax.tree.leaves(batch)[0].shape[0] - memory_rows
+      current = jax.tree.map(lambda x: x[:cut], batch)
+      memory = jax.tree.map(lambda x: x[cut:], batch)
+      (loss, extras), grads = value_and_grad(state["params"], current, *args)
+      _, extra_args["memory_grads"] = value_and_grad(state["params"], memory, *args)
+    else:
+      (loss, extras), grads = value_and_grad(state["params"], batch, *args)
+    updates, opt = optimizer.update(grads, state["opt"], state["params"], **extra_args)
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **extras}
     state = {**state, "params": params, "opt": opt, "step": state["step"] + 1}

@@ -676,7 +676,7 @@ def test_plus_composes_strategy_values():
   """`a + b` does what both do: chained transforms, summed terms, merged state."""
   double = base.Strategy(
       name="double", transform=optax.scale(2.0), state_keys=("count",),
-      init_state=lambda p: {"count": jnp.zeros((), jnp.int32)},
+      init_state=lambda p, ctx: {"count": jnp.zeros((), jnp.int32)},
       end_of_task=lambda ctx, t, p, st: {"count": st["count"] + 1},
       loss_term=lambda *a: (jnp.float32(1.5), {"one": 1.5}), needs_old_model=True)
   last = base.Strategy(name="last", transform=optax.scale(-1.0), transform_last=True,
@@ -690,7 +690,7 @@ def test_plus_composes_strategy_values():
   value, extras = both.loss_term(None, None, None, None, None)
   assert float(value) == 1.75 and extras == {"one": 1.5, "two": 0.25}
   assert both.training_tasks(3) == [0, 3]
-  state = both.init_state(THETA)
+  state = both.init_state(THETA, None)
   assert both.end_of_task(None, 0, THETA, state)["count"] == 1
   with pytest.raises(ValueError, match="both keep state 'count'"):
     _ = double + double

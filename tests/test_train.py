@@ -134,7 +134,7 @@ def test_train_step_compiles_once_across_tasks():
     params = state["params"]
   assert step._cache_size() == 1
   # The state builder too: a new jit per task would retrace and recompile it.
-  assert train_lib._state_builder(opt, None, mesh)._cache_size() == 1
+  assert train_lib._state_builder(opt, None, mesh, False)._cache_size() == 1
 
 
 @pytest.mark.slow
@@ -153,7 +153,7 @@ def test_learnable_loss_params_train_and_snapshot_with_the_towers(tmp_path):
   params = setup_lib.initial_params(setup)
   assert set(params["loss"]) == {"log_scale", "bias"}
   before = jax.device_get(params["loss"])
-  trained = training_lib.train_one_task(setup, training, 0, params, None)
+  trained, _ = training_lib.train_one_task(setup, training, 0, params, None)
   after = jax.device_get(trained["loss"])
   for key in ("log_scale", "bias"):
     assert after[key] != before[key], key

@@ -138,7 +138,8 @@ def subset(split: EncodedSplit, rows: np.ndarray) -> EncodedSplit:
 
 def mixed_batch(pool: EncodedSplit, memory: EncodedSplit | None, batch_size: int,
                 ratio: float, *, seed: int, task: int, step: int,
-                rows: slice = slice(None)) -> dict[str, np.ndarray]:
+                rows: slice = slice(None), with_slots: bool = False
+                ) -> dict[str, np.ndarray]:
   """A training batch whose last round(ratio * batch) pairs come from `memory`.
 
   The current-task part follows `train_batch`'s epochs over `pool`; memory
@@ -146,11 +147,19 @@ def mixed_batch(pool: EncodedSplit, memory: EncodedSplit | None, batch_size: int
   image ids are offset by len(pool): they are other images than the pool's.
   Without a memory (first task) the whole batch comes from `pool`. `rows`
   selects rows of the global batch, as in `train_batch`.
+
+  With `with_slots`, the batch also has memory_slot int32 [batch]: for memory
+  pairs, row * captions_per_image + caption within `memory`; -1 for the
+  pool's (and every row without a memory), so the batch has the same keys
+  whether or not a memory exists yet.
   """
   n_memory = int(round(ratio * batch_size)) if memory is not None and len(memory) else 0
   n_pool = batch_size - n_memory
   if not n_memory:
-    return train_batch(pool, batch_size, seed=seed, task=task, step=step, rows=rows)
+    batch = train_batch(pool, batch_size, seed=seed, task=task, step=step, rows=rows)
+    if with_slots:
+      batch["memory_slot"] = np.full(len(batch["image_ids"]), -1, np.int32)
+    return batch
   lo, hi, _ = rows.indices(batch_size)
   image_rows, caps = _pair_indices(pool, n_pool, seed=seed, task=task, step=step)
   rng = np.random.default_rng([seed, task, step, 1])
@@ -161,6 +170,10 @@ def mixed_batch(pool: EncodedSplit, memory: EncodedSplit | None, batch_size: int
   other = slice(max(lo, n_pool) - n_pool, max(hi, n_pool) - n_pool)
   batch = _gather(pool, image_rows[own], caps[own])
   extra = _gather(memory, memory_rows[other], memory_caps[other], len(pool))
+  if with_slots:
+    batch["memory_slot"] = np.full(len(batch["image_ids"]), -1, np.int32)
+    extra["memory_slot"] = (memory_rows[other] * memory.captions_per_image
+                            + memory_caps[other]).astype(np.int32)
   return {k: np.concatenate([batch[k], extra[k]]) for k in batch}
 
 

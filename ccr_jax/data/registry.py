@@ -191,7 +191,9 @@ def config_keys() -> dict[str, schema.Key]:
   return {name: _own_copy(key) for name, key in keys.items()}
 
 
-def load_task_sequence(data_config: Any, data_dir: str) -> tasks.TaskSequence:
+def load_task_sequence(data_config: Any, data_dir: str,
+                       held_out_categories: tuple[int, ...] = ()
+                       ) -> tasks.TaskSequence:
   """Loads the dataset named by data_config.name and splits it into tasks.
 
   Args:
@@ -202,6 +204,10 @@ def load_task_sequence(data_config: Any, data_dir: str) -> tasks.TaskSequence:
       `one_task_keeps_all`, one task holding every example), plus the keys
       the source reads (`config_keys`).
     data_dir: where TFDS datasets are built and cached.
+    held_out_categories: category ids whose training examples in no task come
+      back as the sequence's `held_out_train` (`tasks.held_out_examples`;
+      a run pretrains on them). Not checked here: ids in a task or outside
+      the dataset give fewer (or no) examples.
 
   Raises:
     ValueError: an unknown name, or task_categories of another length than
@@ -215,13 +221,22 @@ def load_task_sequence(data_config: Any, data_dir: str) -> tasks.TaskSequence:
         f"task_categories has {len(task_categories)} groups but num_tasks="
         f"{data_config.num_tasks}; make them agree.")
   dataset = entry.load(data_config, data_dir)
-  if task_categories is None:
-    if data_config.num_tasks == 1 and entry.one_task_keeps_all:
-      return tasks.single_task(dataset.splits, dataset.category_names,
-                               dataset.details)
-    task_categories = tasks.default_task_categories(
-        len(dataset.category_names), data_config.num_tasks)
-  groups = tasks.resolve_category_groups(
-      task_categories, dataset.category_names, dataset.category_aliases)
-  return tasks.split_into_tasks(dataset.splits, groups,
-                                dataset.category_names, dataset.details)
+  if task_categories is None and (
+      data_config.num_tasks == 1 and entry.one_task_keeps_all):
+    sequence = tasks.single_task(dataset.splits, dataset.category_names,
+                                 dataset.details)
+  else:
+    if task_categories is None:
+      task_categories = tasks.default_task_categories(
+          len(dataset.category_names), data_config.num_tasks)
+    groups = tasks.resolve_category_groups(
+        task_categories, dataset.category_names, dataset.category_aliases)
+    sequence = tasks.split_into_tasks(dataset.splits, groups,
+                                      dataset.category_names, dataset.details)
+  if not held_out_categories:
+    return sequence
+  return dataclasses.replace(
+      sequence, held_out_categories=tuple(held_out_categories),
+      held_out_train=tasks.held_out_examples(
+          dataset.splits["train"], held_out_categories,
+          [task.categories for task in sequence.tasks]))

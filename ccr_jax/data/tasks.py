@@ -277,16 +277,22 @@ class TaskSequence:
     assignment_rule: how examples were assigned to tasks (for results.json).
     details: dataset notes for results.json (source, split and text rules,
       examples left out), JSON-able.
+    held_out_categories: category ids kept out of every task (e.g. to
+      pretrain on); () when none.
+    held_out_train: the training examples in no task whose (dominant)
+      category is held out (`held_out_examples`); None when none are held out.
   """
   tasks: tuple[Task, ...]
   category_names: tuple[str, ...]
   assignment_rule: str = ASSIGNMENT_RULE
   details: dict[str, Any] = dataclasses.field(default_factory=dict)
+  held_out_categories: tuple[int, ...] = ()
+  held_out_train: Split | None = None
 
   def describe(self) -> dict[str, Any]:
     """A JSON-able summary for results.json: rule, groups and counts."""
     assigned = {c for task in self.tasks for c in task.categories}
-    return dict(
+    out = dict(
         assignment_rule=self.assignment_rule,
         dataset=dict(self.details),
         num_tasks=len(self.tasks),
@@ -302,6 +308,13 @@ class TaskSequence:
             num_test=len(task.test),
         ) for task in self.tasks],
     )
+    if self.held_out_train is not None:  # Absent otherwise: results.json as before.
+      out["held_out"] = dict(
+          category_ids=list(self.held_out_categories),
+          category_names=[self.category_names[c] for c in self.held_out_categories
+                          if 0 <= c < len(self.category_names)],
+          num_train=len(self.held_out_train))
+    return out
 
 
 def _validate_groups(task_categories: Sequence[Sequence[int]],
@@ -377,6 +390,23 @@ def assign_tasks(split: Split, groups: Sequence[Sequence[int]]) -> np.ndarray:
   task = np.argmax(group_areas, axis=1).astype(np.int64)
   task[group_areas.max(axis=1) <= 0] = -1
   return task
+
+
+def held_out_examples(split: Split, categories: Sequence[int],
+                      groups: Sequence[Sequence[int]]) -> Split:
+  """The examples of `split` in no task whose (dominant) category is in `categories`.
+
+  An example some task holds (`assign_tasks`) is never held out, so a
+  multi-label image with any area in a task's group stays that task's. Ids
+  outside the dataset or inside a group simply match nothing: the caller
+  checks `categories` against the tasks and says what to fix.
+
+  Args:
+    categories: the held-out category ids.
+    groups: every task's category group, as `split_into_tasks` took them.
+  """
+  in_no_task = assign_tasks(split, groups) < 0
+  return split.subset(in_no_task & np.isin(split.categories, list(categories)))
 
 
 def split_into_tasks(splits: dict[str, Split],

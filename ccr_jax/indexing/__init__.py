@@ -212,7 +212,8 @@ def search_many(indices: Sequence[Index], queries, k: int
 
   Args:
     indices: indices of the same dim.
-    queries: float32 [num_queries, dim].
+    queries: float32 [num_queries, dim], or one such array per index (the
+      same queries mapped into each index's space, e.g. by a query adapter).
     k: neighbours wanted; clamped to the total count.
 
   Returns:
@@ -225,7 +226,11 @@ def search_many(indices: Sequence[Index], queries, k: int
   dims = {index.metadata.dim for index in indices}
   if len(dims) != 1:
     raise ValueError(f"indices have different dims {sorted(dims)}")
-  parts = [search(index, queries, k) for index in indices]
+  if not isinstance(queries, (list, tuple)):
+    queries = [queries] * len(indices)
+  if len(queries) != len(indices):
+    raise ValueError(f"{len(queries)} query arrays for {len(indices)} indices")
+  parts = [search(index, q, k) for index, q in zip(indices, queries)]
   scores = np.concatenate([s for s, _ in parts], axis=1)
   ids = np.concatenate([i for _, i in parts], axis=1)
   k = min(int(k), sum(index.metadata.count for index in indices))

@@ -1,9 +1,9 @@
 """The whole config schema, assembled from every registry's section, and its validation.
 
 Each key is declared once (`schema.Key`: default, doc, check): the sections of
-the run itself here, `data` by the dataset registry, `loss` by the losses,
-`index` by the index backends, `strategy` by the strategies and `analysis` by
-the forgetting analysis. `configs/default.py` takes its values from
+the run itself here, `pretrain` by its stage (run/pretrain.py), `data` by
+the dataset registry, `loss` by the losses, `index` by the index backends,
+`strategy` by the strategies and `analysis` by the forgetting analysis. `configs/default.py` takes its values from
 `default_config()`; `validate_config` derives every check from the same
 declarations.
 """
@@ -19,6 +19,7 @@ from ccr_jax import schema
 from ccr_jax import strategies
 from ccr_jax.data import registry as data_registry
 from ccr_jax.models import dual_encoder
+from ccr_jax.run import pretrain
 
 # Keys holding user mappings (task name -> categories, split -> file prefix),
 # checked by the dataset that reads them.
@@ -94,7 +95,8 @@ def config_schema() -> dict:
   keys = run_keys()
   return {"seed": keys["seed"], "data": data_registry.config_keys(),
           "model": keys["model"], "loss": losses.config_keys(),
-          "optim": keys["optim"], "train": keys["train"], "mesh": keys["mesh"],
+          "optim": keys["optim"], "train": keys["train"],
+          "pretrain": pretrain.config_keys(), "mesh": keys["mesh"],
           "strategy": strategies.config_keys(), "index": indexing.config_keys(),
           "eval": keys["eval"], "analysis": analysis.config_keys()}
 
@@ -123,6 +125,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """
   problems = schema.problems(config_schema(), json.loads(config.to_json()),
                              free_form=FREE_FORM)
+  if not problems:
+    problems += pretrain.config_problems(config)
   if not problems:
     try:  # What single keys cannot say: strategies that cannot be combined.
       strategies.get_strategy(config.strategy, losses.make_loss(config.loss))

@@ -8,7 +8,6 @@ import numpy as np
 
 from ccr_jax import indexing
 from ccr_jax import sharding
-from ccr_jax import train as train_lib
 from ccr_jax.data import pipeline
 from ccr_jax.run import setup as setup_lib
 from ccr_jax.run import workdir as workdir_lib
@@ -27,15 +26,11 @@ def test_queries(setup: setup_lib.Setup, params: Any,
            "texts": {"emb" [C*N, D], "item_ids" [C*N], "owners" [C*N]}}.
   """
   test = setup.encoded[j][setup.config.eval.split]
-  bs = setup.config.eval.batch_size
   caps = pipeline.caption_arrays(test)
+  images, texts = setup_lib.embed_split(setup, params, test)
   return {
-      "images": {"emb": train_lib.embed_in_batches(
-          setup.embed_images, params, (test.images,), bs, setup.mesh),
-                 "item_ids": test.ids, "owners": test.ids},
-      "texts": {"emb": train_lib.embed_in_batches(
-          setup.embed_texts, params, (caps["tokens"], caps["lengths"]), bs, setup.mesh),
-                "item_ids": caps["item_ids"], "owners": caps["owners"]},
+      "images": {"emb": images, "item_ids": test.ids, "owners": test.ids},
+      "texts": {"emb": texts, "item_ids": caps["item_ids"], "owners": caps["owners"]},
   }
 
 

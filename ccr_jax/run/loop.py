@@ -24,6 +24,7 @@ from ccr_jax import files
 from ccr_jax import progress
 from ccr_jax.run import config as config_lib
 from ccr_jax.run import indices as indices_lib
+from ccr_jax.run import pretrain as pretrain_lib
 from ccr_jax.run import results as results_lib
 from ccr_jax.run import setup as setup_lib
 from ccr_jax.run import training as training_lib
@@ -61,11 +62,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if params is None:
         if t == 0:
           params = setup_lib.initial_params(setup)
-          state = strategy.init_state(params) if template is not None else None
+          if pretrain_lib.enabled(config):  # Trained once; a rerun restores it.
+            params = timed("pretrain_s", pretrain_lib.pretrained_params, setup, params)
+          state = (strategy.init_state(params, training.context)
+                   if template is not None else None)
         else:
           params, state = setup_lib.load_snapshot(setup, t, template)
-      params = timed("train_s", training_lib.train_one_task, setup, training, t,
-                     params, state, writer)
+      params, state = timed("train_s", training_lib.train_one_task, setup, training,
+                            t, params, state, writer)
       state = timed("strategy_s", training_lib.end_of_task, training, t, params, state)
       timed("snapshot_s", checkpoints.save_snapshot,
             workdir, t + 1, params, setup_lib.snapshot_meta(setup, t + 1),

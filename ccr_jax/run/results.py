@@ -5,7 +5,7 @@ import io
 import json
 import os
 import platform
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -14,9 +14,12 @@ from absl import logging
 from ccr_jax import evaluation
 from ccr_jax import files
 from ccr_jax import indexing
+from ccr_jax import losses
 from ccr_jax import reporting
 from ccr_jax import sharding
+from ccr_jax import strategies
 from ccr_jax.run import indices as indices_lib
+from ccr_jax.run import setup as setup_lib
 from ccr_jax.run import workdir as workdir_lib
 from ccr_jax.run.setup import Setup
 
@@ -32,6 +35,56 @@ def _text_to_image(query_owners, gallery_owners, direction) -> np.ndarray:
                       else (gallery_owners, query_owners))
   row_of = {int(i): r for r, i in enumerate(images)}
   return np.array([row_of.get(int(o), -1) for o in captions], np.int64)
+
+
+def query_maps(setup: Setup, t: int, params: Any) -> Callable[[int, str], Callable | None]:
+  """(gallery snapshot, query modality) -> the strategy's query map into that
+  snapshot's space (`Strategy.adapt_queries`), or None: for the query snapshot
+  t+1 itself and for strategies without one.
+
+  Each map is fitted on task t's training items embedded by snapshot t+1
+  (`params`) and by the gallery snapshot (loaded once), so evaluate mode
+  recomputes it from the snapshots alone.
+  """
+  adapt = strategies.get_strategy(setup.config.strategy,
+                                  losses.make_loss(setup.config.loss)).adapt_queries
+  embedded: dict[int, dict[str, np.ndarray]] = {}
+  maps: dict[tuple[int, str], Callable] = {}
+  train = setup.encoded[t]["train"]
+
+  def embed(snapshot):
+    if snapshot not in embedded:
+      p = params if snapshot == t + 1 else setup_lib.load_snapshot(setup, snapshot)[0]
+      embedded[snapshot] = dict(zip(indices_lib.MODALITIES,
+                                    setup_lib.embed_split(setup, p, train)))
+    return embedded[snapshot]
+
+  def get(snapshot, modality):
+    if adapt is None or snapshot == t + 1:
+      return None
+    if (snapshot, modality) not in maps:
+      maps[snapshot, modality] = adapt(embed(t + 1)[modality], embed(snapshot)[modality])
+    return maps[snapshot, modality]
+
+  return get
+
+
+def _per_gallery_blocks(queries: list[np.ndarray], galleries: list[np.ndarray]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+  """Embeddings whose dot products are queries[g] . galleries[g] for each gallery g.
+
+  Queries `[Q, n * dim]` (each gallery's query version side by side) and
+  galleries `[sum G_g, n * dim]` (gallery g's rows in block g, zeros
+  elsewhere): exact ranking over the union, each part searched by its own
+  query embedding, as `indexing.search_many` does with per-index queries.
+  """
+  dim = queries[0].shape[1]
+  blocks = np.zeros((sum(len(g) for g in galleries), dim * len(galleries)), np.float32)
+  row = 0
+  for i, g in enumerate(galleries):
+    blocks[row:row + len(g), i * dim:(i + 1) * dim] = g
+    row += len(g)
+  return np.concatenate(queries, axis=1), blocks
 
 
 def evaluate_after_task(setup: Setup, t: int, params: Any,
@@ -50,7 +103,10 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
   medr, meanr (exact ranks over the same gallery embeddings, as the forgetting
   analysis computes them), index_recall_at_10 (the index's top-10 against
   exact search on the same embeddings) and, with `eval.fold_size`, the
-  task-aware fold means fold_r1 ... fold_meanr (COCO-1K). With
+  task-aware fold means fold_r1 ... fold_meanr (COCO-1K). A strategy with a
+  query map (`query_maps`) has fixed-regime queries mapped into each old
+  snapshot's space before they search its indices (the saved embeddings are
+  then `_per_gallery_blocks`, whose dot products are the scores). With
   `embeddings_dir`, also writes the query and gallery embeddings of every
   evaluation and returns their manifest. `index_cache`: see
   `load_gallery_index`.
@@ -62,6 +118,7 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
   queries = queries or {}
   regimes = ("fixed", "reindex") if cfg.index.reindex else ("fixed",)
   index_cache = {} if index_cache is None else index_cache
+  query_map = query_maps(setup, t, params)
 
   metrics: dict = {}
   manifest = []
@@ -79,7 +136,14 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
           gallery_ids = np.concatenate([ix.item_ids for ix in indices])
           gallery_owner = evaluation.owner_of(gm, gallery_ids, cpi)
           query_emb, query_owner = q[qm]["emb"], q[qm]["owners"]
-          _, top_ids = indexing.search_many(indices, query_emb, k)
+          maps = [query_map(_gallery_snapshot(regime, t, g), qm) for g in gallery_tasks]
+          if any(m is not None for m in maps):
+            per_index = [query_emb if m is None else m(query_emb) for m in maps]
+            _, top_ids = indexing.search_many(indices, per_index, k)
+            query_emb, gallery_emb = _per_gallery_blocks(
+                per_index, [ix.embeddings for ix in indices])
+          else:
+            _, top_ids = indexing.search_many(indices, query_emb, k)
           ranks = evaluation.ranks_from_topk(evaluation.owner_of(gm, top_ids, cpi), query_owner)
           exact, exact_rows = evaluation.exact_metrics(
               query_emb, gallery_emb, query_owner, gallery_owner, ks)

@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
 from ccr_jax import checkpoints
@@ -37,6 +38,9 @@ class Setup:
   params_template: Any
   embed_images: Any
   embed_texts: Any
+  # The held-out categories' training pairs (`pretrain.categories`); None
+  # when the config holds none out.
+  pretrain_pool: pipeline.EncodedSplit | None = None
 
   @property
   def num_tasks(self) -> int:
@@ -97,23 +101,60 @@ def with_loss_params(params: dict, config: ml_collections.ConfigDict) -> dict:
   return params if loss_params is None else {**params, "loss": loss_params}
 
 
+def pretrain_categories(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """`config.pretrain.categories`; () for configs (and workdirs) without it."""
+  return tuple(config.get("pretrain", {}).get("categories", ()))
+
+
+def check_pretrain_categories(categories: tuple[int, ...],
+                              sequence: tasks_lib.TaskSequence) -> None:
+  """Raises a ValueError naming `pretrain.categories` and the fix when a held-out
+  category is not the dataset's, is in a task, or has no training example."""
+  key = f"--config.pretrain.categories={categories}"
+  n = len(sequence.category_names)
+  for c in categories:
+    if not 0 <= c < n:
+      raise ValueError(
+          f"{key}: category {c} is not one of the dataset's {n} categories (ids "
+          f"0..{n - 1}); hold out ids in that range, or give the dataset more "
+          "categories (the synthetic benchmark: data.num_categories).")
+    for t, task in enumerate(sequence.tasks):
+      if c in task.categories:
+        raise ValueError(
+            f"{key}: category {c} is in task {t + 1}'s group "
+            f"{list(task.categories)}; a pretraining category must be in no task: "
+            "drop it from pretrain.categories or regroup data.task_categories.")
+  if sequence.held_out_train is None or not len(sequence.held_out_train):
+    raise ValueError(f"{key}: no training example in no task has these "
+                     "categories; hold out categories the dataset has examples of.")
+
+
 def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   """Loads the data, builds the vocabulary, the model and the compiled embedders."""
   data_dir = config.data.data_dir or os.path.join(workdir, "tfds")
+  held_out = pretrain_categories(config)
   # Process 0 renders or builds the TFDS data first; the others then read it
   # rather than writing the same files at the same time.
   if sharding.is_lead_process():
-    sequence = data_registry.load_task_sequence(config.data, data_dir)
+    sequence = data_registry.load_task_sequence(config.data, data_dir, held_out)
   sharding.sync("data prepared")
   if not sharding.is_lead_process():
-    sequence = data_registry.load_task_sequence(config.data, data_dir)
+    sequence = data_registry.load_task_sequence(config.data, data_dir, held_out)
+  if held_out:
+    check_pretrain_categories(held_out, sequence)
   # A pretrained text tower brings its own tokenizer. Otherwise the vocabulary
   # sees training captions only (VSE++), of every task: the paper's model has
-  # one fixed vocabulary across the sequence.
+  # one fixed vocabulary across the sequence. Held-out categories' captions
+  # join it whenever there are any (whatever pretrain.steps), so the same
+  # config with pretrain.steps=0 is the from-scratch baseline with the same
+  # vocabulary and initial params.
+  train_splits = [task.train for task in sequence.tasks]
+  if sequence.held_out_train is not None:
+    train_splits.append(sequence.held_out_train)
   vocab = dual_encoder.pretrained_tokenizer(config.model)
   if vocab is None:
     vocab = text_lib.build_vocabulary(
-        (c for task in sequence.tasks for caps in task.train.captions for c in caps),
+        (c for split in train_splits for caps in split.captions for c in caps),
         min_count=config.data.vocab_min_count)
   check_image_shapes([{name: getattr(task, name) for name in SPLITS}
                       for task in sequence.tasks])
@@ -129,6 +170,11 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                          "Fix or drop that example in the dataset.") from e
       truncated += n
     encoded.append(splits)
+  pretrain_pool = None
+  if sequence.held_out_train is not None:
+    pretrain_pool, n = pipeline.encode_split(sequence.held_out_train, vocab,
+                                             config.data.max_caption_len)
+    truncated += n
   if truncated:
     logging.warning("%d captions longer than max_caption_len=%d were truncated.",
                     truncated, config.data.max_caption_len)
@@ -146,7 +192,22 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                sum(sharding.MODEL_AXIS in s.spec for s in leaves), len(leaves))
   embed_images, embed_texts = train_lib.make_embed_fns(model, mesh)
   return Setup(config, workdir, sequence, vocab, tuple(encoded), truncated, model,
-               mesh, params_template, embed_images, embed_texts)
+               mesh, params_template, embed_images, embed_texts, pretrain_pool)
+
+
+def embed_split(setup: Setup, params: Any, split: pipeline.EncodedSplit
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Every image and caption of `split` embedded by `params`, in eval batches.
+
+  Returns images float32 [N, dim] and captions float32 [N * captions_per_image,
+  dim] in `pipeline.caption_arrays` order (image-major).
+  """
+  bs = setup.config.eval.batch_size
+  caps = pipeline.caption_arrays(split)
+  return (train_lib.embed_in_batches(setup.embed_images, params, (split.images,), bs,
+                                     setup.mesh),
+          train_lib.embed_in_batches(setup.embed_texts, params,
+                                     (caps["tokens"], caps["lengths"]), bs, setup.mesh))
 
 
 def initial_params(setup: Setup) -> Any:

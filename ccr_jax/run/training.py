@@ -36,7 +36,8 @@ class Training:
     """The abstract strategy state saved with snapshots (None without one)."""
     if self.strategy.init_state is None:
       return None
-    return jax.eval_shape(self.strategy.init_state, setup.params_template)
+    return jax.eval_shape(lambda p: self.strategy.init_state(p, self.context),
+                          setup.params_template)
 
 
 def build_training(setup: setup_lib.Setup) -> Training:
@@ -47,8 +48,14 @@ def build_training(setup: setup_lib.Setup) -> Training:
   strategy = strategies.get_strategy(cfg.strategy, loss_fn)
   optimizer = train_lib.make_optimizer(cfg.optim, cfg.train.steps_per_task,
                                        strategy.transform)
+  split_rows = 0
+  if strategy.memory_gradient:
+    if strategy.memory is None:
+      raise ValueError(f"strategy {strategy.name!r} needs a memory for its memory "
+                       "gradient.")
+    split_rows = int(round(strategy.memory.ratio * cfg.train.batch_size))
   train_step = train_lib.make_train_step(setup.model, optimizer, loss_fn, setup.mesh,
-                                         strategy.loss_term)
+                                         strategy.loss_term, split_rows)
   rows = sharding.process_rows(cfg.train.batch_size, setup.mesh)
 
   def task_batches(task, count, seed):
@@ -57,15 +64,24 @@ def build_training(setup: setup_lib.Setup) -> Training:
         pool, cfg.train.batch_size, seed=seed, task=task, step=m, rows=rows),
                                  setup.mesh) for m in range(count))
 
+  def embed_rows(params, task, rows):
+    split = pipeline.subset(setup.encoded[task]["train"], rows)
+    img, txt = setup_lib.embed_split(setup, params, split)
+    return img, txt.reshape(len(rows), split.captions_per_image, -1)
+
   context = strategies.TrainingContext(
       embed=train_lib.pair_embedder(setup.model, setup.mesh), loss_fn=loss_fn,
       loss_reduction=cfg.loss.reduction, mesh=setup.mesh,
-      batch_size=cfg.train.batch_size, seed=cfg.seed, task_batches=task_batches)
+      batch_size=cfg.train.batch_size, seed=cfg.seed, task_batches=task_batches,
+      task_sizes=tuple(len(e["train"]) for e in setup.encoded),
+      captions_per_image=setup.captions_per_image, embed_dim=cfg.model.embed_dim,
+      embed_rows=embed_rows,
+      memory_rows=lambda t: memory_rows(setup, strategy, t))
   return Training(strategy, optimizer, train_step, context)
 
 
 def memory_rows(setup: setup_lib.Setup, strategy: strategies.Strategy,
-                t: int) -> list:
+                   t: int) -> list:
   """Per task before t (0-based), the training rows the strategy's memory holds."""
   return strategy.memory.rows([len(setup.encoded[j]["train"]) for j in range(t)],
                               setup.config.seed)
@@ -103,12 +119,16 @@ def compiled_train_step(setup: setup_lib.Setup, training: Training, state: dict,
 
 def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: Any,
                    strategy_state: dict | None,
-                   writer: progress.ScalarWriter | None = None) -> Any:
+                   writer: progress.ScalarWriter | None = None) -> tuple[Any, Any]:
   """Trains task index t (0-based) from `params`, resuming a saved state if any.
 
   `strategy_state` (the strategy's, after task t-1) is installed into the
   optimizer state. With a `writer`, the logged loss terms and learning rate
   go to the workdir's live scalars at global steps t * steps_per_task + step.
+
+  Returns:
+    (params, strategy state): the trained params, and the strategy state with
+    what its `collect` read from the final optimizer state (unchanged without).
   """
   cfg, strategy = setup.config, training.strategy
   steps = cfg.train.steps_per_task
@@ -119,7 +139,8 @@ def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: A
     old_model = train_lib.old_model_state(old, params)
   state = train_lib.create_train_state(
       params, training.optimizer, setup.mesh, step=t * steps, old_model=old_model,
-      install=strategy.install, strategy_state=strategy_state, task=t)
+      install=strategy.install, strategy_state=strategy_state, task=t,
+      keep_strategy_state=strategy.loss_reads_state)
   first_step = 0
   resumed = checkpoints.restore_latest_state(
       setup.workdir, jax.eval_shape(lambda: state), setup_lib.param_placement(setup.mesh))
@@ -139,7 +160,8 @@ def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: A
 
   def batch_fn(s):
     return pipeline.mixed_batch(pool, memory, cfg.train.batch_size, ratio,
-                                seed=cfg.seed, task=t, step=s, rows=rows)
+                                seed=cfg.seed, task=t, step=s, rows=rows,
+                                with_slots=strategy.memory is not None)
 
   step_fn = compiled_train_step(setup, training, state, batch_fn(0))
   try:
@@ -158,7 +180,9 @@ def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: A
                  f"snapshot {t} at {checkpoints.snapshot_dir(setup.workdir, t)}"
                  if t > 0 else "none yet (the task started from the initial params)")
     raise FloatingPointError(f"{e} Last good checkpoint: {last_good}.") from e
-  return state["params"]
+  if strategy.collect is not None:
+    strategy_state = strategy.collect(state["opt"], state["params"], strategy_state)
+  return state["params"], strategy_state
 
 
 def end_of_task(training: Training, t: int, params: Any,

@@ -18,7 +18,7 @@ from ccr_jax import sharding
 # Config sections that define the experiment: a workdir that holds results of
 # other values must not be continued with these (eval settings may differ).
 EXPERIMENT_SECTIONS = ("seed", "data", "model", "loss", "optim", "train",
-                       "strategy", "index")
+                       "pretrain", "strategy", "index")
 
 
 def index_dir(workdir: str, snapshot: int, task: int, modality: str) -> str:

@@ -18,9 +18,13 @@ from ccr_jax.strategies import finetune
 from ccr_jax.strategies import joint
 from ccr_jax.strategies import freeze
 from ccr_jax.strategies import importance
+from ccr_jax.strategies import si
+from ccr_jax.strategies import agem
 from ccr_jax.strategies import lwf
 from ccr_jax.strategies import replay
+from ccr_jax.strategies import der
 from ccr_jax.strategies import compat
+from ccr_jax.strategies import query_adapter
 # pylint: enable=unused-import
 from ccr_jax.strategies.base import REGISTRY
 from ccr_jax.strategies.base import Strategy

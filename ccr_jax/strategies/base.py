@@ -13,15 +13,33 @@ strategy by name (DESIGN.md, Strategies):
   data policy    `train_tasks(t)`: the tasks whose training data task t trains
                  on; `memory`: which past pairs a memory keeps and how much of
                  each batch it fills;
-  state          `init_state(params) -> dict` (keys `state_keys`), carried from
+  state          `init_state(params, ctx) -> dict` (keys `state_keys`), carried from
                  task to task, saved and restored with every snapshot;
                  `install(opt_state, state, task) -> opt_state` puts it into the
                  transform's state when a task starts (inside jit: `task` is a
-                 traced int32, 0-based); `end_of_task(ctx, task, params, state)
-                 -> state` updates it once a task is learnt.
+                 traced int32, 0-based); `collect(opt_state, params, state) ->
+                 state` reads what the transform accumulated over the task's
+                 steps once its last step is done (e.g. SI's path integral);
+                 `end_of_task(ctx, task, params, state) -> state` updates it
+                 once a task is learnt; with `loss_reads_state` the loss term
+                 gets it too (as `state`, read-only within a task);
+  memory_gradient the train step differentiates the loss on the batch's
+                 current-task rows and on its memory rows apart, and hands the
+                 memory rows' gradient to the transform as the optax extra
+                 argument `memory_grads` (A-GEM); needs a memory;
+  adapt_queries  (new [N, dim], old [N, dim]) -> (queries [Q, dim] -> [Q, dim]):
+                 given the current task's training items embedded by the query
+                 snapshot and by an older one, a map from the new space into
+                 the old; evaluation applies it to queries searched in indices
+                 that the older snapshot built (the fixed regime).
 `a + b` composes values: transforms chained, loss terms summed, states merged
 (each part keeps its own keys), data policies joined. Each strategy module
 registers itself with `register` (name -> factory and config keys).
+
+Loss terms are called as `loss_term(img, txt, old, batch, step, loss_params,
+state)`; with a memory, `batch["memory_slot"]` `[B]` int32 says which memory
+entry each row is (`row * captions_per_image + caption` in the memory's
+concatenated rows, -1 for current-task rows).
 """
 
 from __future__ import annotations
@@ -54,6 +72,14 @@ class TrainingContext:
     seed: the experiment's seed.
     task_batches: (task, count, seed) -> iterator over `count` training batches
       of task `task` (0-based), drawn with `seed`, placed on the mesh.
+    task_sizes: images in each task's training split.
+    captions_per_image: captions of every image.
+    embed_dim: the joint embedding's dimension.
+    embed_rows: (params, task, rows int [n]) -> (img [n, dim], txt [n,
+      captions_per_image, dim]): those training images of task `task` and all
+      their captions, embedded.
+    memory_rows: t -> per task before t (0-based), the training rows the
+      strategy's memory holds while task t trains (`Memory.rows`).
   """
   embed: Callable
   loss_fn: Callable
@@ -62,6 +88,11 @@ class TrainingContext:
   batch_size: int
   seed: int
   task_batches: Callable[[int, int, int], Iterator[dict]]
+  task_sizes: tuple[int, ...] = ()
+  captions_per_image: int = 1
+  embed_dim: int = 0
+  embed_rows: Callable | None = None
+  memory_rows: Callable[[int], list[np.ndarray]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,12 +122,16 @@ class Strategy:
   transform_last: bool = False
   loss_term: Callable | None = None
   needs_old_model: bool = False
+  loss_reads_state: bool = False
   train_tasks: Callable[[int], list[int]] | None = None
   memory: Memory | None = None
+  memory_gradient: bool = False
   state_keys: tuple[str, ...] = ()
-  init_state: Callable[[Any], dict] | None = None
+  init_state: Callable[[Any, TrainingContext], dict] | None = None
   install: Callable[[Any, dict, jax.Array], Any] | None = None
+  collect: Callable[[Any, Any, dict], dict] | None = None
   end_of_task: Callable[[TrainingContext, int, Any, dict], dict] | None = None
+  adapt_queries: Callable[[np.ndarray, np.ndarray], Callable] | None = None
   parts: tuple[Strategy, ...] = ()
 
   def __add__(self, other: Strategy) -> Strategy:
@@ -139,32 +174,45 @@ def compose(*strategies: Strategy) -> Strategy:
   if len(memories) > 1:
     raise ValueError(f"strategies {[m.name for m in memories]} each bring a memory; "
                      "combine at most one.")
+  adapters = [leaf for leaf in leaves if leaf.adapt_queries is not None]
+  if len(adapters) > 1:
+    raise ValueError(f"strategies {[a.name for a in adapters]} each map queries; "
+                     "combine at most one.")
   transforms = ([l.transform for l in leaves if l.transform and not l.transform_last]
                 + [l.transform for l in leaves if l.transform and l.transform_last])
-  terms = [leaf.loss_term for leaf in leaves if leaf.loss_term is not None]
   stateful = [leaf for leaf in leaves if leaf.init_state is not None]
 
-  def loss_term(img, txt, old, batch, step, loss_params=None):
+  with_terms = [leaf for leaf in leaves if leaf.loss_term is not None]
+
+  def own(leaf, state):
+    return {k: state[k] for k in leaf.state_keys}
+
+  def loss_term(img, txt, old, batch, step, loss_params=None, state=None):
     total, extras = jnp.float32(0.0), {}
-    for term in terms:
-      value, more = term(img, txt, old, batch, step, loss_params)
+    for leaf in with_terms:
+      mine = own(leaf, state) if leaf.loss_reads_state else None
+      value, more = leaf.loss_term(img, txt, old, batch, step, loss_params, mine)
       total, extras = total + value, {**extras, **more}
     return total, extras
 
   def train_tasks(t):
     return sorted({i for leaf in leaves for i in leaf.training_tasks(t)})
 
-  def init_state(params):
-    return {k: v for leaf in stateful for k, v in leaf.init_state(params).items()}
-
-  def own(leaf, state):
-    return {k: state[k] for k in leaf.state_keys}
+  def init_state(params, ctx):
+    return {k: v for leaf in stateful for k, v in leaf.init_state(params, ctx).items()}
 
   def install(opt_state, state, task):
     for leaf in leaves:
       if leaf.install is not None:
         opt_state = leaf.install(opt_state, own(leaf, state), task)
     return opt_state
+
+  def collect(opt_state, params, state):
+    new = dict(state)
+    for leaf in leaves:
+      if leaf.collect is not None:
+        new.update(leaf.collect(opt_state, params, own(leaf, state)))
+    return new
 
   def end_of_task(ctx, task, params, state):
     new = dict(state)
@@ -177,14 +225,18 @@ def compose(*strategies: Strategy) -> Strategy:
       name="+".join(leaf.name for leaf in leaves),
       settings={k: v for leaf in leaves for k, v in leaf.settings.items()},
       transform=optax.chain(*transforms) if transforms else optax.identity(),
-      loss_term=loss_term if terms else None,
+      loss_term=loss_term if with_terms else None,
       needs_old_model=any(leaf.needs_old_model for leaf in leaves),
+      loss_reads_state=any(leaf.loss_reads_state for leaf in with_terms),
       train_tasks=train_tasks,
       memory=memories[0].memory if memories else None,
+      memory_gradient=any(leaf.memory_gradient for leaf in leaves),
       state_keys=tuple(owners),
       init_state=init_state if stateful else None,
       install=install if any(l.install for l in leaves) else None,
+      collect=collect if any(l.collect for l in leaves) else None,
       end_of_task=end_of_task if any(l.end_of_task for l in leaves) else None,
+      adapt_queries=adapters[0].adapt_queries if adapters else None,
       parts=leaves)
 
 

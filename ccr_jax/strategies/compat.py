@@ -41,7 +41,7 @@ def compat_strategy(strength: float, loss_fn: Callable | None) -> base.Strategy:
   if loss_fn is None:
     raise ValueError("compat needs the training loss: pass loss_fn to get_strategy.")
 
-  def loss_term(img, txt, old, batch, step, loss_params):
+  def loss_term(img, txt, old, batch, step, loss_params, state=None):
     c = compatibility_loss(functools.partial(loss_fn, loss_params=loss_params), img,
                            txt, *old, image_ids=batch["image_ids"], step=step)
     return strength * c, {"compat": c}

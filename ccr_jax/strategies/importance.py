@@ -200,7 +200,8 @@ def importance_strategy(kind: str, strength: float, batches: int = 0,
     kind: 'ewc', 'online_ewc', 'mas' or 'l2' (see `accumulate`).
   """
 
-  def init_state(params):
+  def init_state(params, ctx):
+    del ctx
     return zeros_like(params)._asdict()
 
   def install_state(opt_state, state, task):

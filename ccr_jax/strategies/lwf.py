@@ -98,8 +98,8 @@ def lwf_strategy(strength: float, temperature: float, embedding_strength: float 
   """strength * similarity KL + embedding_strength * embedding distance to the
   previous snapshot's embeddings of the same batch."""
 
-  def loss_term(img, txt, old, batch, step, loss_params):
-    del step, loss_params
+  def loss_term(img, txt, old, batch, step, loss_params, state=None):
+    del step, loss_params, state
     kl = similarity_distillation(img, txt, *old, temperature=temperature,
                                  image_ids=batch["image_ids"], reduction=reduction)
     emb = embedding_distillation(img, txt, *old)
