@@ -1,0 +1,107 @@
+r"""The README's numbers: the default experiment (fine-tuning and joint) over seeds.
+
+  python benchmarks/default_seeds.py                 # seeds 0, 1, 2
+  python benchmarks/default_seeds.py --stage=table   # the table from the JSON
+
+Runs `configs/default.py` unchanged but for the training seed (the benchmark
+data is fixed) and `strategy.name`, and writes
+benchmarks/results/default_seeds.{json,md}: mean ± std (population) over seeds
+of final R@1 (task-aware, reindex), forgetting (reindex, both scopes), and
+task 1's text->image task-agnostic R@1 after each task in both regimes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+
+from ccr_jax.run import loop  # noqa: E402
+from configs import default  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("stage", "run", ["run", "table"], "run: experiments then table.")
+flags.DEFINE_string("workroot", "/tmp/ccr_default_seeds", "One workdir per run.")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+flags.DEFINE_list("strategies", ["finetune", "joint"], "Strategies.")
+JSON = os.path.join(HERE, "results", "default_seeds.json")
+
+
+def run(name: str, seed: int) -> dict:
+  config = default.get_config()
+  config.seed = seed
+  config.strategy.name = name
+  config.data.data_dir = os.path.join(FLAGS.workroot, "tfds")
+  start = time.perf_counter()
+  results = loop.train_and_evaluate(config, os.path.join(FLAGS.workroot,
+                                                         f"{name}_s{seed}"))
+  s, m = results["summary"], results["metrics"]
+  line = {"strategy": name, "seed": seed, "wall_s": round(time.perf_counter() - start, 1),
+          "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                   capture_output=True, text=True).stdout.strip()}
+  for d in ("i2t", "t2i"):
+    line[f"final_{d}"] = s["reindex"]["task_aware"][f"{d}_r1"]["final_average"]
+    for scope in ("task_aware", "task_agnostic"):
+      line[f"forgetting_{scope}_{d}"] = s["reindex"][scope][f"{d}_r1"]["forgetting"]
+  for regime in ("fixed", "reindex"):
+    line[f"task1_t2i_agnostic_{regime}"] = [
+        row[0] for row in m[regime]["task_agnostic"]["t2i"]["r1"]]
+  print(json.dumps(line), flush=True)
+  return line
+
+
+def _fmt(values) -> str:
+  return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+
+
+def table(lines: list[dict]) -> str:
+  seeds = sorted({l["seed"] for l in lines})
+  out = [f"Seeds {seeds}, mean ± std (population); commit(s) "
+         f"{', '.join(sorted({l['commit'] for l in lines}))}; "
+         "`python benchmarks/default_seeds.py`.", "",
+         "| run | wall time (s) | R@1 after the last task, task-aware, reindex (i2t / t2i) "
+         "| forgetting, reindex task-aware (i2t / t2i) | forgetting, reindex "
+         "task-agnostic (i2t / t2i) |", "|---|---|---|---|---|"]
+  for name in FLAGS.strategies:
+    mine = [l for l in lines if l["strategy"] == name]
+    if not mine:
+      continue
+    pair = lambda key: " / ".join(_fmt([l[key.format(d=d)] for l in mine])  # noqa: E731
+                                  for d in ("i2t", "t2i"))
+    out.append(f"| {name} | {_fmt([l['wall_s'] for l in mine])} | {pair('final_{d}')} | "
+               f"{pair('forgetting_task_aware_{d}')} | "
+               f"{pair('forgetting_task_agnostic_{d}')} |")
+  out += ["", "Task 1's text→image R@1, task-agnostic gallery, after each task:", "",
+          "| after task | " + " | ".join(f"{n}, {r}" for n in FLAGS.strategies
+                                         for r in ("fixed", "reindex")) + " |",
+          "|---" * (1 + 2 * len(FLAGS.strategies)) + "|"]
+  num = len(lines[0]["task1_t2i_agnostic_fixed"])
+  for t in range(num):
+    cells = [_fmt([l[f"task1_t2i_agnostic_{r}"][t] for l in lines if l["strategy"] == n])
+             for n in FLAGS.strategies for r in ("fixed", "reindex")]
+    out.append(f"| {t + 1} | " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  if FLAGS.stage == "run":
+    lines = [run(n, int(s)) for n in FLAGS.strategies for s in FLAGS.seeds]
+    with open(JSON, "w") as f:
+      json.dump(lines, f, indent=1)
+  lines = json.load(open(JSON))
+  md = "# The default experiment over seeds\n\n" + table(lines)
+  print(md)
+  with open(JSON.replace(".json", ".md"), "w") as f:
+    f.write(md + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
