@@ -57,10 +57,16 @@ def key_paths(schema: Schema, prefix: str = "") -> list[str]:
 
 def nearest_key_hint(key: str, valid: list[str]) -> str:
   """' Did you mean ...?' naming the valid key nearest to a mistyped one, or ''."""
-  close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+  section, _, leaf = key.rpartition(".")
+  # The same section first: 'train.stepz' means train.steps_per_task, not the
+  # globally closer string 'pretrain.steps'.
+  siblings = {v.rpartition(".")[2]: v for v in valid if v.rpartition(".")[0] == section}
+  close = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=1,
+                                                          cutoff=0.6)]
   if not close:  # Typos at the end of a long key ("steps_per_tsak").
-    close = [v for v in valid if v.split(".")[-1].startswith(key.split(".")[-1][:4])
-             and v.rsplit(".", 1)[0] == key.rsplit(".", 1)[0]][:1]
+    close = [v for name, v in siblings.items() if name.startswith(leaf[:4])][:1]
+  if not close:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
   return f" Did you mean '{close[0]}'?" if close else ""
 
 
