@@ -234,3 +234,22 @@ def write_results(name: str, records: Sequence[dict], table: str, *, command: st
   with open(os.path.join(results_dir, f"{name}.md"), "w") as f:
     f.write("\n".join(header) + "\n" + table + "\n"
             + (f"\n{notes.strip()}\n" if notes else ""))
+
+
+def shared_pretraining(cache_dir: str, workdir: str) -> Callable[[], None]:
+  """Lets runs that pretrain identically (same data, seed and pretrain
+  settings) pretrain once: copies `cache_dir` into `workdir/pretrained` when
+  the cache exists (the run then restores it, checked against its vocabulary,
+  exactly as a rerun of its own workdir would), and returns a function to
+  call after the run that fills the cache from the workdir."""
+  import shutil
+  target = os.path.join(workdir, "pretrained")
+  if os.path.isdir(os.path.join(cache_dir, "snapshots")) and not os.path.exists(target):
+    shutil.copytree(cache_dir, target)
+
+  def fill():
+    if not os.path.exists(cache_dir) and os.path.isdir(os.path.join(target, "snapshots")):
+      shutil.copytree(target, cache_dir + ".tmp", ignore=shutil.ignore_patterns("state"))
+      os.replace(cache_dir + ".tmp", cache_dir)
+
+  return fill

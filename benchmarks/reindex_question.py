@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from benchmarks import harness  # noqa: E402
 from ccr_jax.run import evaluate as evaluate_lib  # noqa: E402
 from ccr_jax.run import loop  # noqa: E402
 from configs import default  # noqa: E402
@@ -44,12 +45,17 @@ def _freeze_images(config):
   config.strategy.freeze.patterns = ("img/.*",)
 
 
+def _lower_lr(config):
+  config.pretrain.learning_rate = config.optim.learning_rate
+  config.optim.learning_rate = 1e-4
+
+
 # name -> (setting, what the variant changes, how)
 VARIANTS = {
     "scratch": ("scratch", "fine-tuning from random towers", lambda c: None),
     "pretrained": ("pretrained", "fine-tuning from pretrained towers", lambda c: None),
-    "pretrained_lr1e-4": ("pretrained", "learning rate 1e-4 (default 5e-4)",
-                          lambda c: setattr(c.optim, "learning_rate", 1e-4)),
+    "pretrained_lr1e-4": ("pretrained", "learning rate 1e-4 on the tasks (default "
+                          "5e-4; pretraining unchanged)", _lower_lr),
     "pretrained_frozen_images": ("pretrained", "image tower frozen from task 1",
                                  _freeze_images),
     "pretrained_50_steps": ("pretrained", "50 steps per task (default 200)",
@@ -101,8 +107,13 @@ def summarize(results: dict) -> dict:
 
 def run(name: str, seed: int) -> dict:
   workdir = os.path.join(FLAGS.workroot, f"{name}_s{seed}")
+  config = config_for(name, seed)
+  fill = (harness.shared_pretraining(
+      os.path.join(FLAGS.workroot, f"pretrained_cache_s{seed}"), workdir)
+          if config.pretrain.steps else lambda: None)
   start = time.perf_counter()
-  loop.train_and_evaluate(config_for(name, seed), workdir)
+  loop.train_and_evaluate(config, workdir)
+  fill()
   results = evaluate_lib.evaluate_workdir(workdir)
   line = {"variant": name, "seed": seed, "wall_s": round(time.perf_counter() - start, 1),
           **summarize(results)}

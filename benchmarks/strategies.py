@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from benchmarks import harness  # noqa: E402
 from ccr_jax.run import loop  # noqa: E402
 from configs import default  # noqa: E402
 
@@ -76,11 +77,7 @@ def sweep_config(setting: str, quick: bool):
   variant = "tiny" if quick else ("pretrained" if setting == "pretrained" else None)
   config = default.get_config(variant)
   if quick and setting == "pretrained":
-    pretrained = default.get_config("pretrained")
-    config.data.num_categories = pretrained.data.num_categories
-    config.data.task_categories = pretrained.data.task_categories
-    config.pretrain = pretrained.pretrain
-    config.pretrain.steps = 20
+    config = default.get_config("pretrained,tiny")
   # One rendered benchmark for every run (it is the same data).
   config.data.data_dir = os.path.join(FLAGS.workroot, "tfds")
   if not quick:
@@ -129,8 +126,13 @@ def run(name: str, seed: int, split: str, overrides: dict, quick: bool) -> dict:
     _set(config, dotted, value)
   tag = "_".join([FLAGS.setting, name.replace("+", "-"), split, f"s{seed}"] +
                  [f"{k.split('.')[0]}{v:g}" for k, v in sorted(overrides.items())])
+  workdir = os.path.join(FLAGS.workroot, tag)
+  # Every pretrained run of one seed pretrains identically: pretrain once.
+  fill = harness.shared_pretraining(
+      os.path.join(FLAGS.workroot, f"pretrained_cache_s{seed}"), workdir)
   start = time.perf_counter()
-  results = loop.train_and_evaluate(config, os.path.join(FLAGS.workroot, tag))
+  results = loop.train_and_evaluate(config, workdir)
+  fill()
   line.update(wall_s=round(time.perf_counter() - start, 1),
               summary=results["summary"], settings=results["strategy"],
               commit=_commit())
