@@ -65,16 +65,19 @@ def table(lines: list[dict]) -> str:
   out = [f"Seeds {seeds}, mean ± std (population); commit(s) "
          f"{', '.join(sorted({l['commit'] for l in lines}))}; "
          "`python benchmarks/default_seeds.py`.", "",
-         "| run | wall time (s) | R@1 after the last task, task-aware, reindex (i2t / t2i) "
+         "Wall times are in the JSON only: these runs shared the 2 cores with "
+         "other jobs, so they are not a speed measurement "
+         "(benchmarks/end_to_end.py is).", "",
+         "| run | R@1 after the last task, task-aware, reindex (i2t / t2i) "
          "| forgetting, reindex task-aware (i2t / t2i) | forgetting, reindex "
-         "task-agnostic (i2t / t2i) |", "|---|---|---|---|---|"]
+         "task-agnostic (i2t / t2i) |", "|---|---|---|---|"]
   for name in FLAGS.strategies:
     mine = [l for l in lines if l["strategy"] == name]
     if not mine:
       continue
     pair = lambda key: " / ".join(_fmt([l[key.format(d=d)] for l in mine])  # noqa: E731
                                   for d in ("i2t", "t2i"))
-    out.append(f"| {name} | {_fmt([l['wall_s'] for l in mine])} | {pair('final_{d}')} | "
+    out.append(f"| {name} | {pair('final_{d}')} | "
                f"{pair('forgetting_task_aware_{d}')} | "
                f"{pair('forgetting_task_agnostic_{d}')} |")
   out += ["", "Task 1's text→image R@1, task-agnostic gallery, after each task:", "",
