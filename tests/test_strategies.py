@@ -424,7 +424,9 @@ def test_lwf_gradient_is_a_sizeable_fraction_of_the_ranking_loss():
     return float(optax.tree.norm(grads))
 
   ranking = grad_norm(lambda i, t: vse0(i, t, image_ids=ids, step=0)[0])
-  lwf_term = strategies.get_strategy(strategy_config("lwf"), vse0).loss_term
+  config = strategy_config("lwf")
+  config.lwf.strength = 1.0
+  lwf_term = strategies.get_strategy(config, vse0).loss_term
   batch = {"image_ids": ids}
   new = grad_norm(lambda i, t: lwf_term(i, t, (old_img, old_txt), batch, 0, None)[0])
   # The old form: tau = 2 on cosines, times tau^2 / B.
