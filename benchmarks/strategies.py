@@ -66,6 +66,8 @@ GRID = {
     "lwf": ("lwf.strength", (0.1, 1.0, 10.0)),
     "der": ("der.strength", (0.3, 3.0, 30.0)),
     "compat": ("compat.strength", (0.03, 0.1, 0.3)),
+    # Larger ridge: closer to the identity map, i.e. fine-tuning's queries.
+    "query_adapter": ("query_adapter.ridge", (0.1, 1.0, 10.0)),
 }
 MAX_EXTEND = 3
 # Strategies reading another's section use its chosen value.
@@ -207,6 +209,43 @@ def table(lines: list[dict]) -> str:
   return "\n".join(rows)
 
 
+def _score(line: dict, regime: str, scope: str) -> float:
+  """Final average R@1, mean of image->text and text->image."""
+  s = line["summary"][regime][scope]
+  return float(np.mean([s[f"{d}_r1"]["final_average"] for d in ("i2t", "t2i")]))
+
+
+def versus_finetune(lines: list[dict]) -> str:
+  """Markdown: each strategy's final average R@1 (mean of both directions)
+  minus fine-tuning's of the same seed, mean ± std over seeds; marked when
+  it beats fine-tuning by more than the spread: mean(delta) > 2 std(delta).
+  Paired by seed because a seed's initialisation and batch order move every
+  strategy alike (the seed-to-seed spread of one strategy is several points,
+  its difference to fine-tuning much less)."""
+  out = ["| setting | strategy | " + " | ".join(
+      f"{r} {s.replace('_', '-')}" for r in ("fixed", "reindex")
+      for s in ("task_aware", "task_agnostic")) + " |", "|---|---|---|---|---|---|"]
+  for setting in ("scratch", "pretrained"):
+    base = {l["seed"]: l for l in lines
+            if l["setting"] == setting and l["strategy"] == "finetune"}
+    for name in FLAGS.strategies:
+      mine = [l for l in lines if l["setting"] == setting and l["strategy"] == name
+              and l["seed"] in base]
+      if name == "finetune" or not mine:
+        continue
+      cells = []
+      for regime in ("fixed", "reindex"):
+        for scope in ("task_aware", "task_agnostic"):
+          ours = [_score(l, regime, scope) for l in mine]
+          theirs = [_score(base[l["seed"]], regime, scope) for l in mine]
+          delta = np.subtract(ours, theirs)
+          beats = np.mean(delta) > 2 * np.std(delta)
+          cells.append(f"{'**' if beats else ''}{np.mean(delta):+.1f} ± "
+                       f"{np.std(delta):.1f}{'**' if beats else ''}")
+      out.append(f"| {setting} | {name} | " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
 def header(selections: dict, lines: list[dict]) -> str:
   """How the table was made: config, seeds, commits, strength selection."""
   commits = sorted({l.get("commit", "unknown") for l in lines})
@@ -276,7 +315,12 @@ def main(argv):
     return
   lines = [l for l in _done().values() if l["split"] == "test"]
   selections = {s: _load_selection(s) for s in ("scratch", "pretrained")}
-  md = header({s: c for s, c in selections.items() if c}, lines) + table(lines)
+  md = (header({s: c for s, c in selections.items() if c}, lines) + table(lines)
+        + "\n\n## Against fine-tuning\n\nFinal average R@1 (mean of i2t and t2i) "
+        "minus fine-tuning's with the same seed (paired: a seed's initialisation "
+        "and batch order move every strategy alike), mean ± std over seeds; "
+        "**bold**: beats fine-tuning by more than twice the spread of that "
+        "difference.\n\n" + versus_finetune(lines))
   print(md)
   with open(os.path.join(FLAGS.out, "strategies.md"), "w") as f:
     f.write(md + "\n")
