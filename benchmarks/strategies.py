@@ -281,6 +281,13 @@ def header(selections: dict, lines: list[dict]) -> str:
   return "\n".join(out) + "\n"
 
 
+def _overrides(chosen: dict, name: str) -> dict:
+  """The selected value a strategy runs with in the final stage ({} if none)."""
+  section = SHARES.get(name, name)
+  return ({chosen[section]["field"]: chosen[section]["value"]} if section in chosen
+          else {})
+
+
 def _load_selection(setting: str) -> dict:
   path = _selection_path(setting)
   return json.load(open(path)) if os.path.exists(path) else {}
@@ -306,15 +313,16 @@ def main(argv):
     seeds = [0] if FLAGS.quick else [int(s) for s in FLAGS.seeds]
     lines = []
     for name in names:
-      section = SHARES.get(name, name)
-      overrides = ({chosen[section]["field"]: chosen[section]["value"]}
-                   if section in chosen else {})
+      overrides = _overrides(chosen, name)
       for seed in seeds:
         lines.append(run(name, seed, "test", overrides, FLAGS.quick))
     print(table(lines))
     return
-  lines = [l for l in _done().values() if l["split"] == "test"]
   selections = {s: _load_selection(s) for s in ("scratch", "pretrained")}
+  # Only the runs made with the selected values (a grid extended after a
+  # final run leaves that run in the log, unused).
+  lines = [l for l in _done().values() if l["split"] == "test"
+           and l["overrides"] == _overrides(selections[l["setting"]], l["strategy"])]
   md = (header({s: c for s, c in selections.items() if c}, lines) + table(lines)
         + "\n\n## Against fine-tuning\n\nFinal average R@1 (mean of i2t and t2i) "
         "minus fine-tuning's with the same seed (paired: a seed's initialisation "
