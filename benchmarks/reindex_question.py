@@ -37,6 +37,7 @@ flags.DEFINE_string("workroot", "/tmp/ccr_reindex", "One workdir per run under h
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
 flags.DEFINE_string("out", os.path.join(HERE, "results"), "Where the table goes.")
 flags.DEFINE_bool("quick", False, "Tiny configs, one seed: a smoke test.")
+flags.DEFINE_bool("table_only", False, "Rewrite the table from reindex_question.json.")
 
 
 def _freeze_images(config):
@@ -121,8 +122,8 @@ def run(name: str, seed: int) -> dict:
   return line
 
 
-def _fmt(values) -> str:
-  return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
+def _fmt(values, digits: int = 1) -> str:
+  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
 
 
 def table(lines: list[dict]) -> str:
@@ -144,9 +145,9 @@ def table(lines: list[dict]) -> str:
     mine = [l for l in lines if l["variant"] == name]
     if not mine:
       continue
-    cells = [_fmt([l["drift_images"] for l in mine]) + " / "
-             + _fmt([l["drift_texts"] for l in mine]),
-             _fmt([l["alignment_last"] for l in mine])]
+    cells = [_fmt([l["drift_images"] for l in mine], 3) + " / "
+             + _fmt([l["drift_texts"] for l in mine], 3),
+             _fmt([l["alignment_last"] for l in mine], 3)]
     cells += [_fmt([l[f"towers_{k}"] for l in mine])
               for k in ("own", "new_image_tower", "new_text_tower", "both_new")]
     out.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -157,7 +158,11 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   seeds = [0] if FLAGS.quick else [int(s) for s in FLAGS.seeds]
-  lines = [run(name, seed) for name in VARIANTS for seed in seeds]
+  if FLAGS.table_only:
+    lines = json.load(open(os.path.join(FLAGS.out, "reindex_question.json")))
+    seeds = sorted({l["seed"] for l in lines})
+  else:
+    lines = [run(name, seed) for name in VARIANTS for seed in seeds]
   md = table(lines)
   print(md)
   if FLAGS.quick:
