@@ -53,10 +53,12 @@ HIGH = {
     "online_ewc": {"ewc": {"strength": 3e5}},
     "mas": {"mas": {"strength": 1e6}},
     "l2": {"l2": {"strength": 1e4}},
+    "si": {"si": {"strength": 1e4}},
+    "der": {"der": {"strength": 100.0}},
     "lwf": {"lwf": {"strength": 1e3}},
     "compat": {"compat": {"strength": 100.0}},
 }
-IMPORTANCE = ("ewc", "online_ewc", "mas", "l2")
+IMPORTANCE = ("ewc", "online_ewc", "mas", "l2", "si")
 # Spelled out, not the defaults: the test is about the image tower from task 2.
 FREEZE = {"freeze": {"patterns": ("img/.*",), "from_task": 2}}
 
@@ -159,8 +161,15 @@ def after_task2(runs: Runs, name: str, settings: dict | None = None) -> Any:
     setup = strategy_setup(runs, name, settings)
     training = training_lib.build_training(setup)
     state = initial_state(training, runs.initial)
-    state = training_lib.end_of_task(training, 0, runs.snapshot1, state)
-    runs.finished[key], _ = learn_task(setup, training, 1, runs.snapshot1, state)
+    if training.strategy.collect is not None:
+      # Its state is read off task 1's own optimizer state (SI's path
+      # integral): learn task 1 itself. Its updates there are fine-tuning's
+      # (no pull before an anchor), so the params equal snapshot 1.
+      params1, state = learn_task(setup, training, 0, runs.initial, state)
+    else:
+      params1 = runs.snapshot1
+      state = training_lib.end_of_task(training, 0, runs.snapshot1, state)
+    runs.finished[key], _ = learn_task(setup, training, 1, params1, state)
   return runs.finished[key]
 
 
@@ -277,9 +286,10 @@ def check_scores_close(runs: Runs, name: str, params: Any) -> None:
 
 
 def check_task1_close(runs: Runs, name: str, params: Any,
-                      measures: tuple[str, ...]) -> None:
-  """Each of `measures` of `task1_drift` below DRIFT_RATIO x fine-tuning's."""
-  reference = task1_drift(runs, runs.finished["finetune"])
+                      measures: tuple[str, ...], against: str = "finetune") -> None:
+  """Each of `measures` of `task1_drift` below DRIFT_RATIO x that of `against`
+  (a finished run's key)."""
+  reference = task1_drift(runs, runs.finished[against])
   drift = task1_drift(runs, params)
   # Fine-tuning moves task 1 clearly (measured: images 0.20-0.22, texts
   # 0.17-0.19, scores 0.21-0.22); else "less than fine-tuning" says nothing.
@@ -287,11 +297,18 @@ def check_task1_close(runs: Runs, name: str, params: Any,
   for m in measures:
     # Measured ratios at HIGH strength, seeds 0-2 (images / texts / scores):
     # ewc and online_ewc <= 0.11 / 0.05 / 0.28, mas <= 0.06 / 0.05 / 0.23,
-    # l2 <= 0.02 / 0.07 / 0.19, lwf's scores <= 0.25; at strength 1e-9 every
-    # one gives 1.00. Half of fine-tuning's drift sits well between.
+    # l2 <= 0.02 / 0.07 / 0.19, lwf's scores <= 0.25; seed 0: si 0.01 /
+    # 0.01 / 0.10, der against replay 0.11 / 0.03 / 0.25; at strength 1e-9
+    # every one gives 1.00. Half of the reference's drift sits well between.
     assert drift[m] < DRIFT_RATIO * reference[m], (
         f"{name}: task-1 {m} drift {drift[m]:.4f} is not below {DRIFT_RATIO} x "
-        f"fine-tuning's {reference[m]:.4f} (all: {drift} vs {reference})")
+        f"{against}'s {reference[m]:.4f} (all: {drift} vs {reference})")
+
+
+def check_closer_than_replay(runs: Runs, name: str, params: Any) -> None:
+  """Task 1's embeddings drift below DRIFT_RATIO x replay's (same memory)."""
+  after_task2(runs, "replay")
+  check_task1_close(runs, name, params, ("images", "texts", "scores"), against="replay")
 
 
 def check_lower_task1_loss(runs: Runs, name: str, params: Any) -> None:
@@ -458,6 +475,17 @@ def test_rehearsal_batches_of_task2_hold_task1_pairs(runs):
   assert 0 in joint.training_tasks(1) and 1 in joint.training_tasks(1)
 
 
+def test_der_keeps_task1_embeddings_closer_than_replay(runs):
+  """DER++ (replay plus the pull of memory pairs to the embeddings snapshot 1
+  gave them) keeps task 1's embeddings closer to snapshot 1's than replay with
+  the same memory does.
+
+  Catches: targets never stored or stored as zeros, memory slots that do not
+  reach the loss term, a pull whose strength is lost: DER++ is then replay.
+  """
+  check_closer_than_replay(runs, "der", after_task2(runs, "der", HIGH["der"]))
+
+
 def test_compat_narrows_fixed_vs_reindex_gap(runs):
   """With a strong compat term, task 1's new queries searched in the gallery
   snapshot 1 embedded (fixed) rank their matches nearly as well as in a
@@ -482,6 +510,8 @@ INERT = [
                  "lwf: task-1 scores drift", id="lwf"),
     pytest.param(check_narrower_gap, "compat", {"compat": {"strength": 1e-9}},
                  "compat: task-1 mean rank", id="compat"),
+    pytest.param(check_closer_than_replay, "der", {"der": {"strength": 1e-9}},
+                 "der: task-1 .* drift", id="der"),
     # 0.01 x 16 rows rounds to no memory row: every batch is task 2's alone.
     pytest.param(check_lower_task1_loss, "replay", {"replay": {"ratio": 0.01}},
                  "replay: task-1 training loss", id="replay"),
