@@ -474,6 +474,12 @@ def make_loss(config) -> Callable:
   return functools.partial(entry.fn, **kwargs, **variant)
 
 
+def reduction_of(loss_fn: Callable | None) -> str:
+  """'sum' or 'mean': how a loss bound by `make_loss` reduces over pairs
+  ('sum', the default, for an unbound or absent one)."""
+  return getattr(loss_fn, "keywords", {}).get("reduction", "sum")
+
+
 def initial_params(config) -> dict[str, Any] | None:
   """The loss's trainable parameters at initialisation, or None if it has none.
 

@@ -81,7 +81,7 @@ def build_training(setup: setup_lib.Setup) -> Training:
 
 
 def memory_rows(setup: setup_lib.Setup, strategy: strategies.Strategy,
-                   t: int) -> list:
+                t: int) -> list:
   """Per task before t (0-based), the training rows the strategy's memory holds."""
   return strategy.memory.rows([len(setup.encoded[j]["train"]) for j in range(t)],
                               setup.config.seed)

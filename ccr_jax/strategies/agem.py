@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ccr_jax import schema
 from ccr_jax.strategies import base
 from ccr_jax.strategies import replay
 
@@ -77,10 +76,4 @@ def agem_strategy(memory_size: int, ratio: float, policy: str) -> base.Strategy:
 
 base.register(
     "agem", lambda c, _: agem_strategy(int(c.memory_size), float(c.ratio), c.policy),
-    keys={"memory_size": schema.Key(200, "pairs the memory holds",
-                                    schema.at_least(1, integer=True)),
-          "ratio": schema.Key(0.25, "fraction of every batch drawn from the memory "
-                              "(the reference gradient's batch)",
-                              lambda v: None if 0 < v < 1 else "a fraction in (0, 1)"),
-          "policy": schema.Key("reservoir", "which pairs the memory keeps (as replay)",
-                               schema.one_of(replay.POLICIES))})
+    keys=replay.MEMORY_KEYS)

@@ -18,9 +18,9 @@ from typing import Callable
 import jax.numpy as jnp
 import numpy as np
 
+from ccr_jax import losses
 from ccr_jax import schema
 from ccr_jax.strategies import base
-from ccr_jax.strategies import lwf
 from ccr_jax.strategies import replay
 
 
@@ -112,16 +112,11 @@ def der_strategy(memory_size: int, ratio: float, policy: str, strength: float,
 
 def _factory(c, loss_fn: Callable | None) -> base.Strategy:
   return der_strategy(int(c.memory_size), float(c.ratio), c.policy, float(c.strength),
-                      lwf.loss_reduction(loss_fn))
+                      losses.reduction_of(loss_fn))
 
 
 base.register(
     "der", _factory,
-    keys={"memory_size": schema.Key(200, "pairs the memory holds",
-                                    schema.at_least(1, integer=True)),
-          "ratio": schema.Key(0.25, "fraction of every batch drawn from the memory",
-                              lambda v: None if 0 < v < 1 else "a fraction in (0, 1)"),
-          "policy": schema.Key("reservoir", "which pairs the memory keeps (as replay)",
-                               schema.one_of(replay.POLICIES)),
+    keys={**replay.MEMORY_KEYS,
           "strength": schema.Key(3.0, "weight of the squared distance to the stored "
                                  "embeddings", schema.greater_than(0))})

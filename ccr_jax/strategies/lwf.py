@@ -17,11 +17,10 @@ rows the way the training loss reduces over pairs ('sum' as VSE++ or
 'mean'), so strength 1 weighs a query's distillation like its ranking loss.
 """
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 
+from ccr_jax import losses
 from ccr_jax import schema
 from ccr_jax.strategies import base
 
@@ -88,11 +87,6 @@ def embedding_distillation(img: jax.Array, txt: jax.Array, old_img: jax.Array,
           + jnp.mean(1.0 - jnp.sum(txt * old_txt, axis=-1)))
 
 
-def loss_reduction(loss_fn: Callable | None) -> str:
-  """'sum' or 'mean': how the bound training loss (`losses.make_loss`) reduces."""
-  return getattr(loss_fn, "keywords", {}).get("reduction", "sum")
-
-
 def lwf_strategy(strength: float, temperature: float, embedding_strength: float = 0.0,
                  reduction: str = "sum") -> base.Strategy:
   """strength * similarity KL + embedding_strength * embedding distance to the
@@ -114,7 +108,8 @@ def lwf_strategy(strength: float, temperature: float, embedding_strength: float 
 
 base.register(
     "lwf", lambda c, loss_fn: lwf_strategy(c.strength, c.temperature,
-                                           c.embedding_strength, loss_reduction(loss_fn)),
+                                           c.embedding_strength,
+                                           losses.reduction_of(loss_fn)),
     # 0.1: chosen on the validation split (benchmarks/results/strategies.md);
     # at 1 the term's gradient is ~6x the ranking loss's and training stalls.
     keys={"strength": schema.Key(0.1, "weight of the similarity-distribution KL"),

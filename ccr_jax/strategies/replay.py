@@ -64,12 +64,17 @@ def replay_strategy(memory_size: int, ratio: float, policy: str) -> base.Strateg
           ratio=ratio))
 
 
+# The memory's settings, shared by every strategy that keeps one (agem, der).
+MEMORY_KEYS = {
+    "memory_size": schema.Key(200, "pairs the memory holds",
+                              schema.at_least(1, integer=True)),
+    "ratio": schema.Key(0.25, "fraction of every batch drawn from the memory",
+                        lambda v: None if 0 < v < 1 else "a fraction in (0, 1)"),
+    "policy": schema.Key("reservoir", "reservoir: every seen pair kept with equal "
+                         "probability; balanced: equal slots per task",
+                         schema.one_of(POLICIES)),
+}
+
 base.register(
     "replay", lambda c, _: replay_strategy(int(c.memory_size), float(c.ratio), c.policy),
-    keys={"memory_size": schema.Key(200, "pairs the memory holds",
-                                    schema.at_least(1, integer=True)),
-          "ratio": schema.Key(0.25, "fraction of every batch drawn from the memory",
-                              lambda v: None if 0 < v < 1 else "a fraction in (0, 1)"),
-          "policy": schema.Key("reservoir", "reservoir: every seen pair kept with "
-                               "equal probability; balanced: equal slots per task",
-                               schema.one_of(POLICIES))})
+    keys=MEMORY_KEYS)
