@@ -24,17 +24,15 @@ smoke test; point it at a fixture with --config.data.features_dir.
 
 import ml_collections
 
+from ccr_jax.run import config as config_lib
 from configs import coco_vsepp
 from configs import secoco
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """VSE++ on COCO features; arg: comma-separated 'secoco' and/or 'tiny'."""
-  options = set((arg or "").split(",")) - {""}
-  unknown = options - {"secoco", "tiny"}
-  if unknown:
-    raise ValueError(f"configs/coco_precomp.py: unknown options {unknown}; "
-                     "valid: 'secoco', 'tiny'.")
+  options = config_lib.variant_options(arg, ("secoco", "tiny"),
+                                       "configs/coco_precomp.py")
   config = coco_vsepp.get_config()
   data = config.data
   data.name = "precomputed"

@@ -34,11 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   'pretrained' pretrains on held-out shapes before task 1; 'tiny' shrinks
   either to a seconds-long smoke test.
   """
-  options = set((arg or "").split(",")) - {""}
-  unknown = options - {"pretrained", "tiny"}
-  if unknown:
-    raise ValueError(f"configs/default.py: unknown options {sorted(unknown)}; "
-                     "valid: 'pretrained', 'tiny' (comma-separated).")
+  options = config_lib.variant_options(arg, ("pretrained", "tiny"), "configs/default.py")
   config = config_lib.default_config()
   if "pretrained" in options:
     config.data.num_categories = 16  # every shape the benchmark can render

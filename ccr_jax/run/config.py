@@ -134,3 +134,17 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       problems.append(str(e))
   if problems:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def variant_options(arg: str | None, valid: tuple[str, ...], source: str) -> set[str]:
+  """The comma-separated variant options of a config file's `get_config(arg)`.
+
+  Raises:
+    ValueError: an option not in `valid`, naming `source` (the config file).
+  """
+  options = set((arg or "").split(",")) - {""}
+  unknown = options - set(valid)
+  if unknown:
+    raise ValueError(f"{source}: unknown options {sorted(unknown)}; valid: "
+                     f"{', '.join(repr(v) for v in valid)} (comma-separated).")
+  return options
