@@ -135,7 +135,8 @@ def test_workdir_of_another_experiment_is_refused(tiny_run):
 
 
 @pytest.mark.parametrize("strategy", ["finetune", "ewc+lwf+replay"])
-def test_killed_run_resumes_to_identical_results(tmp_path, monkeypatch, strategy):
+def test_killed_run_resumes_to_identical_results(tmp_path, killed_saving_snapshot,
+                                                 strategy):
   # ewc+lwf+replay carries state across the kill: importance accumulators in
   # the snapshot, the old model in the train state, the replay memory.
   config = default.get_config("tiny")
@@ -144,18 +145,9 @@ def test_killed_run_resumes_to_identical_results(tmp_path, monkeypatch, strategy
 
   # Kill the second run while it saves task 2's snapshot: task 2's state
   # checkpoint (step 2 of 4) is on disk, the snapshot is not.
-  real_save = checkpoints.save_snapshot
-
-  def dying_save(workdir, task, params, meta, strategy=None):
-    if task == 2:
-      raise KeyboardInterrupt("killed")
-    real_save(workdir, task, params, meta, strategy)
-
-  monkeypatch.setattr(checkpoints, "save_snapshot", dying_save)
-  with pytest.raises(KeyboardInterrupt):
+  with killed_saving_snapshot(2), pytest.raises(KeyboardInterrupt):
     loop.train_and_evaluate(config, str(tmp_path / "killed"))
   assert checkpoints.completed_snapshots(str(tmp_path / "killed")) == [1]
-  monkeypatch.setattr(checkpoints, "save_snapshot", real_save)
   resumed = loop.train_and_evaluate(config, str(tmp_path / "killed"))
   # Same device count on CPU: bit-identical.
   assert resumed["metrics"] == full["metrics"]

@@ -99,21 +99,12 @@ def test_corrupt_snapshot_is_quarantined_and_retrained(uninterrupted, tmp_path,
 
 @pytest.mark.slow
 def test_corrupt_state_falls_back_to_an_older_one(uninterrupted, tmp_path, caplog,
-                                                 monkeypatch):
+                                                 killed_saving_snapshot):
   workdir = str(tmp_path / "w")
   config = default.get_config("tiny")
   config.train.checkpoint_every = 1  # states at steps 1, 2, 3 of each task
-  real_save = checkpoints.save_snapshot
-
-  def killed_at_task_2(w, task, *args, **kwargs):
-    if task == 2:
-      raise KeyboardInterrupt("killed")
-    real_save(w, task, *args, **kwargs)
-
-  monkeypatch.setattr(checkpoints, "save_snapshot", killed_at_task_2)
-  with pytest.raises(KeyboardInterrupt):
+  with killed_saving_snapshot(2), pytest.raises(KeyboardInterrupt):
     loop.train_and_evaluate(config, workdir)
-  monkeypatch.setattr(checkpoints, "save_snapshot", real_save)
   newest = checkpoints.latest_state_step(workdir)
   assert newest == 4 + 3  # task 2, step 3 (global step)
   _truncate_largest_file(os.path.join(workdir, "state", str(newest)))

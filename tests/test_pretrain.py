@@ -4,7 +4,6 @@ import json
 import os
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 
@@ -195,7 +194,7 @@ def test_killed_pretraining_resumes_to_the_same_params(data_dir, tmp_path,
 
 @pytest.mark.slow
 def test_run_starts_task_1_from_the_pretrained_params(data_dir, tmp_path,
-                                                      monkeypatch):
+                                                      monkeypatch, killed_saving_snapshot):
   config = _tiny(data_dir)
   workdir = str(tmp_path / "run")
   starts = []
@@ -208,17 +207,8 @@ def test_run_starts_task_1_from_the_pretrained_params(data_dir, tmp_path,
 
   monkeypatch.setattr(training_lib, "train_one_task", recording_train)
   # Killed while saving snapshot 1: pretraining is done, task 1 is not.
-  real_save = checkpoints.save_snapshot
-
-  def dying_save(folder, task, *args, **kwargs):
-    if task == 1:
-      raise KeyboardInterrupt("killed")
-    real_save(folder, task, *args, **kwargs)
-
-  monkeypatch.setattr(checkpoints, "save_snapshot", dying_save)
-  with pytest.raises(KeyboardInterrupt):
+  with killed_saving_snapshot(1), pytest.raises(KeyboardInterrupt):
     loop.train_and_evaluate(config, workdir)
-  monkeypatch.setattr(checkpoints, "save_snapshot", real_save)
   setup = setup_lib.build_setup(config, workdir)
   pretrained, meta = checkpoints.restore_snapshot(
       pretrain_lib.pretrain_dir(workdir), 0, setup.params_template,
