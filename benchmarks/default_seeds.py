@@ -12,15 +12,14 @@ task 1's text->image task-agnostic R@1 after each task in both regimes.
 
 import json
 import os
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from benchmarks import harness  # noqa: E402
 from ccr_jax.run import loop  # noqa: E402
 from configs import default  # noqa: E402
 
@@ -43,8 +42,7 @@ def run(name: str, seed: int) -> dict:
                                                          f"{name}_s{seed}"))
   s, m = results["summary"], results["metrics"]
   line = {"strategy": name, "seed": seed, "wall_s": round(time.perf_counter() - start, 1),
-          "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                   capture_output=True, text=True).stdout.strip()}
+          "commit": harness.git_commit()}
   for d in ("i2t", "t2i"):
     line[f"final_{d}"] = s["reindex"]["task_aware"][f"{d}_r1"]["final_average"]
     for scope in ("task_aware", "task_agnostic"):
@@ -54,10 +52,6 @@ def run(name: str, seed: int) -> dict:
         row[0] for row in m[regime]["task_agnostic"]["t2i"]["r1"]]
   print(json.dumps(line), flush=True)
   return line
-
-
-def _fmt(values) -> str:
-  return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
 
 
 def table(lines: list[dict]) -> str:
@@ -75,7 +69,7 @@ def table(lines: list[dict]) -> str:
     mine = [l for l in lines if l["strategy"] == name]
     if not mine:
       continue
-    pair = lambda key: " / ".join(_fmt([l[key.format(d=d)] for l in mine])  # noqa: E731
+    pair = lambda key: " / ".join(harness.mean_std([l[key.format(d=d)] for l in mine])  # noqa: E731
                                   for d in ("i2t", "t2i"))
     out.append(f"| {name} | {pair('final_{d}')} | "
                f"{pair('forgetting_task_aware_{d}')} | "
@@ -86,7 +80,7 @@ def table(lines: list[dict]) -> str:
           "|---" * (1 + 2 * len(FLAGS.strategies)) + "|"]
   num = len(lines[0]["task1_t2i_agnostic_fixed"])
   for t in range(num):
-    cells = [_fmt([l[f"task1_t2i_agnostic_{r}"][t] for l in lines if l["strategy"] == n])
+    cells = [harness.mean_std([l[f"task1_t2i_agnostic_{r}"][t] for l in lines if l["strategy"] == n])
              for n in FLAGS.strategies for r in ("fixed", "reindex")]
     out.append(f"| {t + 1} | " + " | ".join(cells) + " |")
   return "\n".join(out)

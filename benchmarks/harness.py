@@ -253,3 +253,31 @@ def shared_pretraining(cache_dir: str, workdir: str) -> Callable[[], None]:
       os.replace(cache_dir + ".tmp", cache_dir)
 
   return fill
+
+
+def mean_std(values: Sequence[float | None], digits: int = 1) -> str:
+  """'mean ± std' (population std, as over seeds) of the values that are not
+  None, or '–' when none is."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  values = [v for v in values if v is not None]
+  if not values:
+    return "–"
+  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
+
+
+def git_commit() -> str:
+  """The checkout's short commit hash ('unknown' outside a git checkout)."""
+  try:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                          cwd=os.path.dirname(os.path.abspath(__file__)),
+                          capture_output=True, text=True, check=True).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def short_tasks(config) -> None:
+  """The experiment scripts' shorter tasks: 200 steps at batch 64, no mid-task
+  state checkpoints (about half a minute a run of configs/default.py on 2 cores)."""
+  config.train.steps_per_task = 200
+  config.train.batch_size = 64
+  config.train.checkpoint_every = 0

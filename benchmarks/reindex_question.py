@@ -70,9 +70,7 @@ def config_for(name: str, seed: int):
     config = default.get_config("pretrained,tiny" if setting == "pretrained" else "tiny")
   else:
     config = default.get_config("pretrained" if setting == "pretrained" else None)
-    config.train.steps_per_task = 200
-    config.train.batch_size = 64
-    config.train.checkpoint_every = 0
+    harness.short_tasks(config)
   config.data.data_dir = os.path.join(FLAGS.workroot, "tfds")
   config.seed = seed
   change(config)
@@ -122,10 +120,6 @@ def run(name: str, seed: int) -> dict:
   return line
 
 
-def _fmt(values, digits: int = 1) -> str:
-  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
-
-
 def table(lines: list[dict]) -> str:
   """Markdown: per variant, the gaps, drift, alignment and tower attribution."""
   out = ["| variant | scope | fixed R@1 i2t / t2i | reindex R@1 i2t / t2i | "
@@ -135,7 +129,7 @@ def table(lines: list[dict]) -> str:
     if not mine:
       continue
     for scope in ("task_aware", "task_agnostic"):
-      cells = [" / ".join(_fmt([l[f"{scope}_{d}_{k}"] for l in mine])
+      cells = [" / ".join(harness.mean_std([l[f"{scope}_{d}_{k}"] for l in mine])
                           for d in ("i2t", "t2i")) for k in ("fixed", "reindex", "gap")]
       out.append(f"| {name} | {scope.replace('_', '-')} | " + " | ".join(cells) + " |")
   out += ["", "| variant | drift: cos(old, new) images / texts | alignment (last) | "
@@ -145,10 +139,10 @@ def table(lines: list[dict]) -> str:
     mine = [l for l in lines if l["variant"] == name]
     if not mine:
       continue
-    cells = [_fmt([l["drift_images"] for l in mine], 3) + " / "
-             + _fmt([l["drift_texts"] for l in mine], 3),
-             _fmt([l["alignment_last"] for l in mine], 3)]
-    cells += [_fmt([l[f"towers_{k}"] for l in mine])
+    cells = [harness.mean_std([l["drift_images"] for l in mine], 3) + " / "
+             + harness.mean_std([l["drift_texts"] for l in mine], 3),
+             harness.mean_std([l["alignment_last"] for l in mine], 3)]
+    cells += [harness.mean_std([l[f"towers_{k}"] for l in mine])
               for k in ("own", "new_image_tower", "new_text_tower", "both_new")]
     out.append(f"| {name} | " + " | ".join(cells) + " |")
   return "\n".join(out)

@@ -23,7 +23,6 @@ tasks (`sweep_config`) so a run takes about half a minute on 2 CPU cores.
 
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -83,9 +82,7 @@ def sweep_config(setting: str, quick: bool):
   # One rendered benchmark for every run (it is the same data).
   config.data.data_dir = os.path.join(FLAGS.workroot, "tfds")
   if not quick:
-    config.train.steps_per_task = 200
-    config.train.batch_size = 64
-    config.train.checkpoint_every = 0  # short runs: no mid-task state
+    harness.short_tasks(config)
   return config
 
 
@@ -137,20 +134,12 @@ def run(name: str, seed: int, split: str, overrides: dict, quick: bool) -> dict:
   fill()
   line.update(wall_s=round(time.perf_counter() - start, 1),
               summary=results["summary"], settings=results["strategy"],
-              commit=_commit())
+              commit=harness.git_commit())
   print(json.dumps(line), flush=True)
   if not quick:
     with open(FLAGS.log, "a") as f:
       f.write(json.dumps(line) + "\n")
   return line
-
-
-def _commit() -> str:
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                          capture_output=True, text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return "unknown"
 
 
 def select_one(name: str, quick: bool) -> dict:
@@ -179,13 +168,6 @@ def _selection_path(setting: str) -> str:
   return os.path.join(FLAGS.out, f"strategies_selection_{setting}.json")
 
 
-def _fmt(values) -> str:
-  values = [v for v in values if v is not None]
-  if not values:
-    return "–"
-  return f"{np.mean(values):.1f} ± {np.std(values):.1f}"
-
-
 def table(lines: list[dict]) -> str:
   """Markdown: mean ± std over seeds per setting, strategy, regime and scope."""
   rows = ["| setting | strategy | regime | scope | final avg R@1 i2t | final avg R@1 t2i | "
@@ -201,7 +183,7 @@ def table(lines: list[dict]) -> str:
           cells = []
           for key in ("final_average", "forgetting", "backward_transfer"):
             for d in ("i2t", "t2i"):
-              cells.append(_fmt([l["summary"][regime][scope][f"{d}_r1"][key]
+              cells.append(harness.mean_std([l["summary"][regime][scope][f"{d}_r1"][key]
                                  for l in mine]))
           seeds = ",".join(str(s) for s in sorted(l["seed"] for l in mine))
           rows.append(f"| {setting} | {name} | {regime} | {scope.replace('_', '-')} | "
