@@ -392,7 +392,10 @@ def check_freeze(runs: Runs, settings: dict) -> None:
 # ------------------------------------------------------------------ the tests
 
 
-@pytest.mark.parametrize("name", IMPORTANCE)
+# si trains its own task 1 too (its importance is that task's path integral):
+# the slow set, to keep the not-slow loop under 3 minutes.
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "si"
+                                  else n for n in IMPORTANCE])
 def test_importance_regulariser_keeps_task1_embeddings_close(runs, name):
   """A strong EWC / online EWC / MAS / L2 pull keeps task 1's image and caption
   embeddings, and their scores, closer to snapshot 1's than fine-tuning does.
@@ -475,6 +478,7 @@ def test_rehearsal_batches_of_task2_hold_task1_pairs(runs):
   assert 0 in joint.training_tasks(1) and 1 in joint.training_tasks(1)
 
 
+@pytest.mark.slow  # two more task-2 trainings (replay's and its own)
 def test_der_keeps_task1_embeddings_closer_than_replay(runs):
   """DER++ (replay plus the pull of memory pairs to the embeddings snapshot 1
   gave them) keeps task 1's embeddings closer to snapshot 1's than replay with
