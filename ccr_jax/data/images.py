@@ -3,8 +3,11 @@
 The manual-dir sources (COCO, Flickr30K, Visual Genome) store each image in
 their TFDS dataset as JPEG bytes (`encode_image_file`) and decode the rows a
 batch asks for (`JpegRecords`, a `tasks.LazyImages` source). A truncated or
-unreadable image raises a one-line ValueError naming the file (or the built
-record) and what to do, instead of PIL's bare "image file is truncated".
+unreadable image raises a one-line ValueError naming the file (at build
+time) or the built record (at read time: its dataset directory, split, id and
+the image's file name where the source stores one) and what to do, instead of
+PIL's bare "image file is truncated". Every image is decoded once at build
+time, so a bad file fails the build, not a training batch.
 """
 
 from __future__ import annotations
@@ -145,8 +148,11 @@ class JpegRecords:
     return len(self.source)
 
   def _decode(self, record: dict) -> np.ndarray:
-    return decode_image(record["image"], self.image_size,
-                        f"{self.where}, image id {int(record['id'])}")
+    what = f"{self.where}, image id {int(record['id'])}"
+    name = record.get("file_name")
+    if name is not None:  # COCO and Flickr30K keep the image's file name.
+      what += f" ({name.decode() if isinstance(name, bytes) else name})"
+    return decode_image(record["image"], self.image_size, what)
 
   def read(self, rows: np.ndarray) -> np.ndarray:
     """uint8 [len(rows), image_size, image_size, 3] for records `rows`."""

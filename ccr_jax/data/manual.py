@@ -13,7 +13,21 @@ and reads it back without TensorFlow, images lazily. What they share is here:
   supplies its files, its extra features and its examples (`_examples`);
 - opening a built dataset (`open_dataset`): build if needed, then scan each
   split's ids, captions and fields while images stay on disk
-  (`images.JpegRecords`).
+  (`images.JpegRecords`);
+- keying a build on its sources (`source_key`): a built dataset records the
+  size, mtime and SHA-256 of the annotation files it was built from
+  (`SOURCES_FILE`, beside TFDS's dataset_info.json). Given a manual dir that
+  holds those files, `open_dataset` reuses the dataset only if they still
+  hold the same bytes, and otherwise deletes and rebuilds it, so a fixed
+  annotation file takes effect. A dataset without the record (built by older
+  code, or by a run killed before writing it) is rebuilt the same way.
+  Without a manual dir (or with its annotation files gone) a built dataset
+  is reused as it is. Image files are not part of the key (hashing 123k of
+  them would cost as much as the build): after replacing an image, delete
+  the dataset by hand. A build that fails leaves nothing behind: TFDS writes
+  into a temporary folder and renames it only once every split is written,
+  and a split the annotations leave empty fails the build before any image
+  is encoded.
 
 Usage (in a source):
   class CcrFoo(manual.ManualDirBuilder):
@@ -28,7 +42,9 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -50,6 +66,8 @@ CAPTIONS_PER_IMAGE = 5
 DEFAULT_STORED_IMAGE_SIZE = 256
 # Records read per call when scanning a split's captions and labels.
 _SCAN_CHUNK = 512
+# In a built dataset's folder: the `source_key` of the files it was built from.
+SOURCES_FILE = "ccr_sources.json"
 
 # The `data` keys every manual-dir source reads (registered by each; declared
 # once here).
@@ -132,6 +150,45 @@ def read_karpathy(path: str) -> list[dict[str, Any]]:
         sentences=[s["raw"] for s in image.get("sentences", [])],
         cocoid=image.get("cocoid")))
   return out
+
+
+def source_key(manual_dir: str,
+               paths: Sequence[str]) -> dict[str, dict[str, Any]]:
+  """What a build is keyed on: the size, mtime and SHA-256 of each file.
+
+  Args:
+    manual_dir: the manual dir.
+    paths: the annotation files, relative to manual_dir.
+
+  Returns:
+    relative path -> {"size": bytes, "mtime_ns": int, "sha256": hex}.
+  """
+  key = {}
+  for path in paths:
+    full = os.path.join(manual_dir, path)
+    stat = os.stat(full)
+    key[path] = dict(size=stat.st_size, mtime_ns=stat.st_mtime_ns,
+                     sha256=files.sha256(full))
+  return key
+
+
+def same_sources(key: Mapping[str, Mapping[str, Any]],
+                 manual_dir: str) -> bool:
+  """Whether the files of `key` (a `source_key`) still hold the same bytes.
+
+  The SHA-256 is read only for a file of the same size but another mtime (a
+  copy of the manual dir, or the same files on another host), so an
+  untouched manual dir costs a stat per file.
+  """
+  for path, recorded in key.items():
+    full = os.path.join(manual_dir, path)
+    stat = os.stat(full)
+    if stat.st_size != recorded["size"]:
+      return False
+    if (stat.st_mtime_ns != recorded["mtime_ns"]
+        and files.sha256(full) != recorded["sha256"]):
+      return False
+  return True
 
 
 def as_str(value: Any) -> str:
@@ -217,6 +274,11 @@ class ManualDirBuilder(tfds.core.GeneratorBasedBuilder):
     """`check_manual_dir` for this source's layout."""
     check_manual_dir(manual_dir, cls.REQUIRED_FILES, cls.DATASET)
 
+  @classmethod
+  def source_files(cls) -> list[str]:
+    """The annotation files a build is keyed on: REQUIRED_FILES but folders."""
+    return [path for path in cls.REQUIRED_FILES if not path.endswith("/")]
+
   @abc.abstractmethod
   def _features(self) -> dict[str, Any]:
     """The features beside id, image and captions: name -> TFDS feature."""
@@ -244,6 +306,12 @@ class ManualDirBuilder(tfds.core.GeneratorBasedBuilder):
     manual_dir = os.fspath(dl_manager.manual_dir)
     self.check_files(manual_dir)
     by_split = self._examples(manual_dir)
+    # Before any image is encoded: `open_dataset` needs every split.
+    missing = [split for split in self.SPLITS if not by_split.get(split)]
+    if missing:
+      path = os.path.join(manual_dir, self.source_files()[0])
+      raise ValueError(f"{self.DATASET} has no {missing} images ({path}): "
+                       f"{self.SPLITS_FROM}; fix the files and run again.")
     check_images_exist(
         [e.image_path for examples in by_split.values() for e in examples],
         self.DATASET, self.IMAGES_FROM)
@@ -349,7 +417,9 @@ def open_dataset(cls: type, data_config: Any, data_dir: str,
 
   The manual dir is checked (and read) only when the dataset still has to be
   built, so a missing or incomplete one fails before TFDS starts writing,
-  and an already built dataset needs none.
+  and an already built dataset needs none. A built dataset whose annotation
+  files have changed since (or are unknown: see the module docstring) is
+  deleted and rebuilt.
 
   Args:
     cls: a ManualDirBuilder subclass.
@@ -370,17 +440,44 @@ def open_dataset(cls: type, data_config: Any, data_dir: str,
   config = stored_images_config(registry.option(
       data_config, "stored_image_size", DEFAULT_STORED_IMAGE_SIZE))
   builder = make_builder(cls, data_dir, config)
+  manual_dir = registry.option(data_config, "manual_dir", "")
+  if builder.is_prepared() and _built_from_other_files(cls, builder.data_dir,
+                                                       manual_dir):
+    logging.warning("%s: rebuilding %s, built from other files than those "
+                    "in %s.", cls.DATASET, builder.data_dir, manual_dir)
+    shutil.rmtree(builder.data_dir)
+    builder = make_builder(cls, data_dir, config)
   if not builder.is_prepared():
-    manual_dir = registry.option(data_config, "manual_dir", "")
     cls.check_files(manual_dir)
+    # Keyed before reading: a file edited during the build rebuilds next time.
+    key = source_key(manual_dir, cls.source_files())
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=manual_dir, try_download_gcs=False))
+    # After TFDS's rename: a run killed in between leaves a dataset without
+    # a key, which is rebuilt like one of older code.
+    files.write_json(os.path.join(builder.data_dir, SOURCES_FILE), key)
   sources = builder.as_data_source(
       decoders={"image": tfds.decode.SkipDecoding()})
   missing = [split for split in cls.SPLITS if split not in sources]
-  if missing:
-    raise ValueError(f"The {cls.DATASET} dataset in {data_dir} has no "
-                     f"{missing} split(s): {cls.SPLITS_FROM}.")
+  if missing:  # Only a dataset built by older code, which did not check.
+    raise ValueError(
+        f"The built {cls.DATASET} dataset has no {missing} split(s) "
+        f"({builder.data_dir}): {cls.SPLITS_FROM}; fix the files and run "
+        "again with data.manual_dir set, which rebuilds it.")
   scanned = {split: scan_split(source, data_config.image_size, threads, fields)
              for split, source in sources.items()}
   return f"{builder.name}/{config.name}", scanned
+
+
+def _built_from_other_files(cls: type, dataset_dir: str,
+                            manual_dir: str) -> bool:
+  """Whether a built dataset must be rebuilt from manual_dir's files."""
+  paths = cls.source_files()
+  if not manual_dir or not all(
+      os.path.isfile(os.path.join(manual_dir, p)) for p in paths):
+    return False  # Nothing to compare with: the built dataset is all there is.
+  try:
+    key = files.read_json(os.path.join(dataset_dir, SOURCES_FILE))
+  except (OSError, ValueError):
+    return True  # Built by older code, or killed before writing its key.
+  return set(key) != set(paths) or not same_sources(key, manual_dir)

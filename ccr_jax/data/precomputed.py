@@ -13,6 +13,9 @@ train / dev / test, and COCO's 5K test set testall). VSE++ and SCAN archives:
 https://www.cs.toronto.edu/~faghri/vsepp/data.tar and
 https://scanproject.blob.core.windows.net/scan-data/data.zip.
 
+Every split needs images: an empty or unreadable file is an error naming
+it, not an empty task later.
+
 Images repeated 5 times (`len(ims) == len(caps)`) are read through a strided
 view of every 5th row, after checking that the first and last image's 5 rows
 are equal; `len(caps) == 5 * len(ims)` is the plain layout; any other count
@@ -29,7 +32,10 @@ Categories, for splitting into tasks, come from one of:
   the ids (which must then be COCO image ids), giving COCO's 80 categories,
   their areas and the supercategory names;
 - neither: every image has the one category "all" (a single task).
-Without an ids file, ids are `split_index * 10**9 + row`.
+Without an ids file, ids are `split_index * 10**9 + row`; with
+`instances_files` every split needs its ids file (row numbers would match
+unrelated COCO ids), and with either source a split none of whose images
+gets a category is an error naming its ids file.
 """
 
 from __future__ import annotations
@@ -112,12 +118,26 @@ def read_split(features_dir: str, prefix: str, split_index: int,
     ids: int64 [N].
 
   Raises:
-    ValueError: the counts of features, captions and ids do not fit either
-      layout, or a repeated image's 5 rows differ.
+    ValueError: a file is empty or unreadable, the counts of features,
+      captions and ids do not fit either layout, or a repeated image's 5 rows
+      differ.
   """
   files = split_files(features_dir, prefix)
-  features = np.load(files["ims"], mmap_mode="r" if mmap else None)
+  try:
+    features = np.load(files["ims"], mmap_mode="r" if mmap else None)
+  except (EOFError, ValueError) as e:  # Empty, cut short or not a .npy file.
+    reason = " ".join(str(e).split())
+    raise ValueError(f"Unreadable features file ({files['ims']}): {reason}; "
+                     "extract it again from the features archive.") from e
   lines = _read_lines(files["caps"])
+  # An empty split would only fail later, as an empty task or a count error.
+  for kind, what, count in (("caps", "captions", len(lines)),
+                            ("ims", "image features", len(features))):
+    if not count:
+      raise ValueError(
+          f"Empty precomputed split, no {what} ({files[kind]}): extract the "
+          "features archive again, or point data.split_prefixes at a split "
+          "that has images.")
   per_image = manual.CAPTIONS_PER_IMAGE
   if len(lines) % per_image:
     raise ValueError(f"{files['caps']} has {len(lines)} captions, not a "
@@ -183,6 +203,17 @@ def read_categories_file(path: str, ids: np.ndarray
   return names, out
 
 
+def _no_category_error(split: str, ids_file: str, source: str) -> ValueError:
+  """Why no image of a split has a category: its ids are not `source`'s."""
+  if os.path.isfile(ids_file):
+    fix = f"its ids must be the image ids {source} uses"
+  else:
+    fix = ("that file is missing, so the images are numbered by row; add it, "
+           f"one image id per line (per image or per caption), with the ids "
+           f"{source} uses")
+  return ValueError(f"No {split} image id is in {source} ({ids_file}): {fix}.")
+
+
 def load(data_config: Any, data_dir: str = "") -> tasks.Dataset:
   """Opens the precomputed features of data_config.features_dir.
 
@@ -208,6 +239,14 @@ def load(data_config: Any, data_dir: str = "") -> tasks.Dataset:
                 if instances_files else None)
   splits, names, aliases = {}, ("all",), {}
   for index, split in enumerate(tasks.SPLIT_NAMES):
+    ids_file = split_files(features_dir, prefixes[split])["ids"]
+    # Row-number ids would silently match unrelated COCO ids (train's 0..N-1).
+    if instances_files and not os.path.isfile(ids_file):
+      raise ValueError(
+          f"No ids file for the {split} split ({ids_file}): "
+          "data.instances_files are matched to images through their COCO "
+          "ids; add that file (one COCO image id per line, per image or per "
+          "caption) or drop data.instances_files.")
     images, captions, ids = read_split(
         features_dir, prefixes[split], index,
         registry.option(data_config, "mmap", True))
@@ -219,6 +258,9 @@ def load(data_config: Any, data_dir: str = "") -> tasks.Dataset:
       empty = np.zeros(len(names), np.float32)
       areas = np.stack([coco_areas.get(int(i), empty) for i in ids]) if len(
           ids) else np.zeros((0, len(names)), np.float32)
+    if areas is not None and not areas.any():
+      raise _no_category_error(split, ids_file, categories_file or "the COCO "
+                               "instances of data.instances_files")
     categories = (np.zeros(len(ids), np.int32) if areas is None
                   else tasks.dominant_categories(areas))
     splits[split] = tasks.Split(images=images, captions=captions,
