@@ -45,6 +45,9 @@ DIRECTIONS = {"i2t": ("images", "texts"), "t2i": ("texts", "images")}
 DEFAULTS = {
     "budgets": (0.0, 0.1, 0.25, 0.5, 0.75, 1.0),
     "policies": ("random", "drift"),
+    # Random orders per (old task, budget): the curve is their mean and the
+    # spread over draws shows how much one draw can mislead.
+    "draws": 5,
     "uniformity_t": 2.0,
     # Uniformity averages over all pairs: a fixed subset bounds its cost
     # ([n, n] scores) at COCO-5K's 25k captions.
@@ -57,6 +60,8 @@ def config_keys() -> dict[str, schema.Key]:
   """The `analysis` config section (--mode=evaluate), `DEFAULTS` with their meaning."""
   docs = {"budgets": "fractions of each old gallery re-embedded by the newest snapshot",
           "policies": f"how the re-embedded items are chosen: {', '.join(POLICIES)}",
+          "draws": "random orders per old task and budget (policy 'random'); "
+                   "curves are their mean, with the std over draws",
           "uniformity_t": "the temperature t of the uniformity loss (Wang & Isola)",
           "uniformity_items": "items per task the uniformity averages over (a fixed "
                               "seeded subset bounds its [n, n] cost)"}
@@ -78,6 +83,8 @@ def settings(config) -> dict:
   if not budgets or any(not 0.0 <= b <= 1.0 for b in budgets):
     raise ValueError(f"config.analysis.budgets={out['budgets']}: give fractions in "
                      "[0, 1], e.g. (0, 0.5, 1).")
+  if not isinstance(out["draws"], int) or out["draws"] < 1:
+    raise ValueError(f"config.analysis.draws={out['draws']}: give an integer >= 1.")
   bad = [p for p in out["policies"] if p not in POLICIES]
   if bad:
     raise ValueError(f"config.analysis.policies has {bad}; valid: {list(POLICIES)}.")
@@ -313,32 +320,47 @@ def _drift(queries, num: int, opts: dict, seed: int) -> dict:
 
 def _partial_reindex(queries, galleries, num: int, ks, cpi: int, opts: dict,
                      seed: int) -> dict:
-  """Recall of old task galleries partly re-embedded by the last snapshot."""
-  out: dict = {"query_snapshot": num, "budgets": opts["budgets"], "curves": {}}
+  """Recall of old task galleries partly re-embedded by the last snapshot.
+
+  Per policy and direction: curves[str(j)][metric] [budgets] for old task j
+  (the mean over `opts["draws"]` random orders; the drift order is one),
+  "mean" over old tasks and, with several draws, "std": the sample std over
+  draws of the old-task mean. Draw 0 uses the order of a single-draw run.
+  """
+  out: dict = {"query_snapshot": num, "budgets": opts["budgets"], "curves": {},
+               "draws": {p: (opts["draws"] if p == "random" else 1)
+                         for p in opts["policies"]}}
   r_names = [f"exact_r{k}" for k in ks]
+  budgets = opts["budgets"]
   for policy in opts["policies"]:
+    draws = out["draws"][policy]
     for direction, (qm, gm) in DIRECTIONS.items():
-      curves = {}
+      # [draw, old task, budget] per metric.
+      values = {name: np.zeros((draws, max(num - 1, 0), len(budgets)))
+                for name in r_names}
       for j in range(1, num):
         old, ids = galleries[(j, j, gm)]
         new, new_ids = galleries[(j, num, gm)]
         if not np.array_equal(ids, new_ids):
           raise ValueError(f"task {j}'s {gm} galleries of snapshots {j} and {num} "
                            "hold different items; rebuild the indices.")
-        order = reindex_order(old, new, policy, seed=seed + j)
         query = queries[(j, num)][qm]
         owner = evaluation.owner_of(gm, ids, cpi)
-        points = {name: [] for name in r_names}
-        for b in opts["budgets"]:
-          m, _ = evaluation.exact_metrics(query["emb"], mixed_gallery(old, new, order, b),
-                               query["owners"], owner, ks)
-          for name in r_names:
-            points[name].append(m[name])
-        curves[str(j)] = points
+        for d in range(draws):
+          order = reindex_order(old, new, policy, seed=seed + j + 1000 * d)
+          for b, budget in enumerate(budgets):
+            m, _ = evaluation.exact_metrics(
+                query["emb"], mixed_gallery(old, new, order, budget),
+                query["owners"], owner, ks)
+            for name in r_names:
+              values[name][d, j - 1, b] = m[name]
+      curves = {str(j): {name: values[name][:, j - 1].mean(axis=0).tolist()
+                         for name in r_names} for j in range(1, num)}
       if curves:
-        curves["mean"] = {name: [float(np.mean([curves[str(j)][name][i]
-                                                for j in range(1, num)]))
-                                 for i in range(len(opts["budgets"]))]
+        curves["mean"] = {name: values[name].mean(axis=(0, 1)).tolist()
                           for name in r_names}
+        if draws > 1:
+          curves["std"] = {name: values[name].mean(axis=1).std(axis=0, ddof=1).tolist()
+                           for name in r_names}
       out["curves"].setdefault(policy, {})[direction] = curves
   return out

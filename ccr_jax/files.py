@@ -4,6 +4,7 @@ The bottom of the import graph: it imports nothing of ccr_jax, so data
 sources, indices, checkpoints and the run stages can all use it.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -14,22 +15,36 @@ from typing import Any
 def write_atomic(path: str, data: bytes | str) -> None:
   """Writes `data` to `path` through a temporary file and a rename.
 
-  A reader (or a run killed mid-write) never sees half a file.
+  A reader (or a run killed mid-write) never sees half a file. The file gets
+  the permissions `open` would give it (0666 less the umask, usually 0644):
+  mkstemp's private 0600 would hide results from the rest of a team.
   """
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   mode = "wb" if isinstance(data, bytes) else "w"
   fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                              prefix="." + os.path.basename(path) + ".")
   try:
+    os.fchmod(fd, 0o666 & ~_umask())
     with os.fdopen(fd, mode) as f:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
     os.replace(tmp, path)
+  except OSError as e:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise disk_error(e, path) from e
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def _umask() -> int:
+  # The only way to read the umask is to set it; set it straight back.
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
 
 
 def write_json(path: str, obj: Any) -> None:
@@ -50,6 +65,31 @@ def read_json(path: str) -> Any:
     except json.JSONDecodeError as e:
       raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, "
                        f"column {e.colno}): fix or replace that file.") from e
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path} is not UTF-8 text, so not JSON ({e.reason} at "
+                       f"byte {e.start}): it may still be compressed (.zip, "
+                       ".gz); extract or replace that file.") from e
+
+
+class DiskFullError(OSError):
+  """No space left on the device while writing `path`: a one-line message."""
+
+  def __str__(self) -> str:
+    return self.strerror
+
+
+def disk_error(error: OSError, path: str) -> OSError:
+  """`error`, or a DiskFullError naming `path` when the device was full.
+
+  numpy and ScaNN report a short write as "N requested and M written" without
+  an errno; both mean the same to a user: free space and rerun.
+  """
+  if error.errno == errno.ENOSPC or "requested and" in str(error):
+    return DiskFullError(
+        errno.ENOSPC, f"no space left on the device while writing {path}: free "
+        "space there and rerun the same command (the run resumes from what is "
+        "complete on disk)")
+  return error
 
 
 def sha256(path: str) -> str:

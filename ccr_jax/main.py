@@ -2,10 +2,14 @@ r"""Entry point: train and evaluate a continual retrieval experiment, or re-eval
 
   python -m ccr_jax.main --config=configs/default.py --workdir=/tmp/ccr_default
   python -m ccr_jax.main --mode=evaluate --workdir=/tmp/ccr_default
-  python -m ccr_jax.main --mode=report --workdir=/tmp/ccr_default[,/tmp/other...]
+  python -m ccr_jax.main --mode=report --workdir=/tmp/ccr_default [--workdir=/tmp/other ...]
+  python -m ccr_jax.main --mode=config --config=configs/default.py [--config.a.b=v]
 
 Override any config value with --config.<section>.<field>=<value>, e.g.
---config.strategy.name=<a strategy in docs/strategies.md>. Rerunning a training command resumes it.
+--config.strategy.name=<a strategy in docs/strategies.md>; --mode=config
+prints every key with its value, meaning and default. Rerunning a training
+command resumes it; Ctrl-C (or SIGTERM) saves the state at the next step and
+exits 130 (143). Orbax and TFDS log only warnings unless --verbosity=1.
 
 Multi-process runs start this same command in every process (launch/ has
 launchers for local CPU processes, TPU VM pods and SLURM); under SLURM, Open
@@ -14,37 +18,49 @@ pass --coordinator_address=<host:port of process 0> --num_processes=N
 --process_id=i (or --distributed=on where JAX detects the rest, e.g. a TPU VM pod).
 """
 
+import logging as logging_std
 import os
+import signal
 import sys
+from collections.abc import Callable
 
 from absl import app
 from absl import flags
+import tensorflow_datasets as tfds
 from absl import logging
 from ml_collections import config_flags
 
 from ccr_jax import checkpoints
+from ccr_jax import files
 from ccr_jax import indexing
 from ccr_jax import reporting
 from ccr_jax import schema
 from ccr_jax import sharding
+from ccr_jax import train as train_lib
 from ccr_jax.run import config as config_lib
 from ccr_jax.run import evaluate as evaluate_lib
 from ccr_jax.run import loop
+from ccr_jax.run import results as results_lib
+from ccr_jax.run import workdir as workdir_lib
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to an ml_collections config file.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for snapshots, indices and results "
-                    "(--mode=report: one or more, comma-separated).")
+config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file; override keys with "
+    "--config.<section>.<key>=<value>. Every key, its meaning and default: "
+    "--mode=config, or the schema in ccr_jax/run/config.py and the registries "
+    "it names (docs/ lists them per topic).", lock_config=True)
+flags.DEFINE_multi_string("workdir", None, "Directory for snapshots, indices and "
+                          "results (--mode=report: repeat the flag for several).")
 flags.DEFINE_string("report_dir", None, "--mode=report: where report.md and its "
                     "plots go (default: <workdir>/results for one workdir; "
                     "required for several).")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate", "report"],
+flags.DEFINE_enum("mode", "train", ["train", "evaluate", "report", "config"],
                   "train: run or resume the experiment; evaluate: recompute results "
                   "from the workdir's snapshots and indices, plus the forgetting "
                   "analysis (compatibility, towers, drift, partial reindexing); "
                   "report: write report.md with every table and plot of one or "
-                  "more workdirs.")
+                  "more workdirs; config: print the resolved config with each "
+                  "key's meaning and default, and exit.")
 flags.DEFINE_enum("distributed", "auto", list(sharding.DISTRIBUTED_MODES),
                   "Multi-process start-up (jax.distributed.initialize): auto = when "
                   "any of the three flags below is set or SLURM / Open MPI / a GKE "
@@ -55,54 +71,136 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0's "
 flags.DEFINE_integer("num_processes", None, "Number of processes of the run.")
 flags.DEFINE_integer("process_id", None, "This process's index in "
                      "[0, num_processes).")
-flags.mark_flags_as_required(["workdir"])
 
 # Mistakes a user can fix from the message alone: reported without a traceback.
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FloatingPointError,
-                   checkpoints.CheckpointError, indexing.IndexMismatchError)
+                   checkpoints.CheckpointError, indexing.IndexMismatchError,
+                   workdir_lib.WorkdirBusyError, files.DiskFullError)
+# Libraries whose INFO lines (Orbax: ~55 per checkpoint) bury ours.
+QUIET_PACKAGES = ("orbax", "tensorflow_datasets", "etils", "jax")
+# Their warnings that are advice, not a problem of the run.
+QUIET_WARNINGS = ("OpenCV is not installed", "Using custom data configuration")
+# Shell convention for a process ended by a signal: 128 + its number.
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class _QuietLibraries(logging_std.Filter):
+  """Drops INFO and below from QUIET_PACKAGES; their warnings still show, but
+  for TFDS's advice (QUIET_WARNINGS)."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    path = record.pathname.replace(os.sep, "/")
+    if not any(f"/{p}/" in path for p in QUIET_PACKAGES):
+      return True
+    return (record.levelno >= logging_std.WARNING
+            and not any(s in record.getMessage() for s in QUIET_WARNINGS))
+
+
+class _ShortFormat(logging_std.Formatter):
+  """`21:10:32 task 1  step 2/4 ...`: time and message; the level only when it
+  is not INFO (absl's default prefix, thread id and source line, returns with
+  --verbosity=1)."""
+
+  def format(self, record: logging_std.LogRecord) -> str:
+    level = "" if record.levelno == logging_std.INFO else f"{record.levelname.lower()}: "
+    return f"{self.formatTime(record, '%H:%M:%S')} {level}{record.getMessage()}"
+
+
+def _stop_on_signals() -> Callable[[], int | None]:
+  """Installs SIGINT/SIGTERM handlers; returns what was received (or None).
+
+  The first signal only sets the flag that training polls between steps (the
+  state is saved there); a second one interrupts at once.
+  """
+  received: list[int] = []
+
+  def handler(signum, frame):
+    del frame
+    if received:
+      raise KeyboardInterrupt
+    received.append(signum)
+    print(f"\n{signal.Signals(signum).name}: stopping at the next step boundary "
+          "after saving the state (send it again to stop at once)", file=sys.stderr)
+
+  for signum in EXIT_CODES:
+    signal.signal(signum, handler)
+  return lambda: received[0] if received else None
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.INFO)
+  if FLAGS.verbosity <= 0:
+    handler = logging.get_absl_handler()
+    handler.addFilter(_QuietLibraries())
+    handler.setFormatter(_ShortFormat())
+    tfds.disable_progress_bar()  # Its per-split bars, a screenful per build.
+  if FLAGS.mode == "config":
+    _require_config()
+    print(config_lib.describe_config(FLAGS.config))
+    return
+  workdirs = FLAGS.workdir or []
+  if not workdirs:
+    _fail("--workdir is required.")
+  if FLAGS.mode != "report" and len(workdirs) > 1:
+    _fail(f"--mode={FLAGS.mode} takes one --workdir, not {len(workdirs)}.")
+  workdir = workdirs[0]
+  received = _stop_on_signals()
   # Before anything touches a device: JAX must know every process first.
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
                                   FLAGS.num_processes, FLAGS.process_id)
   try:
     if FLAGS.mode == "report":
       if sharding.is_lead_process():  # Reading and plotting needs no devices.
-        print(f"wrote {_report(FLAGS.workdir, FLAGS.report_dir)}")
+        print(f"wrote {_report(workdirs, FLAGS.report_dir)}")
       return
     if FLAGS.mode == "train":
-      if FLAGS.config is None:
-        raise ValueError("--config is required with --mode=train "
-                         "(e.g. --config=configs/default.py).")
-      results = loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-      name = "results"
+      _require_config()
+      results = loop.train_and_evaluate(FLAGS.config, workdir,
+                                        should_stop=lambda: received() is not None,
+                                        argv=sys.argv)
     else:
       # With --config, only its `analysis` section is used (budgets, policies):
       # everything else comes from the workdir's own config.json.
-      results = evaluate_lib.evaluate_workdir(
-          FLAGS.workdir, FLAGS.config.get("analysis") if FLAGS.config else None)
-      name = "evaluate"
+      with workdir_lib.locked(workdir):  # It writes results/evaluate.*.
+        results = evaluate_lib.evaluate_workdir(
+            workdir, FLAGS.config.get("analysis") if FLAGS.config else None)
+  except train_lib.Interrupted as e:
+    signum = received() or signal.SIGINT
+    where = (f"state saved at task {e.task} step {e.step} in {workdir}/state"
+             if e.saved else "nothing to save since the last checkpoint")
+    print(f"interrupted by {signal.Signals(signum).name}: {where}; rerun the same "
+          "command to resume.", file=sys.stderr)
+    sys.exit(EXIT_CODES[signum])
+  except KeyboardInterrupt:
+    signum = received() or signal.SIGINT
+    print(f"interrupted by {signal.Signals(signum).name}: rerun the same command "
+          "to resume from the last checkpoint.", file=sys.stderr)
+    sys.exit(EXIT_CODES[signum])
   except EXPECTED_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  if not sharding.is_lead_process():
-    return  # Process 0 prints the summary.
-  out = os.path.join(FLAGS.workdir, "results", f"{name}.md")
-  print(f"wrote {out}")
-  for regime, scopes in results["summary"].items():
-    s = scopes["task_aware"]
-    print(f"{regime:8s} task-aware final average R@1: i2t "
-          f"{s['i2t_r1']['final_average']:.1f}  t2i {s['t2i_r1']['final_average']:.1f}")
+    _fail(str(e))
+  except OSError as e:
+    disk = files.disk_error(e, e.filename or workdir)
+    if not isinstance(disk, files.DiskFullError):
+      raise
+    _fail(str(disk))
+  if sharding.is_lead_process():  # Process 0 prints the summary.
+    print(results_lib.console_summary(results, workdir, FLAGS.mode))
 
 
-def _report(workdir_flag: str, report_dir: str | None) -> str:
-  workdirs = [w for w in workdir_flag.split(",") if w]
-  if not workdirs:
-    raise ValueError("--workdir names no workdir.")
+def _require_config() -> None:
+  if FLAGS.config is None:
+    _fail(f"--config is required with --mode={FLAGS.mode} "
+          "(e.g. --config=configs/default.py).")
+
+
+def _fail(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _report(workdirs: list[str], report_dir: str | None) -> str:
   if report_dir is None:
     if len(workdirs) > 1:
       raise ValueError("--mode=report with several workdirs needs --report_dir "

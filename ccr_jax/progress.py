@@ -4,10 +4,13 @@ Two outputs, both written by process 0 only:
 
 - A tqdm bar per task on stdout (step, loss of the last log window, pairs/s,
   ETA). Drawn only on a terminal and outside CI, so logs captured to a file or
-  a CI transcript hold the absl log lines alone.
+  a CI transcript hold the absl log lines alone (`log_line` builds them).
 - Scalars appended to `<workdir>/logs/scalars.jsonl` (the reference, read back
   with `read_scalars`) and mirrored as TensorBoard event files under
-  `<workdir>/logs/tensorboard/` (tensorboardX, no TensorFlow needed).
+  `<workdir>/logs/tensorboard/` (tensorboardX, no TensorFlow needed), with
+  the config as hyperparameters and text (`ScalarWriter.write_config`) and
+  the final continual summary as the hyperparameters' metrics
+  (`ScalarWriter.write_summary`).
 
 Resuming: a killed run may leave a truncated last JSONL line, and a resumed
 run writes again the steps after its last checkpoint. The writer cuts a
@@ -21,11 +24,12 @@ shows such a step twice; `read_scalars` stays the reference.
 
 import contextlib
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from typing import IO
+from typing import IO, Any
 
 import jax
 import tqdm
@@ -64,6 +68,11 @@ def task_progress(task: int, first_step: int, num_steps: int, *,
                   force: bool | None = None, stream: IO | None = None) -> tqdm.tqdm:
   """A bar over steps `first_step .. num_steps` of task `task` (1-based).
 
+  It reads `task 2 step 150/300, loss 3.412, 2,310 pairs/s |###   | 50%
+  00:12<00:41`: the numbers first and the bar in the middle, so on a narrow
+  terminal the bar shrinks first and tqdm's cut at the terminal width
+  (dynamic_ncols) takes the elapsed/ETA field, never the loss or pairs/s.
+
   Args:
     force: see `progress_enabled`; a bar that is off is a disabled tqdm whose
       methods do nothing, so the training loop calls it unconditionally.
@@ -77,14 +86,66 @@ def task_progress(task: int, first_step: int, num_steps: int, *,
       total=num_steps, initial=first_step, desc=f"task {task}", file=stream,
       disable=not progress_enabled(stream, force), leave=True, dynamic_ncols=True,
       # pairs/s comes from the log window (measured between host syncs) in the
-      # postfix; tqdm's own rate counts dispatches, which run ahead of the device.
-      bar_format="{desc}: {percentage:3.0f}%|{bar}| step {n_fmt}/{total_fmt} "
-                 "[{elapsed}<{remaining}{postfix}]")
+      # postfix; tqdm's own rate counts dispatches, which run ahead of the
+      # device, so it is left out. tqdm puts ", " before a non-empty postfix.
+      bar_format="{desc} step {n_fmt}/{total_fmt}{postfix} |{bar}| "
+                 "{percentage:3.0f}% {elapsed}<{remaining}")
 
 
 def show_window(bar: tqdm.tqdm, loss: float, pairs_per_s: float) -> None:
   """Puts the last log window's mean loss and throughput on the bar."""
-  bar.set_postfix_str(f"loss={loss:.4g}, {pairs_per_s:,.0f} pairs/s", refresh=False)
+  bar.set_postfix_str(f"loss {loss:.4g}, {pairs_per_s:,.0f} pairs/s", refresh=False)
+
+
+# Window means that describe the step rather than add up to the loss: the log
+# line shows them after the loss and its terms, outside the parentheses.
+DIAGNOSTICS = ("grad_norm", "score_std", "learning_rate", "mean_positive",
+               "temperature", "bias", "hardest")
+# The training loss's own parts (ccr_jax/losses.py extras): listed right after
+# "contrastive", before a strategy's terms (lwf_kl, der, compat, ...).
+LOSS_PARTS = ("contrastive", "i2t", "t2i", "positive_term", "negative_term")
+
+
+def format_duration(seconds: float | None) -> str:
+  """41 -> "0:41", 3725 -> "1:02:05"; "?" for None, negative or non-finite."""
+  if seconds is None or not math.isfinite(seconds) or seconds < 0:
+    return "?"
+  minutes, secs = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def log_line(task: int, step: int, num_steps: int, terms: Mapping[str, float],
+             pairs_per_s: float, eta_s: float | None) -> str:
+  """The training log line of one log window, e.g.
+
+  `task 2  step 150/300  loss 3.412 (contrastive 3.4, lwf_kl 0.012)
+  grad_norm 1.25  2,310 pairs/s  ETA 0:41` (on one line).
+
+  Args:
+    task: 1-based task.
+    step: steps of the task done; num_steps: the task's steps.
+    terms: the window's mean train-step metrics: "loss" is the total, the
+      names in `DIAGNOSTICS` (gradient norm, temperature, ...) follow it, every
+      other name is a loss term or part and goes in its parentheses (the
+      training loss's `LOSS_PARTS` first, then a strategy's terms by name).
+    pairs_per_s: training pairs per second over the window.
+    eta_s: seconds left in the task; None leaves the ETA out.
+  Raises:
+    KeyError: `terms` has no "loss".
+  """
+  num = lambda v: f"{float(v):.4g}"  # noqa: E731
+  parts = [f"task {task}", f"step {step}/{num_steps}"]
+  order = {k: i for i, k in enumerate(LOSS_PARTS)}
+  names = sorted((k for k in terms if k != "loss" and k not in DIAGNOSTICS),
+                 key=lambda k: (order.get(k, len(order)), k))
+  inner = ", ".join(f"{k} {num(terms[k])}" for k in names)
+  parts.append(f"loss {num(terms['loss'])}" + (f" ({inner})" if inner else ""))
+  parts += [f"{k} {num(terms[k])}" for k in DIAGNOSTICS if k in terms]
+  parts.append(f"{pairs_per_s:,.0f} pairs/s")
+  if eta_s is not None:
+    parts.append(f"ETA {format_duration(eta_s)}")
+  return "  ".join(parts)
 
 
 @contextlib.contextmanager
@@ -121,6 +182,46 @@ def flatten_scalars(scalars: Mapping, prefix: str = "") -> dict[str, float]:
     else:
       flat[name] = float(value)
   return flat
+
+
+def flatten_config(config: Mapping) -> dict[str, Any]:
+  """{"train": {"steps_per_task": 4}} -> {"train.steps_per_task": 4}.
+
+  Args:
+    config: a nested mapping (config.json) or an ml_collections ConfigDict.
+  Returns:
+    Dotted key -> leaf value (lists, None and strings as they are), keys in
+    the config's order; an empty section leaves no key.
+  """
+  if hasattr(config, "to_dict"):
+    config = config.to_dict()
+  flat = {}
+  for key, value in config.items():
+    if hasattr(value, "to_dict") or isinstance(value, Mapping):
+      flat.update({f"{key}.{k}": v for k, v in flatten_config(value).items()})
+    else:
+      flat[str(key)] = value
+  return flat
+
+
+def summary_scalars(summary: Mapping) -> dict[str, float]:
+  """results.json's "summary" as scalar names "summary/<regime>/<scope>/<metric>/<stat>".
+
+  E.g. "summary/fixed/task_aware/i2t_r1/final_average". Statistics that are
+  None (forgetting and backward transfer after one task) are left out.
+  """
+  def keep(tree):
+    return {k: keep(v) if isinstance(v, Mapping) else v
+            for k, v in tree.items() if v is not None}
+  return flatten_scalars(keep(summary), "summary")
+
+
+def _hparam_value(value: Any) -> bool | int | float | str:
+  # TensorBoard's hparams hold a bool, a number or a string: lists and None
+  # become their JSON text, as config.json writes them.
+  if isinstance(value, (bool, int, float, str)):
+    return value
+  return json.dumps(value, sort_keys=True, default=str)
 
 
 def _cut_partial_tail(path: str) -> None:
@@ -172,6 +273,7 @@ class ScalarWriter:
     """
     self._jsonl = None
     self._tensorboard = None
+    self._hparams: dict[str, Any] = {}
     if not _is_lead_process():
       return
     path = scalars_path(workdir)
@@ -230,6 +332,60 @@ class ScalarWriter:
       self._tensorboard.file_writer.add_event(event_pb2.Event(
           step=int(step), wall_time=now,
           session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+
+  def write_config(self, config: Mapping) -> None:
+    """Records the experiment's config in TensorBoard: hyperparameters and text.
+
+    The flattened config (`flatten_config`, dotted keys) becomes the run's
+    hyperparameters (the HPARAMS tab; lists and None as JSON text) and the
+    whole config, as JSON, the text "config" at step 0. The JSONL is left
+    alone: config.json holds the config. Call it once per run, before
+    `write_summary`, which lists these hyperparameters with the metrics.
+
+    Args:
+      config: a nested mapping (config.json's contents) or a ConfigDict.
+    """
+    if not self.active:
+      return
+    self._hparams = {k: _hparam_value(v) for k, v in flatten_config(config).items()}
+    if self._tensorboard is None:
+      return
+    from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
+    # Only the session start here: the experiment record names the metrics,
+    # which exist once the run ends (write_summary). A run killed before that
+    # still shows its hyperparameters; TensorBoard infers the experiment.
+    _, session_start, _ = hparams(self._hparams, {})
+    self._tensorboard.file_writer.add_summary(session_start, 0)
+    nested = config.to_dict() if hasattr(config, "to_dict") else config
+    text = json.dumps(nested, indent=2, sort_keys=True, default=str)
+    # Indented four spaces: a code block in TensorBoard's markdown text view.
+    self._tensorboard.add_text(
+        "config", "\n".join("    " + line for line in text.splitlines()), 0)
+
+  def write_summary(self, summary: Mapping, step: int) -> None:
+    """Records the final continual summary as scalars and hyperparameter metrics.
+
+    Args:
+      summary: results.json's "summary": regime -> scope -> metric -> {
+        "final_average", "average_incremental", "forgetting",
+        "backward_transfer"}; None values are skipped.
+      step: the global step the run ended at.
+
+    Each number becomes the scalar "summary/<regime>/<scope>/<metric>/<stat>"
+    (`summary_scalars`) in the JSONL and TensorBoard; after `write_config` the
+    same names are the metrics of the hyperparameters table, which compares
+    runs whose `logs/tensorboard` folders sit under one --logdir.
+    """
+    if not self.active:
+      return
+    scalars = summary_scalars(summary)
+    self.write(step, scalars)
+    if self._tensorboard is None or not self._hparams:
+      return
+    from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
+    experiment, _, session_end = hparams(self._hparams, scalars)
+    self._tensorboard.file_writer.add_summary(experiment, int(step))
+    self._tensorboard.file_writer.add_summary(session_end, int(step))
 
   def flush(self) -> None:
     """Pushes pending TensorBoard events to disk (the JSONL is always flushed)."""

@@ -55,6 +55,32 @@ def key_paths(schema: Schema, prefix: str = "") -> list[str]:
   return out
 
 
+def describe(schema: Schema, config: Mapping, prefix: str = "") -> list[str]:
+  """One line per key of `config`: `dotted.key = value  # doc`, and the
+  default where the value differs from it (the resolved config, readable).
+
+  Keys the schema does not declare (free-form sections) get no comment.
+  """
+  out = []
+  for name, value in config.items():
+    key = schema.get(name) if isinstance(schema, Mapping) else None
+    if isinstance(value, Mapping):
+      sub = key if isinstance(key, Mapping) else {}
+      out += describe(sub, value, prefix + name + ".")
+      continue
+    line = f"{prefix}{name} = {value!r}"
+    if isinstance(key, Key):
+      default = key.default
+      if isinstance(default, ml_collections.FieldReference):
+        default = default.get()
+      if isinstance(default, tuple):
+        default = list(default)
+      changed = "" if default == value else f" (default {default!r})"
+      line += f"  # {key.doc}{changed}"
+    out.append(line)
+  return out
+
+
 def nearest_key_hint(key: str, valid: list[str]) -> str:
   """' Did you mean ...?' naming the valid key nearest to a mistyped one, or ''."""
   section, _, leaf = key.rpartition(".")

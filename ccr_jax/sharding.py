@@ -218,6 +218,13 @@ def sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+  """Whether `flag` is true on any process (a collective: every process calls it)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(bool(flag)))))
+
+
 def is_lead_process() -> bool:
   """Whether this process writes the run's files (process 0)."""
   return jax.process_index() == 0

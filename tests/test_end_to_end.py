@@ -108,9 +108,9 @@ def test_report_mode_writes_every_plot_and_names_it(tiny_run, tmp_path):
     assert os.path.getsize(os.path.join(results_dir, rel)) > 1000, kind
   assert "### Continual summary" in md and "#### Partial reindexing" in md
   # Two workdirs (the same one twice): a comparison first, labels kept apart.
-  proc = _run_main("--mode=report", f"--workdir={tiny_run},{tiny_run}")
+  proc = _run_main("--mode=report", f"--workdir={tiny_run}", f"--workdir={tiny_run}")
   assert proc.returncode == 2 and "--report_dir" in proc.stderr
-  proc = _run_main("--mode=report", f"--workdir={tiny_run},{tiny_run}",
+  proc = _run_main("--mode=report", f"--workdir={tiny_run}", f"--workdir={tiny_run}",
                    f"--report_dir={tmp_path}")
   assert proc.returncode == 0, proc.stderr[-3000:]
   md = open(tmp_path / "report.md").read()
@@ -119,11 +119,16 @@ def test_report_mode_writes_every_plot_and_names_it(tiny_run, tmp_path):
 
 
 def test_rerun_of_finished_workdir_changes_nothing(tiny_run):
-  before = open(os.path.join(tiny_run, "results", "results.json")).read()
+  path = os.path.join(tiny_run, "results", "results.json")
+  before = json.load(open(path))
   proc = _run_main("--config=configs/default.py:tiny", f"--workdir={tiny_run}",
                    "--config.eval.save_embeddings=True")
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert open(os.path.join(tiny_run, "results", "results.json")).read() == before
+  after = json.load(open(path))
+  # Everything but the provenance, which describes this rerun.
+  assert after.pop("provenance")["command_line"].endswith("save_embeddings=True")
+  before.pop("provenance")
+  assert after == before
 
 
 def test_workdir_of_another_experiment_is_refused(tiny_run):

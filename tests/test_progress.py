@@ -4,6 +4,7 @@ import glob
 import io
 import json
 import os
+import re
 import struct
 
 import jax
@@ -11,7 +12,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import tqdm
 from tensorboardX.proto import event_pb2
+from tensorboardX.proto import plugin_hparams_pb2
 
 from ccr_jax import progress
 from ccr_jax import sharding
@@ -65,7 +68,8 @@ def _event_scalars(events) -> dict[str, list[tuple[int, float]]]:
   out = {}
   for e in events:
     for v in e.summary.value:
-      out.setdefault(v.tag, []).append((e.step, v.simple_value))
+      if v.WhichOneof("value") == "simple_value":  # Not hparams or text records.
+        out.setdefault(v.tag, []).append((e.step, v.simple_value))
   return out
 
 
@@ -88,13 +92,50 @@ def _run(step_fn, tmp_path, *, first_step=0, num_steps=5, log_every=2, task=1,
 # ---------------------------------------------------------------- progress bar
 
 
+def test_bar_keeps_loss_and_rate_within_a_narrow_terminal():
+  bar = progress.task_progress(2, 150, 300, force=True, stream=_Terminal())
+  progress.show_window(bar, 3.41234, 2310.4)
+  wide = tqdm.tqdm.format_meter(**{**bar.format_dict, "ncols": 200})
+  assert wide.startswith("task 2 step 150/300, loss 3.412, 2,310 pairs/s |")
+  # Percentage, then elapsed<remaining ("?": no step timed yet).
+  assert re.search(r"\|  50% \d\d:\d\d<\?$", wide), wide
+  for width in (50, 80):
+    line = tqdm.tqdm.format_meter(**{**bar.format_dict, "ncols": width})
+    # tqdm cuts the line at the terminal width: what it cuts is the tail
+    # (bar, ETA), never the loss or the rate, which come first.
+    assert len(line) <= width
+    assert "loss 3.412, 2,310 pairs/s" in line
+  bar.close()
+
+
+def test_log_line_names_loss_terms_diagnostics_rate_and_eta():
+  terms = {"lwf_kl": 0.01234, "loss": 3.41234, "t2i": 1.7, "grad_norm": 1.25,
+           "contrastive": 3.4, "i2t": 1.70004, "temperature": 0.07}
+  line = progress.log_line(2, 150, 300, terms, 2310.4, 41.4)
+  assert line == ("task 2  step 150/300  loss 3.412 (contrastive 3.4, i2t 1.7, "
+                  "t2i 1.7, lwf_kl 0.01234)  grad_norm 1.25  temperature 0.07  "
+                  "2,310 pairs/s  ETA 0:41")
+  # A loss alone: no parentheses; no ETA when it is unknown.
+  assert progress.log_line(1, 2, 4, {"loss": 94.349}, 594.6, None) == (
+      "task 1  step 2/4  loss 94.35  595 pairs/s")
+
+
+def test_format_duration():
+  assert progress.format_duration(0) == "0:00"
+  assert progress.format_duration(41.4) == "0:41"
+  assert progress.format_duration(59.6) == "1:00"  # Rounded, then carried.
+  assert progress.format_duration(3725) == "1:02:05"
+  for unknown in (None, -1.0, float("inf"), float("nan")):
+    assert progress.format_duration(unknown) == "?"
+
+
 def test_progress_off_when_stdout_is_not_a_terminal(monkeypatch, capsys, tmp_path):
   monkeypatch.delenv("CI", raising=False)
   assert not progress.progress_enabled(io.StringIO())
   _run(_counting_step, tmp_path)
   # Not a terminal under capsys: the bar wrote nothing to either stream.
   out, err = capsys.readouterr()
-  assert "task 1:" not in out + err
+  assert "task 1 step" not in out + err
   assert "pairs/s" not in out + err
 
 
@@ -105,10 +146,9 @@ def test_progress_on_for_a_terminal_shows_step_loss_rate_and_eta(monkeypatch, tm
   assert progress.progress_enabled()
   _run(_counting_step, tmp_path)
   shown = terminal.getvalue()
-  assert "task 1:" in shown
-  assert "step 5/5" in shown
+  assert "task 1 step 5/5" in shown
   # Last window is step 4 alone: loss = 10 * 4 + 1.
-  assert "loss=41" in shown
+  assert "loss 41," in shown
   assert "pairs/s" in shown
   assert "<00:00" in shown  # The ETA field ("remaining") at the end.
 
@@ -132,6 +172,8 @@ def test_only_process_zero_shows_and_writes(monkeypatch, tmp_path):
     assert not writer.active
     writer.write(1, {"a": 1.0})
     writer.resume_at(1)
+    writer.write_config({"train": {"steps_per_task": 4}})
+    writer.write_summary(_SUMMARY, 8)
   assert not os.path.exists(os.path.join(tmp_path, "logs"))
 
 
@@ -250,6 +292,91 @@ def test_nested_scalars_are_flattened_to_slash_names(tmp_path):
   got = progress.read_scalars(progress.scalars_path(str(tmp_path)))
   assert got == {"recall/fixed/i2t/1/r1": [(8, 12.5)]}
   assert not os.path.exists(progress.tensorboard_dir(str(tmp_path)))
+
+
+_SUMMARY = {"fixed": {"task_aware": {
+    "i2t_r1": {"final_average": 12.5, "average_incremental": 20.0,
+               "forgetting": 7.5, "backward_transfer": None},
+    "t2i_r1": {"final_average": 10.0, "average_incremental": 15.0,
+               "forgetting": 2.5, "backward_transfer": -2.5}}}}
+
+
+def test_config_and_summary_become_hparams_text_and_scalars(tmp_path):
+  config = {"seed": 3, "train": {"steps_per_task": 4, "log_every": 2},
+            "strategy": {"name": "lwf", "freeze": {"patterns": ["img/.*"]}},
+            "eval": {"split": "test", "save_embeddings": False, "ks": [1, 5]},
+            "data": {"categories": None}}
+  workdir = str(tmp_path)
+  with progress.ScalarWriter(workdir) as writer:
+    writer.write_config(config)
+    writer.write_summary(_SUMMARY, 8)
+
+  want = {"summary/fixed/task_aware/i2t_r1/final_average": 12.5,
+          "summary/fixed/task_aware/i2t_r1/average_incremental": 20.0,
+          "summary/fixed/task_aware/i2t_r1/forgetting": 7.5,
+          "summary/fixed/task_aware/t2i_r1/final_average": 10.0,
+          "summary/fixed/task_aware/t2i_r1/average_incremental": 15.0,
+          "summary/fixed/task_aware/t2i_r1/forgetting": 2.5,
+          "summary/fixed/task_aware/t2i_r1/backward_transfer": -2.5}
+  # backward_transfer None (i2t) is left out, not written as 0 or NaN.
+  assert progress.read_scalars(progress.scalars_path(workdir)) == {
+      k: [(8, v)] for k, v in want.items()}
+  events = _read_events(progress.tensorboard_dir(workdir))
+  assert _event_scalars(events) == {k: [(8, v)] for k, v in want.items()}
+
+  plugin = {}  # tag -> (step, HParamsPluginData)
+  text = None
+  for e in events:
+    for v in e.summary.value:
+      if v.metadata.plugin_data.plugin_name == "hparams":
+        plugin[v.tag] = (e.step, plugin_hparams_pb2.HParamsPluginData.FromString(
+            v.metadata.plugin_data.content))
+      elif v.metadata.plugin_data.plugin_name == "text":
+        text = (v.tag, e.step, v.tensor.string_val[0].decode())
+  assert set(plugin) == {"_hparams_/session_start_info", "_hparams_/experiment",
+                         "_hparams_/session_end_info"}
+  step, start = plugin["_hparams_/session_start_info"]
+  hp = start.session_start_info.hparams
+  assert step == 0
+  assert hp["train.steps_per_task"].number_value == 4
+  assert hp["seed"].number_value == 3
+  assert hp["strategy.name"].string_value == "lwf"
+  assert hp["eval.save_embeddings"].bool_value is False
+  assert hp["eval.save_embeddings"].WhichOneof("kind") == "bool_value"
+  # Lists and None as config.json writes them.
+  assert hp["strategy.freeze.patterns"].string_value == '["img/.*"]'
+  assert hp["eval.ks"].string_value == "[1, 5]"
+  assert hp["data.categories"].string_value == "null"
+  _, experiment = plugin["_hparams_/experiment"]
+  assert ({h.name for h in experiment.experiment.hparam_infos}
+          == set(progress.flatten_config(config)))
+  assert {m.name.tag for m in experiment.experiment.metric_infos} == set(want)
+  _, end = plugin["_hparams_/session_end_info"]
+  assert end.session_end_info.status == 1  # STATUS_SUCCESS in api.proto.
+  tag, step, body = text
+  assert (tag, step) == ("config/text_summary", 0)
+  # Indented four spaces (a markdown code block) around the config's JSON.
+  assert json.loads("\n".join(line[4:] for line in body.splitlines())) == config
+
+
+def test_summary_without_config_writes_scalars_but_no_experiment(tmp_path):
+  with progress.ScalarWriter(str(tmp_path)) as writer:
+    writer.write_summary(_SUMMARY, 4)
+  events = _read_events(progress.tensorboard_dir(str(tmp_path)))
+  # An experiment record with no hyperparameters would hide every run's
+  # hyperparameters in TensorBoard's table: none is written.
+  assert not [v for e in events for v in e.summary.value
+              if v.metadata.plugin_data.plugin_name == "hparams"]
+  assert _event_scalars(events)["summary/fixed/task_aware/i2t_r1/forgetting"] == [
+      (4, 7.5)]
+
+
+def test_flatten_config_dots_nested_keys_and_reads_configdicts():
+  config = ml_collections.ConfigDict(
+      {"seed": 0, "train": {"steps_per_task": 4, "opt": {"lr": 0.1}},
+       "empty": {}, "ks": (1, 5)})
+  assert progress.flatten_config(config) == {
+      "seed": 0, "train.steps_per_task": 4, "train.opt.lr": 0.1, "ks": (1, 5)}
 
 
 # ---------------------------------------------------------------------- reader

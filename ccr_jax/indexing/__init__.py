@@ -346,6 +346,9 @@ def save_index(index: Index, directory) -> None:
       os.replace(directory, old)
     os.replace(tmp, directory)
     _fsync_path(parent)
+  except OSError as e:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise files.disk_error(e, directory) from e
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise

@@ -136,6 +136,29 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
 
+def describe_config(config: ml_collections.ConfigDict) -> str:
+  """The resolved config, one `key = value  # meaning (default ...)` line per key."""
+  return "\n".join(schema.describe(config_schema(), json.loads(config.to_json())))
+
+
+def config_warnings(config: ml_collections.ConfigDict) -> list[str]:
+  """Valid settings that do something a user may not expect, one line each."""
+  out = []
+  if config.train.checkpoint_every == 0:
+    out.append("train.checkpoint_every=0: no state checkpoints within a task, so "
+               "a killed run restarts the interrupted task from its first step.")
+  elif config.train.checkpoint_every >= config.train.steps_per_task:
+    out.append(f"train.checkpoint_every={config.train.checkpoint_every} >= "
+               f"steps_per_task={config.train.steps_per_task}: no state "
+               "checkpoints within a task (a killed run restarts the task).")
+  if config.train.log_every > config.train.steps_per_task:
+    out.append(f"train.log_every={config.train.log_every} > steps_per_task: one "
+               "log line per task, at its last step.")
+  out += strategies.combination_warnings(
+      strategies.get_strategy(config.strategy, losses.make_loss(config.loss)))
+  return out
+
+
 def variant_options(arg: str | None, valid: tuple[str, ...], source: str) -> set[str]:
   """The comma-separated variant options of a config file's `get_config(arg)`.
 

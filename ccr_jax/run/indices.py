@@ -43,14 +43,13 @@ def build_indices(setup: setup_lib.Setup, snapshot: int, params: Any,
   Process 0 builds and saves them (every process holds the same embeddings);
   the others wait until they are on disk.
   """
-  tasks = range(1, snapshot + 1) if setup.config.index.reindex else [snapshot]
   built = []
-  for task in tasks:
+  for task in _indexed_tasks(setup, snapshot):
     emb = None
     for modality in MODALITIES:
       path = workdir_lib.index_dir(setup.workdir, snapshot, task, modality)
-      if (sharding.is_lead_process() and
-          not os.path.exists(os.path.join(path, "metadata.json"))):
+      if sharding.is_lead_process() and index_problem(setup, snapshot, task,
+                                                      modality) is not None:
         if emb is None:
           emb = (queries or {}).get(task - 1) or test_queries(setup, params, task - 1)
         index = indexing.build_index(
@@ -62,6 +61,31 @@ def build_indices(setup: setup_lib.Setup, snapshot: int, params: Any,
                     "path": os.path.relpath(path, setup.workdir)})
   sharding.sync(f"indices of snapshot {snapshot} built")
   return built
+
+
+def _indexed_tasks(setup: setup_lib.Setup, snapshot: int) -> list[int]:
+  return (list(range(1, snapshot + 1)) if setup.config.index.reindex
+          else [snapshot])
+
+
+def index_problem(setup: setup_lib.Setup, snapshot: int, task: int,
+                  modality: str) -> str | None:
+  """Why the saved index of (snapshot, task, modality) cannot be used as is
+  (missing, incomplete, corrupt: checked file by file against its manifest,
+  with checksums), or None when it is intact."""
+  try:
+    load_gallery_index(setup, snapshot, task, modality)
+  except indexing.IndexMismatchError as e:
+    return str(e)
+  return None
+
+
+def damaged_indices(setup: setup_lib.Setup, snapshot: int) -> list[str]:
+  """The problems of the indices snapshot `snapshot` should have built (its
+  own task's gallery; every earlier one too with `index.reindex`), one line
+  each; empty when all are intact. A resumed run rebuilds these."""
+  return [problem for task in _indexed_tasks(setup, snapshot) for modality in MODALITIES
+          if (problem := index_problem(setup, snapshot, task, modality)) is not None]
 
 
 def load_gallery_index(setup: setup_lib.Setup, snapshot: int, task: int, modality: str,

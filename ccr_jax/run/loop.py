@@ -14,14 +14,18 @@ process evaluates the same embeddings in the same indices, so every process
 returns the same results. The workdir must be on a filesystem all processes see.
 """
 
+import json
 import os
 import time
+from collections.abc import Callable
 
 import ml_collections
+from absl import logging
 
 from ccr_jax import checkpoints
 from ccr_jax import files
 from ccr_jax import progress
+from ccr_jax import sharding
 from ccr_jax.run import config as config_lib
 from ccr_jax.run import indices as indices_lib
 from ccr_jax.run import pretrain as pretrain_lib
@@ -31,12 +35,41 @@ from ccr_jax.run import training as training_lib
 from ccr_jax.run import workdir as workdir_lib
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Runs (or resumes) the whole continual experiment; returns results.json's content."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       should_stop: Callable[[], bool] | None = None,
+                       argv: list[str] | None = None) -> dict:
+  """Runs (or resumes) the whole continual experiment; returns results.json's content.
+
+  Everything that can be checked before training is, before anything is
+  written: a config that fails leaves a new workdir as it was (no config.json
+  that would refuse the corrected rerun). One run at a time holds the workdir
+  (`workdir.locked`).
+
+  Args:
+    should_stop: polled between training steps (main's SIGINT/SIGTERM flag);
+      when true the state is checkpointed and `train.Interrupted` raised.
+    argv: the command line, recorded in results.json's provenance.
+  """
+  started = time.time()
   config_lib.validate_config(config)
-  os.makedirs(workdir, exist_ok=True)
-  workdir_lib.check_config(config, workdir, config_lib.default_dict())
-  timing: dict[str, float] = {}
+  defaults = config_lib.default_dict()
+  workdir_lib.check_config(config, workdir, defaults, write=False)
+  with workdir_lib.locked(workdir):
+    with workdir_lib.nothing_left_on_error(workdir):
+      timing: dict[str, float] = {}
+      start = time.perf_counter()
+      setup = setup_lib.build_setup(config, workdir)
+      warnings = config_lib.config_warnings(config) + setup_lib.check_setup(setup)
+      timing["data_s"] = time.perf_counter() - start
+      workdir_lib.check_config(config, workdir, defaults)
+    for warning in warnings:
+      logging.warning("%s", warning)
+    return _run(setup, timing, started, should_stop, argv)
+
+
+def _run(setup: setup_lib.Setup, timing: dict, started: float,
+         should_stop: Callable[[], bool] | None, argv: list[str] | None) -> dict:
+  config, workdir = setup.config, setup.workdir
 
   def timed(stage, fn, *args, **kwargs):
     start = time.perf_counter()
@@ -44,7 +77,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     timing[stage] = timing.get(stage, 0.0) + time.perf_counter() - start
     return out
 
-  setup = timed("data_s", setup_lib.build_setup, config, workdir)
   training = training_lib.build_training(setup)
   strategy = training.strategy
   template = training.state_template(setup)
@@ -55,6 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Process 0 appends to logs/scalars.jsonl and logs/tensorboard/; a no-op on
   # other processes.
   writer = progress.ScalarWriter(workdir)
+  writer.write_config(json.loads(config.to_json()))
   for t in range(setup.num_tasks):
     if t + 1 in done:
       params = None  # Loaded below only if this task's later stages are missing.
@@ -69,14 +102,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         else:
           params, state = setup_lib.load_snapshot(setup, t, template)
       params, state = timed("train_s", training_lib.train_one_task, setup, training,
-                            t, params, state, writer)
+                            t, params, state, writer, should_stop=should_stop)
       state = timed("strategy_s", training_lib.end_of_task, training, t, params, state)
       timed("snapshot_s", checkpoints.save_snapshot,
             workdir, t + 1, params, setup_lib.snapshot_meta(setup, t + 1),
             strategy=state)
     row_path = workdir_lib.row_path(workdir, t + 1)
-    if os.path.exists(row_path) and emb_dir is None:
-      rows.append(files.read_json(row_path))
+    cached = _cached_row(setup, t, row_path) if emb_dir is None else None
+    if cached is not None:
+      rows.append(cached)
       continue
     if params is None:
       params, _ = setup_lib.load_snapshot(setup, t + 1)
@@ -102,10 +136,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # Compiled inside the first trained task: report it as its own stage.
     timing["compile_s"] = training.compiled["compile_s"]
     timing["train_s"] -= timing["compile_s"]
+  results["provenance"] = results_lib.provenance(started, timing, argv)
   timed("report_s", results_lib.write_results, setup, results)
   if emb_dir is not None:
     workdir_lib.write_json(os.path.join(emb_dir, "manifest.json"), manifest)
   workdir_lib.write_json(os.path.join(workdir_lib.results_dir(workdir), "timing.json"),
                          timing)
+  writer.write_summary(results["summary"], setup.num_tasks * config.train.steps_per_task)
   writer.close()
   return results
+
+
+def _cached_row(setup: setup_lib.Setup, t: int, row_path: str) -> dict | None:
+  """Task t's saved results row if it can be reused as is, else None.
+
+  It is reused only when it was computed with today's evaluation settings and
+  every index its snapshot built is still intact (a deleted or truncated
+  index is rebuilt and the row recomputed from the snapshot). Every process
+  takes the same decision.
+  """
+  row, reason = None, None
+  if not os.path.exists(row_path):
+    reason = "missing"
+  else:
+    try:
+      row = files.read_json(row_path)
+    except ValueError as e:  # Names the file, line and column.
+      reason = str(e)
+    if row is not None and row.get("eval_settings") != results_lib.eval_settings(
+        setup.config):
+      reason = (f"computed with evaluation settings {row.get('eval_settings')}, "
+                f"not today's {results_lib.eval_settings(setup.config)}")
+    if reason is None:
+      damaged = indices_lib.damaged_indices(setup, t + 1)
+      if damaged:
+        reason = "an index of its snapshot is damaged: " + damaged[0]
+  if not sharding.any_process(reason is not None):
+    return row
+  if reason != "missing":
+    logging.warning("results row %s: %s; rebuilding what is missing and "
+                    "recomputing it from snapshot %d.", row_path, reason, t + 1)
+  return None

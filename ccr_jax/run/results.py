@@ -1,10 +1,15 @@
 """Evaluation stage: every seen task's queries searched in the saved indices after
 a task, the per-task rows aggregated into results.json, and the results files."""
 
+import datetime
 import io
 import json
 import os
 import platform
+import shlex
+import socket
+import subprocess
+import time
 from typing import Any, Callable
 
 import jax
@@ -171,13 +176,56 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
                 "gallery_tasks": [g + 1 for g in gallery_tasks],
                 "regime": regime, "task": j + 1, "scope": scope,
                 **{f"r{kk}": m[f"r{kk}"] for kk in (1, 5, 10)}})
-  return {"metrics": metrics, "embeddings": manifest}
+  return {"metrics": metrics, "embeddings": manifest,
+          "eval_settings": eval_settings(cfg)}
 
 
 def _npz_bytes(**arrays) -> bytes:
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   return buf.getvalue()
+
+
+def eval_settings(config) -> dict:
+  """The evaluation settings a results row's numbers depend on beyond the
+  experiment's fingerprint: a cached row with other ones is recomputed."""
+  return {"ks": [int(k) for k in config.eval.ks],
+          "fold_size": int(config.eval.get("fold_size", 0))}
+
+
+def git_state(path: str) -> dict:
+  """{"commit": full hash or None, "dirty": bool or None} of the checkout
+  holding `path` (None outside a git checkout or without git)."""
+  def git(*args):
+    return subprocess.run(["git", *args], cwd=path, capture_output=True,
+                          text=True, check=True, timeout=10).stdout
+  try:
+    # Only tracked files count: a run's own outputs inside the checkout
+    # (an untracked workdir) do not make the code dirty.
+    return {"commit": git("rev-parse", "HEAD").strip(),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no").strip())}
+  except (OSError, subprocess.SubprocessError):
+    return {"commit": None, "dirty": None}
+
+
+def provenance(started: float, timing: dict, argv: list[str] | None) -> dict:
+  """What produced a results file: code, command, when, how long, on what.
+
+  Args:
+    started: time.time() when the run (this invocation) began.
+    timing: seconds per stage of this invocation.
+    argv: the command line (None: not known, e.g. called as a library).
+  """
+  return {
+      **git_state(os.path.dirname(os.path.abspath(__file__))),
+      "command_line": None if argv is None else " ".join(shlex.quote(a) for a in argv),
+      "started": datetime.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+      "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+      "wall_s": round(time.time() - started, 3),
+      "stage_s": {k: round(v, 3) for k, v in sorted(timing.items())},
+      "devices": [str(d) for d in jax.devices()],
+      "host": socket.gethostname(),
+  }
 
 
 def versions() -> dict:
@@ -263,3 +311,36 @@ def log_row(t: int, row: dict) -> None:
     logging.info("after task %d, %s, task-aware R@1 i2t %s | t2i %s", t + 1, regime,
                  " ".join(f"{m['r1']:.1f}" for m in aware["i2t"].values()),
                  " ".join(f"{m['r1']:.1f}" for m in aware["t2i"].values()))
+
+
+def console_summary(results: dict, workdir: str, mode: str = "train") -> str:
+  """What a run prints at its end: R@1 final average and forgetting of both
+  regimes and both scopes, where its outputs are, and the next commands."""
+  lines = ["", f"{'regime':8s} {'scope':13s} {'i2t R@1 final':>14s} {'forgetting':>10s}"
+           f" {'t2i R@1 final':>14s} {'forgetting':>10s}"]
+  for regime, scopes in results["summary"].items():
+    for scope in ("task_aware", "task_agnostic"):
+      if scope not in scopes:
+        continue
+      cells = []
+      for name in ("i2t_r1", "t2i_r1"):
+        m = scopes[scope][name]
+        cells += [_num(m.get("final_average"), 14), _num(m.get("forgetting"), 10)]
+      lines.append(f"{regime:8s} {scope.replace('_', '-'):13s} " + " ".join(cells))
+  out = workdir_lib.results_dir(workdir)
+  name = "results" if mode == "train" else "evaluate"
+  lines += [
+      "",
+      f"results:     {os.path.join(out, name + '.json')} (tables: {name}.md)",
+      f"plots:       {os.path.join(out, 'plots')}",
+      f"tensorboard: tensorboard --logdir {os.path.join(workdir, 'logs', 'tensorboard')}",
+      "next:        python -m ccr_jax.main --mode=evaluate --workdir=" + shlex.quote(workdir)
+      + "   (forgetting analysis)",
+      "             python -m ccr_jax.main --mode=report --workdir=" + shlex.quote(workdir)
+      + "   (report.md with every table and plot)",
+  ]
+  return "\n".join(lines)
+
+
+def _num(value: float | None, width: int) -> str:
+  return f"{'-':>{width}s}" if value is None else f"{value:{width}.1f}"

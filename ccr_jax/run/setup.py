@@ -195,6 +195,34 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
                mesh, params_template, embed_images, embed_texts, pretrain_pool)
 
 
+def check_setup(setup: Setup) -> list[str]:
+  """What can only be checked once the data is loaded, before any training.
+
+  Returns:
+    Warnings, one line each: a batch larger than a task's training pairs.
+  Raises:
+    ValueError: `eval.fold_size` does not divide a task's evaluation split.
+  """
+  cfg = setup.config
+  fold = cfg.eval.get("fold_size", 0)
+  warnings = []
+  for t, splits in enumerate(setup.encoded):
+    n = len(splits[cfg.eval.split].ids)
+    if fold and n % fold:
+      raise ValueError(
+          f"eval.fold_size={fold} does not divide task {t + 1}'s {cfg.eval.split} "
+          f"split of {n} images; set eval.fold_size to a divisor of every task's "
+          "split (or 0 for no folds).")
+    pairs = len(splits["train"]) * splits["train"].captions_per_image
+    if cfg.train.batch_size > pairs:
+      warnings.append(
+          f"train.batch_size={cfg.train.batch_size} exceeds task {t + 1}'s {pairs} "
+          "training pairs: every batch repeats pairs (copies share an image, so "
+          "the loss masks them as negatives), and holds no more distinct "
+          "negatives than there are pairs.")
+  return warnings
+
+
 def embed_split(setup: Setup, params: Any, split: pipeline.EncodedSplit
                 ) -> tuple[np.ndarray, np.ndarray]:
   """Every image and caption of `split` embedded by `params`, in eval batches.

@@ -4,6 +4,7 @@ parts of the `strategies.Strategy` value the config names."""
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -119,12 +120,15 @@ def compiled_train_step(setup: setup_lib.Setup, training: Training, state: dict,
 
 def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: Any,
                    strategy_state: dict | None,
-                   writer: progress.ScalarWriter | None = None) -> tuple[Any, Any]:
+                   writer: progress.ScalarWriter | None = None, *,
+                   should_stop: Callable[[], bool] | None = None) -> tuple[Any, Any]:
   """Trains task index t (0-based) from `params`, resuming a saved state if any.
 
   `strategy_state` (the strategy's, after task t-1) is installed into the
   optimizer state. With a `writer`, the logged loss terms and learning rate
   go to the workdir's live scalars at global steps t * steps_per_task + step.
+  `should_stop`: see `train.train_task` (a stop saves the state and raises
+  `train.Interrupted`).
 
   Returns:
     (params, strategy state): the trained params, and the strategy state with
@@ -171,7 +175,8 @@ def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: A
           first_step=first_step, num_steps=steps, mesh=setup.mesh,
           checkpoint_every=cfg.train.checkpoint_every, checkpoint_fn=save,
           log_every=cfg.train.log_every, task=t + 1, writer=writer,
-          learning_rate_fn=train_lib.learning_rate_schedule(cfg.optim, steps))
+          learning_rate_fn=train_lib.learning_rate_schedule(cfg.optim, steps),
+          should_stop=should_stop)
   except FloatingPointError as e:
     latest = checkpoints.latest_state_step(setup.workdir)
     last_good = (f"the state checkpoint at {setup.workdir}/state/{latest} (step "

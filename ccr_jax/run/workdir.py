@@ -7,8 +7,14 @@ workdir: process 0 alone writes the files of this module (`write_json`,
 they read what it wrote (`sharding.sync`).
 """
 
+import contextlib
+import datetime
+import fcntl
 import json
 import os
+import shutil
+import socket
+from collections.abc import Iterator
 
 import ml_collections
 
@@ -76,11 +82,11 @@ def _with_defaults(given: dict, defaults: dict) -> dict:
 
 
 def check_config(config: ml_collections.ConfigDict, workdir: str,
-                 defaults: dict | None = None) -> None:
+                 defaults: dict | None = None, write: bool = True) -> None:
   """Records the config in a new workdir; refuses a workdir of another experiment.
 
   Only process 0 writes; it writes atomically, so another process reads
-  either no file or the whole one.
+  either no file or the whole one. With `write=False` it only checks.
 
   Raises:
     ValueError: naming the config sections that differ from config.json's.
@@ -95,8 +101,28 @@ def check_config(config: ml_collections.ConfigDict, workdir: str,
           f"workdir {workdir} holds an experiment with a different config "
           f"(sections differing: {diffs}). Use a new --workdir, or rerun with "
           "the config stored in its config.json.")
-  else:
+  elif write:
     write_json(path, json.loads(config.to_json()))
+
+
+@contextlib.contextmanager
+def nothing_left_on_error(workdir: str) -> Iterator[None]:
+  """Undoes the block's writes to a workdir that has no config.json yet when
+  the block raises: a config found invalid while loading the data leaves no
+  files behind, and the corrected command starts clean (process 0 only)."""
+  fresh = not os.path.exists(os.path.join(workdir, "config.json"))
+  before = set(os.listdir(workdir)) if os.path.isdir(workdir) else set()
+  try:
+    yield
+  except BaseException:
+    if fresh and sharding.is_lead_process() and os.path.isdir(workdir):
+      for name in set(os.listdir(workdir)) - before - {LOCK_FILE}:
+        path = os.path.join(workdir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+          shutil.rmtree(path, ignore_errors=True)
+        else:
+          os.remove(path)
+    raise
 
 
 def quarantine_derived(workdir: str, task: int, moved_snapshot: str) -> None:
@@ -106,3 +132,54 @@ def quarantine_derived(workdir: str, task: int, moved_snapshot: str) -> None:
                   row_path(workdir, task)):
     if sharding.is_lead_process() and os.path.exists(derived):
       os.replace(derived, f"{moved_snapshot}_{os.path.basename(derived)}")
+
+
+LOCK_FILE = "lock"
+
+
+class WorkdirBusyError(RuntimeError):
+  """Another live process holds the workdir's lock."""
+
+
+@contextlib.contextmanager
+def locked(workdir: str) -> Iterator[None]:
+  """Holds `<workdir>/lock` for the block: one run per workdir.
+
+  The lock is an advisory `flock` on the file, which the OS releases when its
+  holder dies however it dies, so a stale lock (kill -9, a lost node) is taken
+  over without a manual step; the file's content (pid, host, start time) only
+  names the holder in the error. Only process 0 locks: the processes of one
+  multi-process run share the workdir by design.
+
+  Raises:
+    WorkdirBusyError: another process holds it, naming that process.
+  """
+  if not sharding.is_lead_process():
+    yield
+    return
+  created = not os.path.exists(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, LOCK_FILE)
+  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError as e:
+    holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
+    os.close(fd)
+    raise WorkdirBusyError(
+        f"workdir {workdir} is in use by another run ({holder}); wait for it "
+        "to finish or stop it, or use another --workdir.") from e
+  try:
+    me = (f"pid {os.getpid()} on host {socket.gethostname()}, since "
+          f"{datetime.datetime.now().isoformat(timespec='seconds')}")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, me.encode() + b"\n", 0)
+    yield
+  finally:
+    # A run that stopped before its config was valid (config.json is written
+    # once it is) leaves nothing behind, not even the lock or a new workdir.
+    if not os.path.exists(os.path.join(workdir, "config.json")):
+      os.remove(path)
+      if created and not os.listdir(workdir):
+        os.rmdir(workdir)
+    os.close(fd)  # Releases the flock.

@@ -28,6 +28,7 @@ from ccr_jax.strategies import query_adapter
 # pylint: enable=unused-import
 from ccr_jax.strategies.base import REGISTRY
 from ccr_jax.strategies.base import Strategy
+from ccr_jax.strategies.base import combination_warnings
 from ccr_jax.strategies.base import TrainingContext
 from ccr_jax.strategies.base import compose
 

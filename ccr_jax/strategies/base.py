@@ -274,3 +274,21 @@ def register(name: str, factory: Callable[[Any, Callable | None], Strategy], *,
     raise ValueError(f"strategy {name!r} is registered twice.")
   REGISTRY[name] = Registration(factory, section or (name if keys else None),
                                 dict(keys or {}))
+
+
+def combination_warnings(strategy: Strategy) -> list[str]:
+  """What a valid but wasteful combination will do, one line each (logged).
+
+  A memory beside a data policy that already trains on the tasks the memory
+  replays (e.g. joint training plus a replay memory) only re-weights old
+  pairs: it is allowed, and said.
+  """
+  leaves = strategy.leaves()
+  policies = [leaf for leaf in leaves if leaf.train_tasks is not None]
+  memories = [leaf for leaf in leaves if leaf.memory is not None]
+  if policies and memories and any(0 in p.training_tasks(1) for p in policies):
+    return [f"strategy {strategy.name!r}: {policies[0].name!r} already trains "
+            f"each task on earlier tasks' data, so {memories[0].name!r}'s memory "
+            "replays pairs that are in the pool anyway: it only up-weights "
+            "old pairs (use one of the two to compare them)."]
+  return []
