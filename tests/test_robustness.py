@@ -62,6 +62,7 @@ def _metrics(results):
 # Resume checks every artifact.
 
 
+@pytest.mark.slow  # A finished run or a subprocess: seconds each.
 def test_deleted_or_truncated_index_is_rebuilt_on_rerun(finished, tmp_path, caplog):
   workdir = _copy(finished, tmp_path)
   deleted = workdir_lib.index_dir(workdir, 2, 2, "texts")
@@ -81,6 +82,7 @@ def test_deleted_or_truncated_index_is_rebuilt_on_rerun(finished, tmp_path, capl
   assert "embeddings.npy" in caplog.text and "recomputing" in caplog.text
 
 
+@pytest.mark.slow  # A finished run or a subprocess: seconds each.
 def test_corrupt_row_is_recomputed(finished, tmp_path):
   workdir = _copy(finished, tmp_path)
   with open(workdir_lib.row_path(workdir, 2), "w") as f:
@@ -89,6 +91,7 @@ def test_corrupt_row_is_recomputed(finished, tmp_path):
   assert _metrics(again) == _metrics(finished[1])
 
 
+@pytest.mark.slow  # A finished run or a subprocess: seconds each.
 def test_changed_eval_settings_recompute_every_cached_row(finished, tmp_path):
   workdir = _copy(finished, tmp_path)
   config = default.get_config("tiny")
@@ -319,6 +322,7 @@ def test_written_files_are_readable_by_others(tmp_path):
 # The command line: report flags, --mode=config, provenance, the console.
 
 
+@pytest.mark.slow  # A finished run or a subprocess: seconds each.
 def test_mode_config_prints_every_key_with_its_meaning_and_default():
   proc = _cli("--mode=config", TINY, "--config.train.steps_per_task=7", timeout=120)
   assert proc.returncode == 0, proc.stderr[-2000:]
@@ -337,6 +341,7 @@ def _leaves(tree):
           for v in (_leaves(x) if isinstance(x, dict) else [x])]
 
 
+@pytest.mark.slow  # A finished run or a subprocess: seconds each.
 def test_provenance_is_recorded(finished):
   prov = finished[1]["provenance"]
   assert set(prov) >= {"commit", "dirty", "command_line", "started", "finished",
