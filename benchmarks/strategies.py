@@ -23,6 +23,7 @@ tasks (`sweep_config`) so a run takes about half a minute on 2 CPU cores.
 
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -37,9 +38,11 @@ from configs import default  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("stage", "final", ["select", "final", "table"],
+flags.DEFINE_enum("stage", "final", ["select", "final", "table", "sweep"],
                   "select: strengths on val; final: every strategy on test over "
-                  "--seeds; table: the table from --log.")
+                  "--seeds; table: the table from --log; sweep: print the "
+                  "launch.sweep commands that run the final stage elsewhere "
+                  "(a cluster: add --mode=slurm to each).")
 flags.DEFINE_enum("setting", "scratch", ["scratch", "pretrained"],
                   "Towers from random init, or pretrained on held-out categories.")
 flags.DEFINE_string("workroot", "/tmp/ccr_strategies", "One workdir per run under here.")
@@ -270,6 +273,29 @@ def _overrides(chosen: dict, name: str) -> dict:
           else {})
 
 
+def sweep_commands(chosen: dict) -> str:
+  """The final stage as `launch.sweep` commands: one sweep per strategy (each
+  has its own selected strength), every one over --seeds into one root, and
+  the report over all of them (mean ± std over seeds per strategy)."""
+  config = "configs/default.py" + (":pretrained" if FLAGS.setting == "pretrained"
+                                   else "")
+  root = os.path.join(FLAGS.workroot, f"sweep_{FLAGS.setting}")
+  short = default.get_config()
+  harness.short_tasks(short)
+  common = [f"--config={config}", f"--root={root}/$NAME",
+            f"--seeds={','.join(FLAGS.seeds)}",
+            f"--overrides=train.steps_per_task={short.train.steps_per_task}",
+            f"--overrides=train.batch_size={short.train.batch_size}",
+            f"--overrides=train.checkpoint_every={short.train.checkpoint_every}"]
+  lines = []
+  for name in FLAGS.strategies:
+    extra = [f"--overrides=strategy.{k}={v}" for k, v in _overrides(chosen, name).items()]
+    args = [a.replace("$NAME", name.replace("+", "-")) for a in common]
+    lines.append(shlex.join(["python", "-m", "launch.sweep", *args,
+                             f"--overrides=strategy.name={name}", *extra]))
+  return "\n".join(lines)
+
+
 def _load_selection(setting: str) -> dict:
   path = _selection_path(setting)
   return json.load(open(path)) if os.path.exists(path) else {}
@@ -288,6 +314,9 @@ def main(argv):
       if not FLAGS.quick:
         with open(_selection_path(FLAGS.setting), "w") as f:
           json.dump(chosen, f, indent=1)
+    return
+  if FLAGS.stage == "sweep":
+    print(sweep_commands(_load_selection(FLAGS.setting)))
     return
   if FLAGS.stage == "final":
     chosen = {} if FLAGS.quick else _load_selection(FLAGS.setting)

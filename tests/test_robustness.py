@@ -374,3 +374,13 @@ def test_console_of_a_run_is_quiet_and_ends_with_a_summary(tmp_path):
                 f"--report_dir={tmp_path / 'report'}")
   assert report.returncode == 0, report.stderr[-3000:]
   assert os.path.exists(tmp_path / "report" / "report.md")
+
+
+def test_report_over_a_broken_results_json_names_the_file(tmp_path):
+  from ccr_jax import reporting  # pylint: disable=g-import-not-at-top
+  (tmp_path / "run" / "results").mkdir(parents=True)
+  (tmp_path / "run" / "config.json").write_text("{}")
+  broken = tmp_path / "run" / "results" / "results.json"
+  broken.write_text('{"metrics": ')
+  with pytest.raises(ValueError, match=f"{broken} is not valid JSON .*line 1"):
+    reporting.report([str(tmp_path / "run")], str(tmp_path / "out"))

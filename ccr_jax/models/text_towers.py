@@ -3,10 +3,16 @@
 Maps padded token ids `[batch, max_len]` plus true lengths `[batch]` to
 unnormalised embeddings `[batch, hidden_dim]`; the dual encoder normalises.
 
-The GRU does no work on padding. Captions are sorted longest first, so at
-step t the captions still running are the first `active[t]` rows, and their
-real tokens are packed step-major into one `[capacity, word_dim]` array
-(PyTorch's `pack_padded_sequence` layout, padded to a static capacity). Then:
+Two implementations of the same GRU, with the same parameters (snapshots
+load into either), chosen by `GRUTextEncoder.gru_impl` (`model.gru_impl`):
+"packed" (`packed_gru`, for CPU) and "scan" (`scan_gru`, for GPU and TPU);
+"auto" picks by `jax.default_backend()` (`resolve_gru_impl`).
+
+"packed": the GRU does no work on padding. Captions are sorted longest
+first, so at step t the captions still running are the first `active[t]`
+rows, and their real tokens are packed step-major into one `[capacity,
+word_dim]` array (PyTorch's `pack_padded_sequence` layout, padded to a static
+capacity). Then:
   * the input projection of every real token is one hoisted matmul (run in
     row blocks up to the number of real tokens, not over the padded batch);
   * each step runs one fused `[rows, hidden] @ [hidden, 3 * hidden]` matmul
@@ -16,6 +22,19 @@ Trip counts are dynamic (`while` loops), so reverse-mode autodiff cannot go
 through them; `packed_gru` has a hand-written VJP, which also hoists the
 weight gradients into large matmuls over all real tokens after the loop.
 Shapes stay static: one compilation per `[batch, max_len]`.
+
+"scan": a fixed trip count of `max_len` steps over the padded, unsorted batch,
+each caption's state frozen after its length. The input projection of every
+token (padding included) is one `[max_len * batch, word_dim]` matmul before
+the loop, each step one `[batch, hidden] @ [hidden, 3 * hidden]` matmul, and
+`scan_gru`'s hand-written VJP runs the backward as another fixed-length scan
+with one `[batch, 3 * hidden] @ [3 * hidden, hidden]` matmul per step, the
+weight gradients as single matmuls over all tokens after it (cuDNN's RNN
+backward also leaves them to a separate pass). It spends FLOPs on padding,
+but on an accelerator a loop whose trip count and shapes are static needs
+nothing from the host between iterations, where the packed GRU's
+data-dependent `while` bounds and per-step `lax.switch` can each cost a
+device-to-host round trip per iteration on GPU.
 """
 import functools
 
@@ -258,6 +277,127 @@ def _packed_gru_bwd(batch, residuals, d_out):
 packed_gru.defvjp(_packed_gru_fwd, _packed_gru_bwd)
 
 
+def _scan_gru_forward(unroll, words, lengths, w_i, b_i, w_h, b_h, keep_residuals):
+  """The recurrence over time-major padded tokens; see `scan_gru`.
+
+  Returns the final states `[batch, hidden]` and, with `keep_residuals`, the
+  gates r, z, n `[max_len, batch, 3 * hidden]` and the state before each step
+  next to the recurrent part of n's pre-activation (h W_h[n] + b_h[n])
+  `[max_len, batch, 2 * hidden]`: the packed GRU's residuals, step-major.
+  """
+  max_len, batch, word_dim = words.shape
+  hidden = w_h.shape[0]
+  # Every token's input projection, padding included, as ONE matmul: on an
+  # accelerator a large matmul is cheaper than skipping the padding.
+  input_gates = (words.reshape(max_len * batch, word_dim) @ w_i + b_i).reshape(
+      max_len, batch, 3 * hidden)
+  live = (jnp.arange(max_len)[:, None] < lengths[None, :])[..., None]  # [max_len, batch, 1]
+
+  def step(h, inputs):
+    x_gates, live_t = inputs
+    x_r, x_z, x_n = _split_gates(x_gates)
+    h_r, h_z, h_n = _split_gates(h @ w_h + b_h)  # the 3 gates' recurrent matmuls fused
+    r = jax.nn.sigmoid(x_r + h_r)
+    z = jax.nn.sigmoid(x_z + h_z)
+    n = jnp.tanh(x_n + r * h_n)
+    new_h = jnp.where(live_t, (1.0 - z) * n + z * h, h)  # frozen after the caption's end
+    residuals = ((jnp.concatenate([r, z, n], axis=1), jnp.concatenate([h, h_n], axis=1))
+                 if keep_residuals else None)
+    return new_h, residuals
+
+  h0 = jnp.zeros((batch, hidden), w_h.dtype)
+  return lax.scan(step, h0, (input_gates, live), unroll=unroll)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def scan_gru(unroll, words, lengths, w_i, b_i, w_h, b_h):
+  """The GRU of `packed_gru` as a fixed-length masked scan over padded tokens.
+
+  Same math, gate order (r, z, n) and parameters as `packed_gru`; padding
+  costs FLOPs, but every loop has a static trip count and static shapes.
+
+  Args:
+    unroll: time steps per loop iteration, as `lax.scan`'s `unroll` (static;
+      True or `max_len` unrolls the whole loop).
+    words: `[max_len, batch, word_dim]` word vectors, time-major; positions at
+      or past a caption's length are ignored.
+    lengths: `[batch]` int32 true lengths in [1, max_len] (the number of
+      steps that update each caption's state).
+    w_i: `[word_dim, 3 * hidden]` input kernel; b_i: `[3 * hidden]`.
+    w_h: `[hidden, 3 * hidden]` recurrent kernel; b_h: `[3 * hidden]`.
+
+  Returns:
+    `[batch, hidden]`: each caption's state after its last token, rows in
+    input order.
+  """
+  h, _ = _scan_gru_forward(unroll, words, lengths, w_i, b_i, w_h, b_h,
+                           keep_residuals=False)
+  return h
+
+
+def _scan_gru_fwd(unroll, words, lengths, w_i, b_i, w_h, b_h):
+  h, (gates, states) = _scan_gru_forward(unroll, words, lengths, w_i, b_i, w_h, b_h,
+                                         keep_residuals=True)
+  return h, (words, lengths, w_i, w_h, gates, states)
+
+
+def _scan_gru_bwd(unroll, residuals, d_out):
+  words, lengths, w_i, w_h, gates, states = residuals
+  max_len, batch, word_dim = words.shape
+  hidden = w_h.shape[0]
+  live = (jnp.arange(max_len)[:, None] < lengths[None, :])[..., None]
+
+  # Backward through time: per step only the gradient of the state, one
+  # [batch, 3 * hidden] @ [3 * hidden, hidden] matmul. The weight gradients,
+  # which autodiff of a scan would accumulate with one small-K matmul per
+  # step, are left to single matmuls over all tokens after the loop.
+  def step(d_h, inputs):
+    gates_t, states_t, live_t = inputs
+    r, z, n = _split_gates(gates_t)
+    h, h_n = states_t[:, :hidden], states_t[:, hidden:]
+    d_n = d_h * (1.0 - z) * (1.0 - n * n)
+    d_r = d_n * h_n * r * (1.0 - r)
+    d_z = d_h * (h - n) * z * (1.0 - z)
+    # Rows past their caption's end passed the state through: no gate gradients.
+    d_x = jnp.where(live_t, jnp.concatenate([d_r, d_z, d_n], axis=1), 0.0)
+    d_h_gates = jnp.concatenate([d_x[:, :2 * hidden], d_x[:, 2 * hidden:] * r], axis=1)
+    # d_h_gates @ w_h.T without materialising the transpose.
+    d_h_prev = lax.dot_general(d_h_gates, w_h, (((1,), (1,)), ((), ())))
+    return jnp.where(live_t, d_h * z, d_h) + d_h_prev, d_x
+
+  _, d_x_gates = lax.scan(step, d_out, (gates, states, live), reverse=True, unroll=unroll)
+
+  tokens = max_len * batch
+  d_x = d_x_gates.reshape(tokens, 3 * hidden)  # zero at padding
+  r = gates[..., :hidden].reshape(tokens, hidden)
+  d_h_gates = jnp.concatenate([d_x[:, :2 * hidden], d_x[:, 2 * hidden:] * r], axis=1)
+  h = states[..., :hidden].reshape(tokens, hidden)
+  x = words.reshape(tokens, word_dim)
+  d_words = lax.dot_general(d_x, w_i, (((1,), (1,)), ((), ()))).reshape(words.shape)
+  return (d_words, None, x.T @ d_x, d_x.sum(0), h.T @ d_h_gates, d_h_gates.sum(0))
+
+
+scan_gru.defvjp(_scan_gru_fwd, _scan_gru_bwd)
+
+
+def _gru_params(module, word_dim, hidden_dim):
+  """Declares the GRU's parameters on `module`; both implementations share them.
+
+  Returns (w_i `[word_dim, 3 * hidden]`, b_i `[3 * hidden]`, w_h `[hidden, 3 *
+  hidden]`, b_h `[3 * hidden]`), named input_kernel, input_bias,
+  recurrent_kernel, recurrent_bias. Same names and shapes, hence the same
+  initial values from the same key, whichever implementation declares them.
+  """
+  gates = 3 * hidden_dim
+  # GRUCell's initialisers: lecun_normal input kernels, orthogonal recurrent
+  # kernels per gate, zero biases.
+  w_i = module.param("input_kernel", nn.initializers.lecun_normal(), (word_dim, gates))
+  b_i = module.param("input_bias", nn.initializers.zeros_init(), (gates,))
+  w_h = module.param("recurrent_kernel", stacked_orthogonal(3), (hidden_dim, gates))
+  b_h = module.param("recurrent_bias", nn.initializers.zeros_init(), (gates,))
+  return w_i, b_i, w_h, b_h
+
+
 class PackedGRU(nn.Module):
   """The GRU's parameters (kernels with the 3 gates fused) applied with `packed_gru`.
 
@@ -278,15 +418,59 @@ class PackedGRU(nn.Module):
     Returns:
       `[batch, hidden_dim]`, captions longest first.
     """
-    gates = 3 * self.hidden_dim
-    # GRUCell's initialisers: lecun_normal input kernels, orthogonal recurrent
-    # kernels per gate, zero biases.
-    w_i = self.param("input_kernel", nn.initializers.lecun_normal(),
-                     (words.shape[1], gates))
-    b_i = self.param("input_bias", nn.initializers.zeros_init(), (gates,))
-    w_h = self.param("recurrent_kernel", stacked_orthogonal(3), (self.hidden_dim, gates))
-    b_h = self.param("recurrent_bias", nn.initializers.zeros_init(), (gates,))
+    w_i, b_i, w_h, b_h = _gru_params(self, words.shape[1], self.hidden_dim)
     return packed_gru(batch, words, active, w_i, b_i, w_h, b_h)
+
+
+class ScanGRU(nn.Module):
+  """The GRU's parameters (as `PackedGRU`'s) applied with `scan_gru`.
+
+  Attributes:
+    hidden_dim: GRU hidden size.
+    unroll: time steps per loop iteration (`lax.scan`'s `unroll`).
+  """
+  hidden_dim: int
+  unroll: int | bool = 1
+
+  @nn.compact
+  def __call__(self, words, lengths):
+    """Runs `scan_gru`.
+
+    Args:
+      words: `[max_len, batch, word_dim]` time-major word vectors.
+      lengths: `[batch]` int32 true lengths in [1, max_len].
+
+    Returns:
+      `[batch, hidden_dim]`, rows in input order.
+    """
+    w_i, b_i, w_h, b_h = _gru_params(self, words.shape[2], self.hidden_dim)
+    return scan_gru(self.unroll, words, lengths, w_i, b_i, w_h, b_h)
+
+
+GRU_IMPLS = ("auto", "packed", "scan")
+
+
+def resolve_gru_impl(gru_impl: str, backend: str | None = None) -> str:
+  """The GRU implementation `gru_impl` ("auto", "packed" or "scan") means on `backend`.
+
+  "auto" is "packed" on CPU, where skipping padding and finished captions
+  saves real work and a data-dependent loop bound costs nothing, and "scan"
+  on any other backend (GPU, TPU), where every loop should have a static
+  trip count: see the module docstring.
+
+  Args:
+    gru_impl: one of `GRU_IMPLS`.
+    backend: a platform name ("cpu", "gpu", "tpu", ...); None:
+      `jax.default_backend()`, read when the model is traced.
+
+  Raises:
+    ValueError: `gru_impl` is not one of `GRU_IMPLS`.
+  """
+  if gru_impl not in GRU_IMPLS:
+    raise ValueError(f"Unknown gru_impl {gru_impl!r}; valid: {list(GRU_IMPLS)}")
+  if gru_impl != "auto":
+    return gru_impl
+  return "packed" if (backend or jax.default_backend()) == "cpu" else "scan"
 
 
 class GRUTextEncoder(nn.Module):
@@ -299,14 +483,22 @@ class GRUTextEncoder(nn.Module):
   `gru/recurrent_bias`, gates in PyTorch's order (r, z, n). The recurrent bias
   of r and z is redundant with the input bias but kept, as in PyTorch's GRU.
 
+  The implementation (`gru_impl`) changes neither the parameters nor the
+  math, only the speed on each backend and float32 rounding.
+
   Attributes:
     vocab_size: number of token ids, including `<pad>`.
     word_dim: word embedding size (VSE++: 300).
     hidden_dim: GRU hidden size = output embedding size.
+    gru_impl: "packed" (`PackedGRU`), "scan" (`ScanGRU`) or "auto" (packed
+      on CPU, scan elsewhere; `resolve_gru_impl`).
+    gru_unroll: "scan" only: time steps per loop iteration.
   """
   vocab_size: int
   hidden_dim: int
   word_dim: int = 300
+  gru_impl: str = "auto"
+  gru_unroll: int | bool = 1
 
   @nn.compact
   def __call__(self, tokens, lengths):
@@ -323,10 +515,14 @@ class GRUTextEncoder(nn.Module):
     """
     batch, max_len = tokens.shape
     lengths = jnp.clip(lengths.astype(jnp.int32), 1, max_len)
+    embed = nn.Embed(self.vocab_size, self.word_dim, name="embed",
+                     embedding_init=symmetric_uniform(0.1))
+    if resolve_gru_impl(self.gru_impl) == "scan":
+      # Embedding the transposed ids gives time-major words without
+      # transposing the [batch, max_len, word_dim] floats.
+      return ScanGRU(self.hidden_dim, self.gru_unroll, name="gru")(embed(tokens.T), lengths)
     order = jnp.argsort(lengths, descending=True)  # stable
     active = jnp.sum(lengths[None, :] > jnp.arange(max_len)[:, None], axis=1)
     packed = pack_tokens(tokens[order], active)
-    words = nn.Embed(self.vocab_size, self.word_dim, name="embed",
-                     embedding_init=symmetric_uniform(0.1))(packed)
-    hidden = PackedGRU(self.hidden_dim, name="gru")(words, active, batch)
+    hidden = PackedGRU(self.hidden_dim, name="gru")(embed(packed), active, batch)
     return jnp.zeros_like(hidden).at[order].set(hidden)
