@@ -162,8 +162,11 @@ def test_budget_curve_ends_are_fixed_and_reindex(trained):
         for k in (1, 5, 10):
           points = curves[str(j)][f"exact_r{k}"]
           name = f"exact_r{k}"
-          assert points[0] == metrics["fixed"]["task_aware"][direction][name][num - 1][j - 1]
-          assert points[-1] == metrics["reindex"]["task_aware"][direction][name][num - 1][j - 1]
+          # A mean over draws of one value: equal up to the rounding of the sum.
+          assert points[0] == pytest.approx(
+              metrics["fixed"]["task_aware"][direction][name][num - 1][j - 1], rel=1e-12)
+          assert points[-1] == pytest.approx(
+              metrics["reindex"]["task_aware"][direction][name][num - 1][j - 1], rel=1e-12)
 
 
 @pytest.mark.slow
