@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import lowered_program
 from ccr_jax.models import text_towers
-from tests.test_models import mixed_captions
-from tests.test_models import numpy_gru
+from test_models import mixed_captions  # tests/ is on sys.path under pytest
+from test_models import numpy_gru
 
 WORD_DIM = 4
 HIDDEN = 5
@@ -113,7 +114,7 @@ def test_scan_gru_reads_length_0_as_1_and_keeps_compilations():
   assert len(traces) == 1  # new lengths, same shapes: no new compilation
 
 
-@pytest.mark.parametrize("batch,max_len", [(20, 9), (33, 12)])
+@pytest.mark.parametrize("batch,max_len", [(20, 9), pytest.param(33, 12, marks=pytest.mark.slow)])
 def test_scan_equals_packed_on_the_same_params(batch, max_len):
   tokens, lengths = mixed_captions(batch, batch=batch, max_len=max_len)
   packed, scan = encoder("packed", 30), encoder("scan", 30)
@@ -194,3 +195,22 @@ def test_auto_picks_packed_on_cpu_and_scan_elsewhere():
   assert text_towers.GRUTextEncoder(30, HIDDEN).gru_impl == "auto"
   for impl, name in (("auto", "packed_gru"), ("packed", "packed_gru"), ("scan", "scan_gru")):
     assert _gru_primitive(encoder(impl, 30), tokens, lengths, params) == {name}, impl
+
+
+# The packed GRU's program is the reason "auto" avoids it off the CPU: its
+# loops' trip counts and per-step `lax.switch` indices are data.
+@pytest.mark.parametrize("variant", ["scan", pytest.param("packed", marks=pytest.mark.slow)])
+def test_train_step_lowered_for_cuda_has_static_loops_with_scan(variant):
+  # The real train step (configs/default.py shrunk), lowered for CUDA here
+  # without a GPU, as benchmarks/lowered_program.py does.
+  record = lowered_program.measure("default", variant, "cuda", smoke=True)
+  assert record["lowered_for"] == "cuda", record["lowering_error"]
+  assert record["host_transfer_ops"] == record["host_callbacks"] == 0
+  if variant == "scan":
+    # One loop forward, one backward, each of max_len (24) steps, one matmul per step.
+    assert [(l["trip_count"], l["dot_generals_in_body"]) for l in record["loops"]] == [
+        (24, 1), (24, 1)]
+    assert record["data_dependent_conditionals"] == 0
+  else:
+    assert record["dynamic_while_loops"] == record["while_loops"] == 4
+    assert record["data_dependent_conditionals"] == 2  # the step matmul's switch, fwd and bwd

@@ -100,7 +100,9 @@ def _precomputed(model_config):
 def _gru(model_config, vocab_size):
   return text_towers.GRUTextEncoder(
       vocab_size=vocab_size, hidden_dim=model_config.embed_dim,
-      word_dim=model_config.get("word_dim", 300))
+      word_dim=model_config.get("word_dim", 300),
+      gru_impl=model_config.get("gru_impl", "auto"),
+      gru_unroll=model_config.get("gru_unroll", 1))
 
 
 def _resnet(model_config, depth):
@@ -134,7 +136,8 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Dua
   Args:
     model_config: fields `image_tower` (one of `IMAGE_TOWERS`), `text_tower`
       (one of `TEXT_TOWERS`), `embed_dim`, and optionally `word_dim` (300),
-      `cnn_widths` ((32, 64, 128)), `freeze_backbone` (False; ResNet: only
+      `cnn_widths` ((32, 64, 128)), `gru_impl` ("auto") and `gru_unroll` (1)
+      (`text_towers.GRUTextEncoder`), `freeze_backbone` (False; ResNet: only
       `img/proj` trains) and `freeze_text_backbone` (False; MiniLM: only
       `txt/proj`, if any, trains).
     vocab_size: size of the caption vocabulary, `<pad>` included (for

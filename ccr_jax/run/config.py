@@ -19,6 +19,7 @@ from ccr_jax import schema
 from ccr_jax import strategies
 from ccr_jax.data import registry as data_registry
 from ccr_jax.models import dual_encoder
+from ccr_jax.models import text_towers
 from ccr_jax.run import pretrain
 
 # Keys holding user mappings (task name -> categories, split -> file prefix),
@@ -46,6 +47,12 @@ def run_keys() -> dict:
           "embed_dim": Key(128, "joint space size (VSE++ uses 1024 with pretrained "
                            "features)", positive),
           "word_dim": Key(300, "GRU word embedding size"),
+          "gru_impl": Key("auto", "GRU text tower: 'packed' (skips padding; CPU), "
+                          "'scan' (fixed-length loops; GPU/TPU) or 'auto' (packed "
+                          "on CPU, scan elsewhere); the same math and parameters",
+                          schema.one_of(text_towers.GRU_IMPLS)),
+          "gru_unroll": Key(1, "scan GRU: time steps per loop iteration (>= "
+                            "max_caption_len unrolls fully)", positive),
           "cnn_widths": Key((16, 32, 64), "channels of the small CNN's stride-2 convs"),
           "resnet_weights": Key("", "ResNet towers: ImageNet weights file (.npz); "
                                 "'' = random init"),

@@ -27,6 +27,11 @@ EXPERIMENT_SECTIONS = ("seed", "data", "model", "loss", "optim", "train",
                        "pretrain", "strategy", "index")
 
 
+# Model keys that choose an implementation of the same math (and the same
+# parameters): not part of the experiment.
+IMPLEMENTATION_KEYS = ("gru_impl", "gru_unroll")
+
+
 def index_dir(workdir: str, snapshot: int, task: int, modality: str) -> str:
   """Where the index of task `task`'s gallery embedded by `snapshot` lives."""
   return os.path.join(workdir, "indices", f"snap_{snapshot}", f"task_{task}", modality)
@@ -66,6 +71,10 @@ def fingerprint(config: ml_collections.ConfigDict, defaults: dict | None = None)
   if defaults is not None:
     d = _with_defaults(d, defaults)
   subset = {k: d[k] for k in EXPERIMENT_SECTIONS if k in d}
+  if "model" in subset:
+    # How the GRU is computed, not what: a run resumes on another backend.
+    subset["model"] = {k: v for k, v in subset["model"].items()
+                       if k not in IMPLEMENTATION_KEYS}
   # Indices and rows are built on the evaluation split: it defines the workdir.
   subset["eval_split"] = d.get("eval", {}).get("split", "test")
   return subset
