@@ -55,6 +55,25 @@ def make_loss(loss_config: ml_collections.ConfigDict) -> Callable:
   return losses_lib.make_loss(loss_config)
 
 
+def loss_in_compute_dtype(loss_fn: Callable, compute_dtype: Any) -> Callable:
+  """`loss_fn` with its score matmuls in bfloat16 when `compute_dtype` is bfloat16.
+
+  That is `loss.matmul_dtype='bfloat16'` (inputs rounded to bfloat16,
+  products accumulated in float32), whatever the config's matmul_dtype; the
+  rest of the loss (hinge sums, logsumexp, sigmoid terms) stays float32, as
+  every loss computes it from float32 scores. With float32 `loss_fn` itself
+  is returned.
+
+  Args:
+    loss_fn: a loss bound by `make_loss` (any registered loss takes
+      `matmul_dtype`).
+    compute_dtype: the model's (`DualEncoder.dtype`), a dtype or its name.
+  """
+  if jnp.dtype(compute_dtype) == jnp.bfloat16:
+    return functools.partial(loss_fn, matmul_dtype="bfloat16")
+  return loss_fn
+
+
 def create_train_state(params: Any, optimizer: optax.GradientTransformation,
                        mesh: Mesh, step: int = 0, *, old_model: dict | None = None,
                        install: Callable | None = None, strategy_state: dict | None = None,
@@ -121,7 +140,9 @@ def pair_embedder(model: DualEncoder, mesh: Mesh) -> Callable:
   """(params, batch) -> (img [B, dim], txt [B, dim]), each device its own rows.
 
   Traceable (not jitted itself): the train step and strategies' hooks call it
-  inside their own jitted functions.
+  inside their own jitted functions. The towers compute in the model's
+  compute dtype from the float32 params (each layer casts them at use, so
+  gradients come back float32); the embeddings are float32.
   """
   apply = sharding.per_batch_shard(
       lambda p, images, tokens, lengths: model.apply({"params": p}, images, tokens,
@@ -154,9 +175,16 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
   on its last memory_rows rows (the memory, `pipeline.mixed_batch`) apart;
   the first gradient is the update's, the second goes to the optimizer as
   the extra argument `memory_grads`.
+
+  Mixed precision: with a bfloat16 model (`DualEncoder.dtype`) the towers
+  run in bfloat16 and so do the loss's score matmuls
+  (`loss_in_compute_dtype`); params, gradients and the optimizer state stay
+  float32. The `score_std` metric stays a float32 matmul: the collapse check
+  compares it with `COLLAPSED_STD`, below bfloat16's resolution.
   """
 
   embed = pair_embedder(model, mesh)
+  loss_fn = loss_in_compute_dtype(loss_fn, model.dtype)
 
   def loss_and_extras(params, batch, step, old_model, strategy_state):
     img, txt = embed(params, batch)
@@ -341,7 +369,8 @@ def make_embed_fns(model: DualEncoder, mesh: Mesh) -> tuple[Callable, Callable]:
   """Jitted (embed_images(params, images), embed_texts(params, tokens, lengths)).
 
   Inputs and the [batch, dim] output are split over the mesh's devices; the
-  params keep their own shardings.
+  params keep their own shardings. The towers compute in the model's compute
+  dtype, as in training; the embeddings are float32 and unit norm.
   """
   data = sharding.batch_sharded(mesh)
   embed_images = jax.jit(sharding.per_batch_shard(

@@ -5,6 +5,13 @@ The towers are submodules named `img` and `txt`, so the parameter tree reads
 on those prefixes, and one modality can be embedded alone (a gallery) with
 
   model.apply({"params": params}, images, method=DualEncoder.embed_images)
+
+Compute dtype (`train.compute_dtype`, `build_model(..., compute_dtype=)`):
+the towers run their matmuls and convolutions in it (bfloat16: mixed
+precision) while the parameters stay float32, so the optimizer keeps float32
+master weights and receives float32 gradients (each cast's transpose casts
+the gradient back). Each tower says what it keeps in float32. The embeddings
+are normalised in float32 and returned as float32 whatever the dtype.
 """
 from collections.abc import Sequence
 import functools
@@ -24,6 +31,8 @@ from ccr_jax.models import text_towers
 # Added to the squared norm: keeps the normalisation (and its gradient) finite
 # for an all-zero vector while leaving unit-scale vectors unchanged in float32.
 NORM_EPS = 1e-12
+# `train.compute_dtype`'s values: the towers' computation dtype.
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def l2_normalize(x, eps=NORM_EPS):
@@ -45,9 +54,13 @@ class DualEncoder(nn.Module):
   Attributes:
     img: image tower, `images -> [batch, dim]`.
     txt: text tower, `(tokens, lengths) -> [batch, dim]`.
+    dtype: the compute dtype the towers were built with (`build_model`);
+      the train step runs the loss's score matmuls in bfloat16 when it is
+      bfloat16 (`train.loss_in_compute_dtype`).
   """
   img: nn.Module
   txt: nn.Module
+  dtype: Any = jnp.float32
 
   def embed_images(self, images):
     """Embeds images.
@@ -59,7 +72,8 @@ class DualEncoder(nn.Module):
     Returns:
       `[batch, dim]` unit-norm float32 embeddings.
     """
-    return l2_normalize(self.img(images))
+    # Normalised in float32 whatever the towers' compute dtype.
+    return l2_normalize(self.img(images).astype(jnp.float32))
 
   def embed_texts(self, tokens, lengths):
     """Embeds captions.
@@ -71,7 +85,7 @@ class DualEncoder(nn.Module):
     Returns:
       `[batch, dim]` unit-norm float32 embeddings.
     """
-    return l2_normalize(self.txt(tokens, lengths))
+    return l2_normalize(self.txt(tokens, lengths).astype(jnp.float32))
 
   def __call__(self, images, tokens, lengths):
     """Embeds paired images and captions.
@@ -87,38 +101,39 @@ class DualEncoder(nn.Module):
     return self.embed_images(images), self.embed_texts(tokens, lengths)
 
 
-def _cnn(model_config):
+def _cnn(model_config, dtype):
   return image_towers.SmallCNN(
       embed_dim=model_config.embed_dim,
-      widths=tuple(model_config.get("cnn_widths", (32, 64, 128))))
+      widths=tuple(model_config.get("cnn_widths", (32, 64, 128))), dtype=dtype)
 
 
-def _precomputed(model_config):
-  return image_towers.PrecomputedProjection(embed_dim=model_config.embed_dim)
+def _precomputed(model_config, dtype):
+  return image_towers.PrecomputedProjection(embed_dim=model_config.embed_dim, dtype=dtype)
 
 
-def _gru(model_config, vocab_size):
+def _gru(model_config, vocab_size, dtype):
   return text_towers.GRUTextEncoder(
       vocab_size=vocab_size, hidden_dim=model_config.embed_dim,
       word_dim=model_config.get("word_dim", 300),
       gru_impl=model_config.get("gru_impl", "auto"),
-      gru_unroll=model_config.get("gru_unroll", 1))
+      gru_unroll=model_config.get("gru_unroll", 1), dtype=dtype)
 
 
-def _resnet(model_config, depth):
+def _resnet(model_config, dtype, depth):
   return image_towers.ResNetTower(
       depth=depth, embed_dim=model_config.embed_dim,
-      freeze_backbone=bool(model_config.get("freeze_backbone", False)))
+      freeze_backbone=bool(model_config.get("freeze_backbone", False)), dtype=dtype)
 
 
-def _minilm(model_config, vocab_size):
+def _minilm(model_config, vocab_size, dtype):
   if vocab_size != minilm.VOCAB_SIZE:
     raise ValueError(
         f"text_tower='minilm' takes all-MiniLM-L6-v2's WordPiece ids ({minilm.VOCAB_SIZE}), "
         f"got a vocabulary of {vocab_size}: tokenise with text.WordPieceTokenizer.packaged().")
   return minilm.MiniLMTower(
       embed_dim=model_config.embed_dim,
-      freeze_backbone=bool(model_config.get("freeze_text_backbone", False)))
+      freeze_backbone=bool(model_config.get("freeze_text_backbone", False)),
+      encoder=minilm.BertEncoder(dtype=dtype))
 
 
 IMAGE_TOWERS = {"cnn": _cnn, "precomputed": _precomputed,
@@ -130,8 +145,9 @@ TEXT_TOWERS = {"gru": _gru, "minilm": _minilm}
 PRETRAINED_TOKENIZERS = {"minilm": "all-MiniLM-L6-v2"}
 
 
-def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> DualEncoder:
-  """Builds the dual encoder a config names.
+def build_model(model_config: ml_collections.ConfigDict, vocab_size: int,
+                compute_dtype: str = "float32") -> DualEncoder:
+  """Builds the dual encoder a config names, computing in `compute_dtype`.
 
   Args:
     model_config: fields `image_tower` (one of `IMAGE_TOWERS`), `text_tower`
@@ -142,20 +158,25 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int) -> Dua
       `txt/proj`, if any, trains).
     vocab_size: size of the caption vocabulary, `<pad>` included (for
       "minilm", the WordPiece tokenizer's 30522).
+    compute_dtype: one of `COMPUTE_DTYPES` (`config.train.compute_dtype`):
+      the towers' computation dtype; parameters are float32 either way.
 
   Returns:
     An unbound `DualEncoder`.
 
   Raises:
-    ValueError: for an unknown tower name.
+    ValueError: for an unknown tower name or compute dtype.
   """
   image_name, text_name = model_config.image_tower, model_config.text_tower
   if image_name not in IMAGE_TOWERS:
     raise ValueError(f"Unknown image_tower {image_name!r}; valid: {sorted(IMAGE_TOWERS)}")
   if text_name not in TEXT_TOWERS:
     raise ValueError(f"Unknown text_tower {text_name!r}; valid: {sorted(TEXT_TOWERS)}")
-  return DualEncoder(img=IMAGE_TOWERS[image_name](model_config),
-                     txt=TEXT_TOWERS[text_name](model_config, vocab_size))
+  if compute_dtype not in COMPUTE_DTYPES:
+    raise ValueError(f"Unknown compute_dtype {compute_dtype!r}; valid: {list(COMPUTE_DTYPES)}")
+  dtype = jnp.dtype(compute_dtype)
+  return DualEncoder(img=IMAGE_TOWERS[image_name](model_config, dtype),
+                     txt=TEXT_TOWERS[text_name](model_config, vocab_size, dtype), dtype=dtype)
 
 
 def pretrained_tokenizer(model_config: ml_collections.ConfigDict

@@ -17,6 +17,17 @@ mapped to [0, 1]. Then the ImageNet mean and std that torchvision's weights
 were trained with are applied inside the tower, so the data path ships raw
 pixels for every tower alike.
 
+Compute dtype: every tower takes `dtype` (Flax's name for the computation
+dtype; `train.compute_dtype`), float32 by default. Parameters stay float32
+(`param_dtype`) and are cast at use by the Flax layers; the scaled pixels or
+features are cast to `dtype` before the first layer, so with bfloat16 the
+convolutions and matmuls, forward and backward, run in bfloat16. What stays
+float32: the pixel scaling and ImageNet normalisation themselves (cast after),
+the averaging of region features, and each FrozenBatchNorm's folded
+multiplier (`scale * rsqrt(var + eps)`, computed in float32 from float32
+statistics, then cast). The output is in `dtype`; the dual encoder
+normalises in float32.
+
 BatchNorm is in inference mode with frozen statistics (`FrozenBatchNorm`): the
 running mean and variance are leaves of the `params` tree (`mean`, `var`),
 read through `stop_gradient`, so their gradient is exactly zero and Adam
@@ -50,8 +61,10 @@ converts OIHW kernels to Flax's HWIO. Written with torch and torchvision:
   np.savez("resnet50_imagenet.npz", **state)
 """
 from collections.abc import Sequence
+import functools
 import math
 import os
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -59,20 +72,24 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def scale_pixels(images):
-  """Maps uint8 pixels to float32 in [-1, 1]; float input is taken as already scaled.
+def scale_pixels(images, dtype=jnp.float32):
+  """Maps uint8 pixels to [-1, 1] in `dtype`; float input is taken as already scaled.
 
   Args:
     images: `[batch, height, width, channels]`, uint8 in [0, 255] or float.
+    dtype: the output dtype (the tower's compute dtype). uint8 is scaled in
+      float32, then cast.
 
   Returns:
-    `[batch, height, width, channels]` float32 (or the input float dtype).
+    `[batch, height, width, channels]` in `dtype`.
   """
   # Scaling here rather than in the data path lets the pipeline ship uint8,
   # a quarter of the bytes of float32 across host->device transfer.
   if images.dtype == jnp.uint8:
-    return images.astype(jnp.float32) / 127.5 - 1.0
-  return images
+    return (images.astype(jnp.float32) / 127.5 - 1.0).astype(dtype)
+  # Cast explicitly: a float32 input times bfloat16 kernels would promote the
+  # whole tower back to float32.
+  return images.astype(dtype)
 
 
 def conv_kernel_init(key, shape, dtype=jnp.float32):
@@ -108,9 +125,11 @@ class SmallCNN(nn.Module):
   Attributes:
     embed_dim: output embedding size.
     widths: channels of each stage; each stage halves the spatial size.
+    dtype: compute dtype (module docstring); parameters stay float32.
   """
   embed_dim: int
   widths: Sequence[int] = (32, 64, 128)
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images):
@@ -120,15 +139,15 @@ class SmallCNN(nn.Module):
       images: `[batch, height, width, 3]`, uint8 in [0, 255] or float in [-1, 1].
 
     Returns:
-      `[batch, embed_dim]` float32, not normalised.
+      `[batch, embed_dim]` in `dtype`, not normalised.
     """
-    x = scale_pixels(images)
+    x = scale_pixels(images, self.dtype)
     for i, width in enumerate(self.widths):
       x = nn.Conv(width, (3, 3), strides=(2, 2), padding="SAME",
-                  kernel_init=conv_kernel_init, name=f"conv{i}")(x)
+                  kernel_init=conv_kernel_init, dtype=self.dtype, name=f"conv{i}")(x)
       x = nn.relu(x)
     x = x.reshape(x.shape[0], -1)
-    return nn.Dense(self.embed_dim, name="head")(x)
+    return nn.Dense(self.embed_dim, dtype=self.dtype, name="head")(x)
 
 
 class PrecomputedProjection(nn.Module):
@@ -136,8 +155,10 @@ class PrecomputedProjection(nn.Module):
 
   Attributes:
     embed_dim: output embedding size.
+    dtype: compute dtype of the projection (module docstring).
   """
   embed_dim: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, features):
@@ -148,7 +169,7 @@ class PrecomputedProjection(nn.Module):
         `[batch, regions, feature_dim]` (region features, averaged first).
 
     Returns:
-      `[batch, embed_dim]`, not normalised.
+      `[batch, embed_dim]` in `dtype`, not normalised.
 
     Raises:
       ValueError: if `features` is neither 2-D nor 3-D.
@@ -163,7 +184,7 @@ class PrecomputedProjection(nn.Module):
           f"features, got shape {features.shape}")
     # VSE++ initialises its fc layer with Xavier-uniform weights and zero bias.
     return nn.Dense(self.embed_dim, kernel_init=nn.initializers.xavier_uniform(),
-                    name="fc")(features)
+                    dtype=self.dtype, name="fc")(features.astype(self.dtype))
 
 
 # ------------------------------------------------------------------- ResNet
@@ -214,8 +235,11 @@ class FrozenBatchNorm(nn.Module):
 
   Attributes:
     zero_scale: start `scale` at 0 instead of 1 (last BN of a residual branch).
+    dtype: compute dtype; the folded multiplier and shift are computed in
+      float32 and cast to it.
   """
   zero_scale: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -229,17 +253,18 @@ class FrozenBatchNorm(nn.Module):
     var = jax.lax.stop_gradient(
         self.param("var", nn.initializers.ones_init(), (channels,)))
     multiplier = scale * jax.lax.rsqrt(var + BN_EPS)
-    return x * multiplier + (bias - mean * multiplier)
+    return (x * multiplier.astype(self.dtype)
+            + (bias - mean * multiplier).astype(self.dtype))
 
 
-def _conv(features, size, stride, name):
+def _conv(features, size, stride, name, dtype):
   # Explicit symmetric padding as torch's Conv2d(padding=size // 2): "SAME"
   # pads a stride-2 conv of an even input on the bottom/right only, which
   # would shift every feature map against the pretrained weights.
   pad = size // 2
   return nn.Conv(features, (size, size), strides=(stride, stride),
                  padding=((pad, pad), (pad, pad)), use_bias=False,
-                 kernel_init=he_normal_kernel_init, name=name)
+                 kernel_init=he_normal_kernel_init, dtype=dtype, name=name)
 
 
 class BasicBlock(nn.Module):
@@ -248,18 +273,21 @@ class BasicBlock(nn.Module):
   Attributes:
     width: output channels.
     stride: stride of the first conv (and of the shortcut).
+    dtype: compute dtype.
   """
   width: int
   stride: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     """`[batch, H, W, C]` -> `[batch, H / stride, W / stride, width]`."""
-    y = nn.relu(FrozenBatchNorm(name="bn1")(_conv(self.width, 3, self.stride, "conv1")(x)))
-    y = FrozenBatchNorm(zero_scale=True, name="bn2")(_conv(self.width, 3, 1, "conv2")(y))
+    conv = functools.partial(_conv, dtype=self.dtype)
+    bn = functools.partial(FrozenBatchNorm, dtype=self.dtype)
+    y = nn.relu(bn(name="bn1")(conv(self.width, 3, self.stride, "conv1")(x)))
+    y = bn(zero_scale=True, name="bn2")(conv(self.width, 3, 1, "conv2")(y))
     if self.stride != 1 or x.shape[-1] != self.width:
-      x = FrozenBatchNorm(name="downsample_bn")(
-          _conv(self.width, 1, self.stride, "downsample_conv")(x))
+      x = bn(name="downsample_bn")(conv(self.width, 1, self.stride, "downsample_conv")(x))
     return nn.relu(x + y)
 
 
@@ -269,20 +297,23 @@ class BottleneckBlock(nn.Module):
   Attributes:
     width: channels of the 3x3 conv; the output has 4 x width.
     stride: stride of the 3x3 conv (and of the shortcut).
+    dtype: compute dtype.
   """
   width: int
   stride: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     """`[batch, H, W, C]` -> `[batch, H / stride, W / stride, 4 * width]`."""
     out = self.width * BOTTLENECK_EXPANSION
-    y = nn.relu(FrozenBatchNorm(name="bn1")(_conv(self.width, 1, 1, "conv1")(x)))
-    y = nn.relu(FrozenBatchNorm(name="bn2")(_conv(self.width, 3, self.stride, "conv2")(y)))
-    y = FrozenBatchNorm(zero_scale=True, name="bn3")(_conv(out, 1, 1, "conv3")(y))
+    conv = functools.partial(_conv, dtype=self.dtype)
+    bn = functools.partial(FrozenBatchNorm, dtype=self.dtype)
+    y = nn.relu(bn(name="bn1")(conv(self.width, 1, 1, "conv1")(x)))
+    y = nn.relu(bn(name="bn2")(conv(self.width, 3, self.stride, "conv2")(y)))
+    y = bn(zero_scale=True, name="bn3")(conv(out, 1, 1, "conv3")(y))
     if self.stride != 1 or x.shape[-1] != out:
-      x = FrozenBatchNorm(name="downsample_bn")(
-          _conv(out, 1, self.stride, "downsample_conv")(x))
+      x = bn(name="downsample_bn")(conv(out, 1, self.stride, "downsample_conv")(x))
     return nn.relu(x + y)
 
 
@@ -291,27 +322,33 @@ class ResNetBackbone(nn.Module):
 
   Attributes:
     depth: 18, 50 or 152 (`RESNET_STAGES`).
+    dtype: compute dtype.
   """
   depth: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     """ImageNet-normalised `[batch, H, W, 3]` -> pooled features `[batch, C]`.
 
     C is 512 for ResNet-18 and 2048 for ResNet-50/152; H and W may be any
-    size the five stride-2 stages leave non-empty (32 or more).
+    size the five stride-2 stages leave non-empty (32 or more). The input is
+    cast to `dtype`; the output is in `dtype`.
     """
     if self.depth not in RESNET_STAGES:
       raise ValueError(f"ResNet depth {self.depth} unknown; valid: {sorted(RESNET_STAGES)}")
     kind, blocks = RESNET_STAGES[self.depth]
     block_cls = BasicBlock if kind == "basic" else BottleneckBlock
-    x = nn.relu(FrozenBatchNorm(name="bn1")(_conv(64, 7, 2, "conv1")(x)))
+    x = x.astype(self.dtype)
+    x = nn.relu(FrozenBatchNorm(dtype=self.dtype, name="bn1")(
+        _conv(64, 7, 2, "conv1", self.dtype)(x)))
     # torch's MaxPool2d(3, 2, padding=1) pads with -inf, as flax's max_pool does.
     x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for stage, (width, num_blocks) in enumerate(zip(RESNET_WIDTHS, blocks)):
       for i in range(num_blocks):
         stride = 2 if stage > 0 and i == 0 else 1
-        x = block_cls(width, stride, name=f"layer{stage + 1}_{i}")(x)
+        x = block_cls(width, stride, self.dtype, name=f"layer{stage + 1}_{i}")(x)
+    # jnp.mean accumulates a bfloat16 input in float32.
     return jnp.mean(x, axis=(1, 2))
 
 
@@ -323,10 +360,12 @@ class ResNetTower(nn.Module):
     embed_dim: output embedding size.
     freeze_backbone: stop the gradient at the pooled features, so only `proj`
       trains.
+    dtype: compute dtype (module docstring); parameters stay float32.
   """
   depth: int
   embed_dim: int
   freeze_backbone: bool = False
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, images):
@@ -336,14 +375,15 @@ class ResNetTower(nn.Module):
       images: `[batch, H, W, 3]`, uint8 in [0, 255] or float in [-1, 1].
 
     Returns:
-      `[batch, embed_dim]` float32, not normalised.
+      `[batch, embed_dim]` in `dtype`, not normalised.
     """
-    features = ResNetBackbone(self.depth, name="backbone")(imagenet_normalize(images))
+    features = ResNetBackbone(self.depth, self.dtype, name="backbone")(
+        imagenet_normalize(images))
     if self.freeze_backbone:
       features = jax.lax.stop_gradient(features)
     # VSE++ initialises its fc layer with Xavier-uniform weights and zero bias.
     return nn.Dense(self.embed_dim, kernel_init=nn.initializers.xavier_uniform(),
-                    name="proj")(features)
+                    dtype=self.dtype, name="proj")(features)
 
 
 def resnet_backbone_shapes(depth: int) -> dict:

