@@ -38,6 +38,9 @@ TOWERS = {
 }
 # ResNet compiles slowly on CPU: in the jaxpr test (traced, not compiled) only.
 COMPILED = ["cnn+packed", "precomputed+scan", "precomputed+minilm"]
+# The compiled checks keep one setup in the fast loop (seconds of compiling each).
+COMPILED_PARAMS = [pytest.param("cnn+packed", marks=pytest.mark.slow), "precomputed+scan",
+                   pytest.param("precomputed+minilm", marks=pytest.mark.slow)]
 
 
 def build(towers, compute_dtype):
@@ -194,6 +197,7 @@ def test_bfloat16_step_computes_in_bfloat16_and_float32_step_never(towers):
   assert both_bf16 >= 9, bf16
 
 
+@pytest.mark.slow  # Compiles a whole train step (seconds).
 @pytest.mark.parametrize("towers", ["cnn+packed"])
 def test_bfloat16_keeps_float32_params_gradients_and_optimizer_state(towers):
   seen = []
@@ -234,7 +238,7 @@ def results(towers, dtype):
   return jax.jit(jax.value_and_grad(loss, has_aux=True))(params_for(towers))
 
 
-@pytest.mark.parametrize("towers", COMPILED)
+@pytest.mark.parametrize("towers", COMPILED_PARAMS)
 def test_bfloat16_loss_and_gradients_close_to_float32(towers):
   (loss32, _), grads32 = results(towers, "float32")
   (loss16, _), grads16 = results(towers, "bfloat16")
@@ -269,7 +273,7 @@ def test_evaluation_embedders_compute_in_the_dtype_and_return_float32(towers):
       assert ("bfloat16" in operands) == (dtype == "bfloat16"), operands
 
 
-@pytest.mark.parametrize("towers", COMPILED)
+@pytest.mark.parametrize("towers", COMPILED_PARAMS)
 def test_bfloat16_embeddings_are_float32_unit_norm_and_close(towers):
   (_, out32), _ = results(towers, "float32")
   (_, out16), _ = results(towers, "bfloat16")

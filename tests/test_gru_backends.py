@@ -58,8 +58,13 @@ LENGTH_CASES = {"all_1": [1] * 6, "all_max": [5] * 6, "mixed": [3, 1, 5, 2, 5, 4
 
 
 # unroll 2 does not divide max_len 5: lax.scan runs a remainder step.
-@pytest.mark.parametrize("case,unroll", [("all_1", 1), ("all_max", 1), ("mixed", 1),
-                                         ("mixed", 2), ("mixed", True)])
+# The mixed case (lengths 1 and max included) stays in the fast loop; the
+# rest are slow (finite differences: seconds each).
+@pytest.mark.parametrize("case,unroll", [
+    pytest.param("all_1", 1, marks=pytest.mark.slow),
+    pytest.param("all_max", 1, marks=pytest.mark.slow), ("mixed", 1),
+    pytest.param("mixed", 2, marks=pytest.mark.slow),
+    pytest.param("mixed", True, marks=pytest.mark.slow)])
 def test_scan_gru_matches_numpy_values_and_gradients(case, unroll):
   batch, max_len = 6, 5
   lengths = jnp.asarray(LENGTH_CASES[case], jnp.int32)
