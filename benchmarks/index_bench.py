@@ -1,7 +1,8 @@
 r"""ScaNN against exact search: build time, QPS, recall@10, size on disk, the curve.
 
-  python -m benchmarks.index_bench --real_workdir=/tmp/ccr_default  # 100k + 1M, ~10 min
-  python -m benchmarks.index_bench --quick                          # 20k + 100k, ~2 min
+  python -m benchmarks.index_bench --real_workdir=/tmp/ccr_default  # 100k + 1M, ~15 min
+  python -m benchmarks.index_bench --quick                          # 20k + 100k, ~3 min
+  python -m benchmarks.index_bench --sizes=100000 --noflat --noreal # 100k only, ~1 min
 
 Galleries:
   clustered  N unit 256-d embeddings in clusters of ~100 (N/100 cluster
@@ -26,8 +27,17 @@ backend is the same calls with backend='exact'. Galleries below
 galleries are also built with mode='tree_ah' forced, to measure the tree on
 real cross-modal queries.
 
+Three searches of each gallery are timed in the same process, interleaved
+round by round (`interleaved_search_seconds`): 'fast exact', a bare jitted
+matmul + `lax.top_k` over the gallery already on the device
+(`fast_exact_top_k`, the reference: what exact search costs here), the exact
+backend (`indexing.search` of a backend='exact' index) and ScaNN.
+
 Keys (every line): items, build_s, qps (queries / median search time),
-exact_qps, recall_at_10 (mean |ScaNN top-10 ∩ exact top-10| / 10, as
+exact_qps, fast_exact_qps, exact_over_fast (the exact backend's time over fast
+exact's, median of per-round ratios), exact_matches_fast (same ids and scores),
+speedup_vs_fast and speedup_vs_exact (ScaNN's, per-round ratios likewise),
+recall_at_10 (mean |ScaNN top-10 ∩ exact top-10| / 10, as
 `indexing.recall_against_exact`), bytes_on_disk (the `save_index` directory),
 plus the query-time parameters. `measurement` is 'default' (the library's
 parameters) or 'curve' (the same searcher with `num_leaves_to_search` and
@@ -62,14 +72,20 @@ items: ~0 +- 0.06).
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
+from typing import Any, Callable, Sequence
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import harness
@@ -80,6 +96,8 @@ from configs import default
 
 MODULE = "benchmarks.index_bench"
 K = 10
+# Seconds of rest before each timed search (`interleaved_search_seconds`).
+PAUSE_S = 0.2
 # Default cosine of a cluster centre with its topic (see `clustered_gallery`).
 TOPIC_SIMILARITY = 0.5
 # The synthetic galleries: name -> topic similarity.
@@ -143,17 +161,70 @@ def recall_vs_exact(found_ids: np.ndarray, exact_ids: np.ndarray) -> float:
   return float(hits.mean())
 
 
-def time_search(index: indexing.Index, queries: np.ndarray, repeats: int
-                ) -> tuple[float, np.ndarray]:
-  """(median seconds, item ids [num_queries, K]) of `indexing.search`, warmed up.
+@functools.partial(jax.jit, static_argnames=("k",))
+def fast_exact_top_k(queries: jax.Array, gallery: jax.Array, k: int
+                     ) -> tuple[jax.Array, jax.Array]:
+  """The reference ('fast exact'): one jitted matmul + `lax.top_k`, nothing else.
 
-  The warm-up call compiles the exact backend's jitted block and lets ScaNN
-  start its threads; it is not timed.
+  No query blocks, no padding, no checks; the gallery is placed on the device
+  once by the caller. What exact search costs on this machine, against which
+  the exact backend (`exact_over_fast`) and ScaNN (`speedup_vs_fast`) are
+  measured.
+
+  Args:
+    queries: float32 [num_queries, dim].
+    gallery: float32 [count, dim], on the device.
+    k: neighbours wanted, <= count.
+
+  Returns:
+    scores: float32 [num_queries, k], best first.
+    rows: int32 [num_queries, k], gallery rows (equal scores: lower row first).
   """
-  _, ids = indexing.search(index, queries, K)
-  seconds, _ = harness.median_seconds(lambda: indexing.search(index, queries, K),
-                                      repeats)
-  return seconds, ids
+  # HIGHEST, as the exact backend: accelerators would otherwise multiply in
+  # bfloat16 (on CPU float32 is float32 anyway).
+  scores = jnp.matmul(queries, gallery.T, precision=jax.lax.Precision.HIGHEST)
+  return jax.lax.top_k(scores, k)
+
+
+def interleaved_search_seconds(references: dict[str, Callable[[], Any]],
+                               searches: dict[str, Callable[[], Any]], repeats: int
+                               ) -> dict[str, list[float]]:
+  """Wall seconds of `repeats` rounds, each calling every search once.
+
+  `harness.interleaved_seconds`, arranged against order effects measured on
+  this machine. Each call follows an untimed rest of `PAUSE_S`: a ScaNN search
+  timed right after a jitted matmul took 1.25x as long as after a 50 ms rest
+  (200k items; presumably XLA's CPU threads still spinning). Even after the
+  rest, the first ScaNN search after the jitted ones ran 1.2-1.6x slower than
+  its place on the curve (100k and 1M items; caches and memory the 4 GB score
+  block evicted), so each round times the references first (in alternating
+  order), then runs one search untimed, then times `searches` starting one
+  place later each round.
+
+  Args:
+    references: the jitted exact searches (fast exact, the exact backend).
+    searches: the ScaNN searches.
+    repeats: rounds.
+
+  Returns:
+    name -> wall seconds of each round, for every name of both dicts.
+  """
+  names = list(searches)
+  times: dict[str, list[float]] = {name: [] for name in [*references, *names]}
+  for round_ in range(max(1, repeats)):
+    order = list(references) if round_ % 2 == 0 else list(references)[::-1]
+    for name in order:
+      time.sleep(PAUSE_S)  # not timed
+      times[name].append(harness.timed(references[name])[0])
+    start = round_ % len(names) if names else 0
+    rotated = names[start:] + names[:start]
+    if rotated:
+      time.sleep(PAUSE_S)
+      searches[rotated[0]]()  # untimed: takes the slowdown after the references
+    for name in rotated:
+      time.sleep(PAUSE_S)
+      times[name].append(harness.timed(searches[name])[0])
+  return times
 
 
 def with_query_params(index: indexing.Index, leaves: int, reorder: int
@@ -196,53 +267,72 @@ def saved_size(index: indexing.Index, scratch: str) -> tuple[int, float]:
 
 
 def bench_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, *,
-                  repeats: int, scann_options: dict | None,
+                  repeats: int, scann_options: Sequence[dict | None],
                   curve_fractions: list[float], curve_reorder: list[int],
                   scratch: str) -> list[dict]:
-  """ScaNN (library rule, then the curve) against exact on one gallery.
+  """ScaNN trees (library rule or options, then their curves) against exact search.
+
+  Every search of the gallery (fast exact, the exact backend, each tree's
+  default and curve points) is timed in the same rounds
+  (`interleaved_search_seconds`), and the ratios are medians of per-round
+  ratios, so they compare the searches under the same background load.
 
   Args:
     gallery: float32 [count, dim], unit rows.
     queries: float32 [num_queries, dim], unit rows.
-    scann_options: passed to `build_index` (None: the library's rule).
+    scann_options: one tree per entry, each passed to `build_index` (None:
+      the library's rule); an entry that resolves to the parameters of an
+      earlier one is skipped.
   Returns:
-    One record for the library's parameters, then one per curve point
-    (tree_ah only).
+    Per tree, one record for its parameters ('default'), then one per curve
+    point (tree_ah only).
   """
   count, dim = gallery.shape
   ids = np.arange(count, dtype=np.int64)
   build = lambda backend, **kw: indexing.build_index(  # noqa: E731
       gallery, ids, backend=backend, snapshot=1, task=1, modality="texts", **kw)
   exact = build("exact")
-  exact_s, exact_ids = time_search(exact, queries, repeats)
   exact_bytes, _ = saved_size(exact, scratch)
-  cpu_start = time.process_time()
-  build_s, scann = harness.timed(lambda: build("scann", options=scann_options))
-  build_cpu_s = time.process_time() - cpu_start
-  scann_bytes, save_s = saved_size(scann, scratch)
-  params = scann.metadata.backend_params
-  common = {
-      "benchmark": "index_bench", "gallery": name, "items": count, "dim": dim,
-      "queries": len(queries), "k": K, "backend": scann.metadata.backend,
-      "scann_mode": params.get("mode"), "num_leaves": params.get("num_leaves"),
-      "build_s": build_s, "build_cpu_s": build_cpu_s, "save_s": save_s,
-      "bytes_on_disk": scann_bytes,
-      "exact_bytes_on_disk": exact_bytes, "exact_qps": len(queries) / exact_s,
-  }
+  # The reference's own device copy: it must not lean on the backend it measures.
+  device_gallery = jax.device_put(gallery)
+  fast = lambda: tuple(np.asarray(x) for x in  # noqa: E731
+                       fast_exact_top_k(queries, device_gallery, K))
+  exact_search = lambda: indexing.search(exact, queries, K)  # noqa: E731
+  # First calls compile (not timed); their results check the exact backend.
+  fast_scores, fast_rows = fast()
+  exact_scores, exact_ids = exact_search()
+  exact_matches_fast = bool(np.array_equal(exact_scores, fast_scores)
+                            and np.array_equal(exact_ids, ids[fast_rows]))
 
-  def point(index, measurement):
-    seconds, found = time_search(index, queries, repeats)
-    leaves, reorder = effective_query_params(index.metadata.backend_params, count)
-    return {**common, "measurement": measurement, "qps": len(queries) / seconds,
-            "recall_at_10": recall_vs_exact(found, exact_ids),
-            "leaves_to_search_set": index.metadata.backend_params.get("num_leaves_to_search"),
-            "leaves_to_search": leaves, "reorder": reorder,
-            "peak_rss_mb": harness.peak_rss_mb(), "load_average": harness.load_average()}
+  trees, built = [], []
+  for options in scann_options:
+    if indexing.scann_parameters(count, options) in built:
+      continue
+    built.append(indexing.scann_parameters(count, options))
+    cpu_start = time.process_time()
+    build_s, scann = harness.timed(functools.partial(build, "scann", options=options))
+    build_cpu_s = time.process_time() - cpu_start
+    scann_bytes, save_s = saved_size(scann, scratch)
+    params = scann.metadata.backend_params
+    trees.append({
+        "scann": scann, "backend": scann.metadata.backend,
+        "scann_options": None if options is None else ",".join(
+            f"{key}={json.dumps(value)}" for key, value in sorted(options.items())),
+        "scann_mode": params.get("mode"), "num_leaves": params.get("num_leaves"),
+        "dims_per_block": params.get("dims_per_block"),
+        "build_s": build_s, "build_cpu_s": build_cpu_s, "save_s": save_s,
+        "bytes_on_disk": scann_bytes})
 
-  records = [point(scann, "default")]
-  if params.get("mode") == "tree_ah":
+  # (tree, index, measurement, extra keys) of every ScaNN point, defaults first.
+  points = []
+  for tree in trees:
+    scann = tree["scann"]
+    params = scann.metadata.backend_params
+    points.append((tree, scann, "default", {}))
+    if params.get("mode") != "tree_ah":
+      continue
     num_leaves = int(params["num_leaves"])
-    seen = set()
+    seen = {effective_query_params(params, count)}
     for fraction in curve_fractions:
       leaves = min(num_leaves, max(1, math.ceil(fraction * num_leaves)))
       for reorder in curve_reorder:
@@ -252,8 +342,49 @@ def bench_gallery(name: str, gallery: np.ndarray, queries: np.ndarray, *,
         if effective in seen:
           continue
         seen.add(effective)
-        records.append({**point(index, "curve"), "leaves_fraction": fraction})
+        points.append((tree, index, "curve", {"leaves_fraction": fraction}))
+  searches, found = {}, []
+  for i, (_, index, _, _) in enumerate(points):
+    searches[f"scann_{i}"] = lambda index=index: indexing.search(index, queries, K)
+    found.append(searches[f"scann_{i}"]()[1])  # warm-up: ScaNN starts its threads
+  load_before = harness.load_average()
+  times = interleaved_search_seconds({"fast": fast, "exact": exact_search}, searches,
+                                     repeats)
+  qps = lambda name: len(queries) / statistics.median(times[name])  # noqa: E731
+  common = {
+      "benchmark": "index_bench", "gallery": name, "items": count, "dim": dim,
+      "queries": len(queries), "k": K, "exact_bytes_on_disk": exact_bytes,
+      "repeats": repeats, "fast_exact_qps": qps("fast"), "exact_qps": qps("exact"),
+      "exact_over_fast": harness.paired_ratio(times["exact"], times["fast"]),
+      "exact_matches_fast": exact_matches_fast,
+      "peak_rss_mb": harness.peak_rss_mb(), "load_average_before": load_before,
+      "load_average": harness.load_average(),
+  }
+  records = []
+  for i, (tree, index, measurement, extra) in enumerate(points):
+    leaves, reorder = effective_query_params(index.metadata.backend_params, count)
+    records.append({
+        **common, **{k: v for k, v in tree.items() if k != "scann"}, **extra,
+        "measurement": measurement, "qps": qps(f"scann_{i}"),
+        "speedup_vs_exact": harness.paired_ratio(times["exact"], times[f"scann_{i}"]),
+        "speedup_vs_fast": harness.paired_ratio(times["fast"], times[f"scann_{i}"]),
+        "recall_at_10": recall_vs_exact(found[i], exact_ids),
+        "leaves_to_search_set": index.metadata.backend_params.get("num_leaves_to_search"),
+        "leaves_to_search": leaves, "reorder": reorder})
   return records
+
+
+def parse_options(text: str) -> dict[str, Any]:
+  """`build_index` options from 'key=value,key=value' (values JSON: 2, 0.05, null).
+
+  Not a JSON object on the command line: the results' recorded command
+  (`harness.command_line`) does not quote arguments.
+  """
+  options = {}
+  for item in text.split(","):
+    key, _, value = item.partition("=")
+    options[key.strip()] = json.loads(value)
+  return options
 
 
 def real_embeddings(workdir: str) -> dict[str, np.ndarray]:
@@ -303,11 +434,14 @@ def real_records(workdir: str, config_name: str, worker_flags: list[str]) -> lis
 
 TABLE_COLUMNS = (
     ("gallery", "gallery"), ("items", "items"), ("dim", "dim"),
-    ("measurement", "params"), ("scann_mode", "ScaNN mode"),
+    ("scann_options", "ScaNN options"), ("measurement", "params"),
+    ("scann_mode", "ScaNN mode"), ("dims_per_block", "AH dims"),
     ("leaves", "leaves searched / total"), ("reorder", "reorder"),
     ("build_s", "build s"), ("build_cpu_s", "build CPU s"), ("qps", "ScaNN QPS"),
-    ("exact_qps", "exact QPS"),
-    ("speedup", "QPS / exact"), ("recall_at_10", "recall@10 vs exact"),
+    ("fast_exact_qps", "fast exact QPS"), ("exact_qps", "exact QPS"),
+    ("exact_over_fast", "exact time / fast exact"),
+    ("speedup_vs_fast", "ScaNN QPS / fast exact"), ("speedup_vs_exact", "ScaNN QPS / exact"),
+    ("recall_at_10", "recall@10 vs exact"),
     ("mb_on_disk", "MB on disk"), ("exact_mb", "exact MB"), ("peak_rss_mb", "peak RSS MB"),
 )
 
@@ -315,27 +449,39 @@ TABLE_COLUMNS = (
 def table_row(record: dict) -> dict:
   leaves = (None if record.get("leaves_to_search") is None
             else f"{record['leaves_to_search']} / {record['num_leaves']}")
-  return {**record, "leaves": leaves, "speedup": record["qps"] / record["exact_qps"],
-          "mb_on_disk": record["bytes_on_disk"] / 2**20,
+  return {**record, "leaves": leaves, "mb_on_disk": record["bytes_on_disk"] / 2**20,
           "exact_mb": record["exact_bytes_on_disk"] / 2**20}
 
 
 NOTES = """
-QPS = queries / median wall time of one `indexing.search` call over all queries
-(ScaNN: `search_batched_parallel`, every core; exact: jitted blocked matmul +
-top-k, blocks of 1024 queries). recall@10 = overlap of ScaNN's top-10 with
-exact top-10. 'default' rows use the library's parameters
-(`indexing.scann_parameters`: L = sqrt(N) leaves, 2·sqrt(L) searched,
-reorder 100, plain AH); 'curve' rows override leaves searched and reorder
-depth on the same tree. `indexing.search` never reorders fewer than 10·k = 100
-candidates and searches at least enough leaves to hold twice them, so the
-curve's low end is clamped there ("leaves searched" is the effective value;
-grid points clamped to a search already timed are skipped).
+QPS = queries / median wall time of one search call over all queries (ScaNN:
+`search_batched_parallel`, every core; exact: the exact backend's jitted
+matmul + top-k over its device-resident gallery, blocks of 1024 queries;
+fast exact: one bare jitted matmul + `lax.top_k`, the reference). All are
+timed in the same rounds (`interleaved_search_seconds`: an untimed 0.2 s
+rest before each call, the exact searches first, then one untimed ScaNN
+search, then every ScaNN search, starting one place later each round), and
+the ratios are medians of per-round ratios: "exact time / fast exact" is the
+exact backend's overhead (its ids and scores equal fast exact's:
+`exact_matches_fast`), "ScaNN QPS / fast exact" ScaNN's speed-up over exact
+search done as fast as this machine does it. recall@10 = overlap of ScaNN's top-10 with exact top-10.
+'default' rows use the library's parameters (`indexing.scann_parameters`:
+L = sqrt(N) leaves, min(2·sqrt(L), max(24, 2% of L)) searched, reorder 100,
+plain AH with 2 dimensions a block, 4 from 1M items) or, where "ScaNN
+options" says so, those parameters with the options' overrides (`--compare`:
+a second tree, timed in the same rounds); 'curve' rows override leaves
+searched and reorder depth on the same tree. `indexing.search` never
+reorders fewer than 10·k = 100 candidates and searches at least enough
+leaves to hold twice them, so the curve's low end is clamped there ("leaves
+searched" is the effective value; grid points clamped to a search already
+timed are skipped).
 clustered is topic -> cluster -> item data, clustered_flat the same without
 topics (a worst case for a partition tree; see the data model in the module
 docstring of benchmarks/index_bench.py).
 MB on disk = the `save_index` directory (embeddings.npy, item ids and the
-ScaNN assets, which read the float32 dataset from embeddings.npy).
+ScaNN assets, which read the float32 dataset from embeddings.npy). Peak RSS
+includes every tree, the exact index's device copy of the gallery and fast
+exact's own, and the [1024, N] float32 score block (4 GB at 1M).
 """
 
 
@@ -345,7 +491,7 @@ def main(argv):
   mode = harness.run_mode(FLAGS.quick, FLAGS.smoke)
   sizes = FLAGS.sizes or {"full": ["100000", "1000000"], "quick": ["20000", "100000"],
                           "smoke": ["12000"]}[mode]
-  repeats = FLAGS.repeats or {"full": 3, "quick": 2, "smoke": 1}[mode]
+  repeats = FLAGS.repeats or {"full": 7, "quick": 5, "smoke": 1}[mode]
   num_queries = FLAGS.num_queries or (200 if mode == "smoke" else 1000)
   dim = 32 if mode == "smoke" and FLAGS.dim == 256 else FLAGS.dim
   curve = dict(curve_fractions=[float(x) for x in FLAGS.curve_fractions],
@@ -362,11 +508,10 @@ def main(argv):
         emb = real_embeddings(FLAGS.real_workdir)
         # Galleries of one modality, queried by the other (as the experiment does).
         for gallery_m, query_m in (("texts", "images"), ("images", "texts")):
-          for options in (None, {"mode": "tree_ah"}):
-            for record in bench_gallery(
-                f"real_{gallery_m}", emb[gallery_m], emb[query_m], repeats=repeats,
-                scann_options=options, scratch=scratch, **curve):
-              harness.emit(record)
+          for record in bench_gallery(
+              f"real_{gallery_m}", emb[gallery_m], emb[query_m], repeats=repeats,
+              scann_options=[None, {"mode": "tree_ah"}], scratch=scratch, **curve):
+            harness.emit(record)
       else:
         name, count = FLAGS.worker.split(":")
         count = int(count)
@@ -374,15 +519,18 @@ def main(argv):
         gallery = clustered_gallery(rng, count, dim, max(1, count // 100),
                                     topic_similarity=SYNTHETIC[name])
         queries = cross_modal_queries(rng, gallery, num_queries)
+        compare = [parse_options(options) for options in FLAGS.compare]
         for record in bench_gallery(name, gallery, queries, repeats=repeats,
-                                    scann_options=None, scratch=scratch, **curve):
+                                    scann_options=[None, *compare], scratch=scratch,
+                                    **curve):
           harness.emit({**record, "topic_similarity": SYNTHETIC[name]})
     return
 
   worker_flags = [f"--quick={FLAGS.quick}", f"--smoke={FLAGS.smoke}",
                   f"--repeats={repeats}", f"--num_queries={num_queries}", f"--dim={dim}",
                   f"--curve_fractions={','.join(FLAGS.curve_fractions)}",
-                  f"--curve_reorder={','.join(FLAGS.curve_reorder)}"]
+                  f"--curve_reorder={','.join(FLAGS.curve_reorder)}",
+                  *(f"--compare={options}" for options in FLAGS.compare)]
   records = []
   flat = mode != "smoke" if FLAGS.flat is None else FLAGS.flat
   for name in ["clustered"] + (["clustered_flat"] if flat else []):
@@ -407,11 +555,16 @@ def define_flags():
                     " 20k,100k quick; 12k smoke).")
   flags.DEFINE_integer("dim", 256, "Clustered embedding size (smoke: 32).")
   flags.DEFINE_integer("num_queries", 0, "Queries (0: 1000; smoke 200).")
-  flags.DEFINE_integer("repeats", 0, "Timed searches per point (0: 3 full, 2 quick,"
-                       " 1 smoke).")
-  flags.DEFINE_list("curve_fractions", ["0.005", "0.01", "0.02", "0.05", "0.1", "0.2"],
+  flags.DEFINE_integer("repeats", 0, "Rounds of interleaved timed searches (0: 7"
+                       " full, 5 quick, 1 smoke).")
+  flags.DEFINE_list("curve_fractions",
+                    ["0.005", "0.01", "0.015", "0.02", "0.05", "0.1", "0.2"],
                     "Fractions of the leaves searched on the recall/QPS curve.")
   flags.DEFINE_list("curve_reorder", ["100", "1000"], "Reorder depths on the curve.")
+  flags.DEFINE_multi_string(
+      "compare", [], "ScaNN options of another tree built and timed beside the"
+      " library's on the synthetic galleries, as key=value[,key=value] with"
+      " JSON values (dims_per_block=2); skipped where it equals the library's.")
   flags.DEFINE_bool("flat", None, "Also benchmark the flat clustered model (no"
                     " topics: a worst case for a partition tree, see the docstring);"
                     " default: yes but with --smoke.")

@@ -2,14 +2,17 @@
 
 import hashlib
 import json
+import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
 from ccr_jax import files
 from ccr_jax import indexing
 from ccr_jax.indexing import IndexMismatchError
+from ccr_jax.indexing import exact
 from ccr_jax.indexing import scann_backend
 
 
@@ -96,6 +99,57 @@ def test_exact_index_search_returns_item_ids(small_gallery):
   np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [1, 10, 300, 400])  # 400 > 300 items: clamped
+def test_exact_index_equals_stable_argsort_with_ties(k):
+  # Entries in {-1, 0, 1, 2} over 8 dims: every dot product is a small integer,
+  # exact in float32 in any summation order, so scores must match bit for bit
+  # and the many equal scores test the tie order: the lower gallery row first,
+  # as a stable argsort of -scores orders them.
+  rng = np.random.default_rng(7)
+  gallery = rng.integers(-1, 3, size=(300, 8)).astype(np.float32)
+  queries = rng.integers(-1, 3, size=(37, 8)).astype(np.float32)
+  item_ids = rng.permutation(300) + 5000  # ids out of row order
+  reference = queries.astype(np.float64) @ gallery.astype(np.float64).T
+  order = np.argsort(-reference, axis=1, kind="stable")[:, :min(k, 300)]
+  expected_scores = np.take_along_axis(reference, order, axis=1).astype(np.float32)
+  top_10 = -np.sort(-reference, axis=1)[:, :10]
+  assert (np.diff(top_10, axis=1) == 0).mean() > 0.3  # ties abound
+  index = _build(gallery, item_ids, backend="exact")
+  for block_size in (16, 1024):  # three padded blocks; one block
+    scores, ids = indexing.search(index, queries, k, block_size=block_size)
+    np.testing.assert_array_equal(scores, expected_scores)
+    np.testing.assert_array_equal(ids, item_ids[order])
+    # The free function on a host gallery (copied per call) agrees.
+    scores, rows = indexing.exact_search(queries, gallery, k,
+                                         block_size=block_size)
+    np.testing.assert_array_equal(scores, expected_scores)
+    np.testing.assert_array_equal(rows, order)
+
+
+def test_exact_index_keeps_its_gallery_on_device(small_gallery, tmp_path):
+  gallery, ids = small_gallery
+  index = _build(gallery, ids, backend="exact")
+  # Placed once at build: a search only runs the compiled matmul + top-k.
+  assert isinstance(index.state, jax.Array)
+  np.testing.assert_array_equal(np.asarray(index.state), gallery)
+  assert exact.device_gallery(index.state) is index.state  # no copy
+  expected = indexing.search(index, gallery[:20], 5)
+  compiled = exact._top_k_block._cache_size()
+  # 17 and 20 queries share one 32-row block: nothing compiles again.
+  indexing.search(index, gallery[:17], 5)
+  indexing.search(index, gallery[20:40], 5)
+  assert exact._top_k_block._cache_size() == compiled
+  indexing.save_index(index, tmp_path / "exact")
+  loaded = indexing.load_index(tmp_path / "exact")
+  assert isinstance(loaded.state, jax.Array)
+  for x, y in zip(indexing.search(loaded, gallery[:20], 5), expected):
+    np.testing.assert_array_equal(x, y)
+  # An exact Index assembled without its state still searches (per-call copy).
+  bare = indexing.Index(index.metadata, index.embeddings, index.item_ids)
+  for x, y in zip(indexing.search(bare, gallery[:20], 5), expected):
+    np.testing.assert_array_equal(x, y)
+
+
 @pytest.mark.parametrize("backend", ["exact", "scann"])
 def test_search_many_equals_search_over_concatenation(backend):
   rng = np.random.default_rng(3)
@@ -117,20 +171,21 @@ def test_search_many_equals_search_over_concatenation(backend):
 # ScaNN.
 
 
-@pytest.mark.parametrize("count,leaves,searched,sample", [
-    (10_000, 100, 20, 10_000),  # sqrt(10k); 2 * sqrt(100); whole gallery
-    (20_000, 141, 24, 20_000),  # round(141.4); ceil(23.7)
-    (100_000, 316, 36, 50_000),  # round(316.2); ceil(35.6); sample floor
-    (1_000_000, 1000, 64, 50_000),  # ceil(63.2); 50 * 1000 = 50k
-    (4_000_000, 2000, 90, 100_000),  # ceil(89.4); 50 per leaf
+@pytest.mark.parametrize("count,leaves,searched,sample,dims_per_block", [
+    (10_000, 100, 20, 10_000, 2),  # sqrt(10k); 2 * sqrt(100); whole gallery
+    (20_000, 141, 24, 20_000, 2),  # round(141.4); ceil(23.7)
+    (100_000, 316, 24, 50_000, 2),  # round(316.2); capped at 24; sample floor
+    (1_000_000, 1000, 24, 50_000, 4),  # 2% = 20 < 24; 50 * 1000 = 50k; 4-d AH
+    (4_000_000, 2000, 40, 100_000, 4),  # 2% of 2000; 50 per leaf
 ])
-def test_scann_parameter_rule_for_trees(count, leaves, searched, sample):
+def test_scann_parameter_rule_for_trees(count, leaves, searched, sample,
+                                        dims_per_block):
   params = indexing.scann_parameters(count)
   assert params == {
       "mode": "tree_ah", "num_neighbors": 10, "num_leaves": leaves,
       "num_leaves_to_search": searched, "training_sample_size": sample,
-      "dims_per_block": 2, "anisotropic_quantization_threshold": None,
-      "reorder_num_neighbors": 100}
+      "dims_per_block": dims_per_block,
+      "anisotropic_quantization_threshold": None, "reorder_num_neighbors": 100}
 
 
 def test_scann_parameter_rule_small_galleries_and_overrides():
@@ -148,6 +203,39 @@ def test_scann_parameter_rule_small_galleries_and_overrides():
   forced = indexing.scann_parameters(2400, {"mode": "tree_ah"})
   assert (forced["num_leaves"], forced["num_leaves_to_search"]) == (49, 14)
   assert forced["training_sample_size"] == 2400  # never more than the gallery
+
+
+@pytest.mark.parametrize("count,leaves,searched,dims_per_block", [
+    (10_000, 100, 20, 2),  # 2 * sqrt(100)
+    (20_000, 141, 24, 2),  # ceil(23.7)
+    (100_000, 316, 24, 2),  # capped: 2 * sqrt(316) = 35.6 > 24
+    (999_999, 1000, 24, 2),  # 2% of 1000 = 20 < 24
+    (1_000_000, 1000, 24, 4),  # AH with 4 dims a block from 1M items
+    (4_000_000, 2000, 40, 4),  # 2% of 2000
+])
+def test_scann_rule_caps_leaves_searched_of_large_trees(count, leaves, searched,
+                                                        dims_per_block):
+  params = indexing.scann_parameters(count)
+  assert (params["num_leaves"], params["num_leaves_to_search"],
+          params["dims_per_block"]) == (leaves, searched, dims_per_block)
+  # The rule before the cap stays one option set away.
+  old = indexing.scann_parameters(
+      count, {"num_leaves_to_search": math.ceil(2 * math.sqrt(leaves)),
+              "dims_per_block": 2})
+  assert old == {**params, "num_leaves_to_search": math.ceil(2 * math.sqrt(leaves)),
+                 "dims_per_block": 2}
+
+
+def test_scann_warns_of_coarse_ah_on_low_dimensional_data(small_gallery, caplog):
+  gallery, ids = small_gallery  # 32-d
+  options = {"mode": "tree_ah", "num_leaves": 10}
+  with caplog.at_level("WARNING"):
+    _build(gallery, ids, options=options)
+  assert "dims_per_block" not in caplog.text
+  with caplog.at_level("WARNING"):
+    index = _build(gallery, ids, options={**options, "dims_per_block": 4})
+  assert index.metadata.backend_params["dims_per_block"] == 4
+  assert "32-d" in caplog.text and "'dims_per_block': 2" in caplog.text
 
 
 def test_scann_tree_recall_on_clustered_data(tree_index):

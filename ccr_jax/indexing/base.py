@@ -137,7 +137,9 @@ class Index:
     embeddings: float32 [count, dim], L2-normalised.
     item_ids: int64 [count], the gallery item of each row.
     state: what the backend built to search with (ScaNN: its searcher;
-      exact: None, it searches `embeddings` directly).
+      exact: the embeddings as a float32 device array, `exact.device_gallery`,
+      placed once; None only in a hand-made Index, which then copies the
+      gallery to the device per search).
   """
   metadata: IndexMetadata
   embeddings: np.ndarray

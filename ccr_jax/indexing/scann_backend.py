@@ -9,27 +9,54 @@ embedding-like data (see tests/test_indexing.py and REFERENCES.md):
   the tree is no faster than brute force (both ~28k queries/s at dim 128 on
   2 cores), so a tree buys nothing there. Brute force is exact.
 * otherwise a tree + asymmetric hashing + exact reordering: `num_leaves = L
-  = round(sqrt(count))`, `num_leaves_to_search = ceil(2 * sqrt(L))` (20% of
-  the leaves at 10k items, 11% at 100k, 6.4% at 1M: small galleries are
-  cheap to search and need the larger share for queries from the other
-  modality, a distribution the tree was not trained on),
-  `training_sample_size = min(count, max(50_000, 50 * L))`, plain
-  `score_ah(2)` and a reorder of `max(100, 10 * k)` candidates.
-  Measured by benchmarks/index_bench.py (2 shared cores; clustered 256-d
-  embeddings, queries shifted like another modality's): at 1M items,
-  recall@10 0.9997 against exact at 49x the exact backend's queries/s, built
-  in 31 s; at 100k, 1.0 at 18x; at 20k x 64 (tests), 0.9997. Twice as many,
-  smaller leaves cut the benchmark's 100-item clusters apart below 1M items
-  (at 100k, searching 5% of the points: recall@10 0.87 instead of 0.98) and
-  at 1M gained only on the flat model below. The 50k sample and the plain AH
-  keep the 1M build under a minute: a 100k sample and the anisotropic loss
-  (threshold 0.2) added 3-20 s and 12-27 s to builds of 40-60 s, while every
-  recall loss measured came from the partition, not from the AH scores.
+  = round(sqrt(count))`, `num_leaves_to_search = min(ceil(2 * sqrt(L)),
+  max(24, ceil(0.02 * L)))` (`rule_leaves_to_search`: 20% of the leaves at
+  10k items, 17% at 20k, 7.6% at 100k, 2.4% at 1M, 2% beyond),
+  `training_sample_size = min(count, max(50_000, 50 * L))`, plain AH with 2
+  dimensions a block (4 from `AH_4_DIMS_MIN_COUNT` = 1M items) and a reorder
+  of `max(100, 10 * k)` candidates.
+  Small galleries are cheap to search and need the larger share of leaves for
+  queries from the other modality, a distribution the tree was not trained
+  on. Large ones do not: a query's neighbours lie in a few leaves (3.6 at 1M;
+  at 100k, 7 leaves already give recall@10 0.999), so past ~24 leaves more
+  buy recall only on data without coarse structure, at a proportional cost. Measured by
+  benchmarks/index_bench.py (results/index_bench.md, whole curve; 2 shared
+  cores; clustered 256-d embeddings, 1000 queries shifted like another
+  modality's; every search timed in one process, interleaved with 'fast
+  exact', a bare jitted matmul + top-k: 234 queries/s at 1M, 2360 at 100k):
+    1M, 1000 leaves     searched   AH dims   recall@10   QPS / fast exact
+                        100        2         0.9994      13x
+                        50         2         0.997       23x  (old rule: 64)
+                        24         2         0.995       40x
+                        24 (rule)  4         0.995       69x  (16k queries/s)
+                        15         4         0.989       85x
+                        10         4         0.959       102x
+    100k, 316 leaves    24 (rule)  2         1.0         12x  (old rule: 36)
+                        7          2         0.999       19x
+  The flat model (no topics) at 1M: recall@10 0.49 at the rule's 24 leaves
+  (0.61 at 50, 0.73 at 100, 0.85 at 200).
+  AH with 4 dimensions a block scans half the bytes of 2 (1.3-1.7x the
+  queries/s) but its coarser scores cost recall on low-dimensional data
+  (100k items, 24 leaves searched: recall@10 0.86 -> 0.70 at 32-d, 0.95 ->
+  0.90 at 64-d, 0.997 -> 0.994 at 128-d, 1.0 both at 256-d), hence only
+  from 1M items, where the scan dominates the search; `build` warns below
+  128-d. Other trees were no faster at equal recall on 1M x 256: 2000 leaves
+  (25 searched: 0.994 at the speed of 1000 leaves' 15, and twice the build),
+  3000 leaves, or ScaNN's int8 centroids (`quantize_centroids`, slower on
+  batches: float centroids are scored by one matmul per batch). Twice as
+  many, smaller leaves also cut the benchmark's 100-item clusters apart below
+  1M items (at 100k, searching 5% of the points: recall@10 0.87 instead of
+  0.98). The 50k sample and the plain AH keep the 1M build under a minute: a
+  100k sample and the anisotropic loss (threshold 0.2) added 3-20 s and
+  12-27 s to builds of 40-60 s, while at 256-d every recall loss measured
+  came from the partition, not from the AH scores.
   Recall depends on the data: where clusters have no coarser structure
-  (index_bench's flat model) the tree splits neighbourhoods, and recall@10
-  at 1M is 0.66.
+  (index_bench's flat model) the tree splits neighbourhoods, and recall@10 at
+  1M is far lower (above; 0.67 searching the old rule's 64 leaves).
   Measure real embeddings with `ccr_jax.indexing.recall_against_exact` and
-  override via `build_index(..., options=...)`.
+  override via `build_index(..., options=...)` (e.g. `{'dims_per_block': 2,
+  'leaves_to_search_fraction': 0.05}`); an index records its parameters, so
+  one built by an older rule loads and searches as it was built.
 
 When ScaNN cannot build a searcher at all (an empty gallery, or ScaNN raising
 for the data it is given) `build` raises `base.BuildError`, and
@@ -56,6 +83,14 @@ from ccr_jax.indexing import base
 
 # Below this many items ScaNN scores by brute force (see the module docstring).
 BRUTE_FORCE_MAX_COUNT = 10_000
+# The rule's leaves searched, 2 * sqrt(num_leaves), is capped at
+# max(SEARCHED_LEAVES_FLOOR, SEARCHED_LEAVES_FRACTION * num_leaves): galleries
+# up to 20k items keep the whole 2 * sqrt(L) (module docstring).
+SEARCHED_LEAVES_FLOOR = 24
+SEARCHED_LEAVES_FRACTION = 0.02
+# AH codes 2 dimensions a block (4 bits each), 4 from this many items, where
+# scanning the leaves dominates the search (module docstring).
+AH_4_DIMS_MIN_COUNT = 1_000_000
 SCANN_DIR = "scann"
 ASSETS_FILE = "scann_assets.pbtxt"
 
@@ -83,7 +118,7 @@ def scann_parameters(count: int,
     scann_options: overrides; keys among 'mode' ('auto', 'brute_force',
       'tree_ah'), 'num_neighbors', 'num_leaves', 'num_leaves_to_search',
       'leaves_to_search_fraction' (of num_leaves, instead of the rule's
-      2 * sqrt(num_leaves)), 'training_sample_size', 'dims_per_block',
+      `rule_leaves_to_search`), 'training_sample_size', 'dims_per_block',
       'anisotropic_quantization_threshold' (None: plain AH; ScaNN suggests
       0.2 for dot products), 'reorder_num_neighbors'.
 
@@ -106,13 +141,13 @@ def scann_parameters(count: int,
     num_leaves = int(options.get("num_leaves",
                                  max(2, round(math.sqrt(max(count, 1))))))
     fraction = options.pop("leaves_to_search_fraction", None)
-    searched = (math.ceil(2 * math.sqrt(num_leaves)) if fraction is None
+    searched = (rule_leaves_to_search(num_leaves) if fraction is None
                 else math.ceil(float(fraction) * num_leaves))
     params.update(
         num_leaves=num_leaves,
         num_leaves_to_search=min(num_leaves, max(1, searched)),
         training_sample_size=min(count, max(50_000, 50 * num_leaves)),
-        dims_per_block=2,
+        dims_per_block=4 if count >= AH_4_DIMS_MIN_COUNT else 2,
         anisotropic_quantization_threshold=None,
         reorder_num_neighbors=100,
     )
@@ -124,6 +159,18 @@ def scann_parameters(count: int,
                        " mode='tree_ah'")
   params.update(options)
   return params
+
+
+def rule_leaves_to_search(num_leaves: int) -> int:
+  """Leaves a tree of `num_leaves` searches by the rule (module docstring).
+
+  2 * sqrt(num_leaves), capped at max(SEARCHED_LEAVES_FLOOR,
+  SEARCHED_LEAVES_FRACTION * num_leaves): 14 of 49, 20 of 100, 24 of 141 to
+  1200, then 2%: 40 of 2000.
+  """
+  return min(math.ceil(2 * math.sqrt(num_leaves)),
+             max(SEARCHED_LEAVES_FLOOR,
+                 math.ceil(SEARCHED_LEAVES_FRACTION * num_leaves)))
 
 
 def query_parameters(params: Mapping[str, Any], count: int, k: int
@@ -158,6 +205,12 @@ def query_parameters(params: Mapping[str, Any], count: int, k: int
 def _build(embeddings: np.ndarray, params: Mapping[str, Any]):
   if embeddings.shape[0] == 0:
     raise base.BuildError("empty gallery")
+  dims_per_block = int(params.get("dims_per_block", 2))
+  if params["mode"] == "tree_ah" and dims_per_block >= 4 and embeddings.shape[1] < 128:
+    logging.warning(
+        "ScaNN AH with %d dimensions a block on %d-d embeddings: measured to"
+        " lose recall below 128-d; build with options={'dims_per_block': 2}"
+        " if recall_against_exact says so.", dims_per_block, embeddings.shape[1])
   try:
     from scann import scann_ops_pybind  # pylint: disable=g-import-not-at-top
     builder = scann_ops_pybind.builder(embeddings, int(params["num_neighbors"]),
@@ -171,7 +224,7 @@ def _build(embeddings: np.ndarray, params: Mapping[str, Any]):
           num_leaves_to_search=int(params["num_leaves_to_search"]),
           training_sample_size=int(params["training_sample_size"]),
       ).score_ah(
-          int(params["dims_per_block"]),
+          dims_per_block,
           # ScaNN reads NaN as "no anisotropic loss".
           anisotropic_quantization_threshold=float(
               "nan" if threshold is None else threshold),
