@@ -152,6 +152,7 @@ def test_a_workdir_from_before_pretraining_resumes(tmp_path):
     workdir_lib.check_config(config, str(tmp_path), config_lib.default_dict())
 
 
+@pytest.mark.slow  # Two experiments' setups and a pretraining (seconds).
 def test_pretraining_is_saved_once_and_restored(data_dir, tmp_path, monkeypatch):
   setup = setup_lib.build_setup(_tiny(data_dir), str(tmp_path))
   params = setup_lib.initial_params(setup)

@@ -392,10 +392,14 @@ def check_freeze(runs: Runs, settings: dict) -> None:
 # ------------------------------------------------------------------ the tests
 
 
-# si trains its own task 1 too (its importance is that task's path integral):
-# the slow set, to keep the not-slow loop under 3 minutes.
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "si"
-                                  else n for n in IMPORTANCE])
+# si trains its own task 1 too (its importance is that task's path integral),
+# and online_ewc and mas share ewc's and l2's machinery: the slow set, to
+# keep the not-slow loop under 3 minutes.
+SLOW_IMPORTANCE = ("si", "online_ewc", "mas")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
+                                  if n in SLOW_IMPORTANCE else n for n in IMPORTANCE])
 def test_importance_regulariser_keeps_task1_embeddings_close(runs, name):
   """A strong EWC / online EWC / MAS / L2 pull keeps task 1's image and caption
   embeddings, and their scores, closer to snapshot 1's than fine-tuning does.
