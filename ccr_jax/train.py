@@ -271,7 +271,8 @@ def train_task(state: dict, train_step: Callable, batch_fn: Callable[[int], dict
       when any process asks, so all of them save the same step.
   Raises:
     FloatingPointError: when the loss is not finite, or the model collapsed
-      (every embedding of a window's batches equal), naming the step range;
+      (it ranked in an earlier window; now every similarity of a window's
+      batches is equal and there is no gradient), naming the step range;
       the last state checkpoint on disk is left as it was.
     Interrupted: `should_stop` asked to stop.
   """
@@ -282,6 +283,7 @@ def train_task(state: dict, train_step: Callable, batch_fn: Callable[[int], dict
     writer.resume_at(step_offset + first_step + 1)
   bar = progress.task_progress(task, first_step, num_steps, force=show_progress)
   metrics_sum, since = None, first_step
+  ranked_before = False
   window_start = time.perf_counter()
   try:
     for step in range(first_step, num_steps):
@@ -306,7 +308,12 @@ def train_task(state: dict, train_step: Callable, batch_fn: Callable[[int], dict
               f"task {task}: loss became {host['loss']} between steps {since} and "
               f"{done}; the last good state checkpoint is left intact. Lower "
               "--config.optim.learning_rate or check the data.")
-        if host.get("score_std", 1.0) < COLLAPSED_STD:
+        flat = (host.get("score_std", 1.0) < COLLAPSED_STD
+                and host.get("grad_norm", 1.0) < COLLAPSED_GRAD_NORM)
+        # Collapsed = was ranking, now cannot: a model that starts flat (e.g.
+        # degenerate fixture features) is not a training accident to stop.
+        ranked_before = ranked_before or not flat
+        if flat and ranked_before:
           raise FloatingPointError(
               f"task {task}: the model collapsed between steps {since} and {done} "
               f"(every image-text similarity of the batch is the same: std "
@@ -342,6 +349,10 @@ def train_task(state: dict, train_step: Callable, batch_fn: Callable[[int], dict
 # float32 precision; a model that still ranks anything spreads them by far
 # more (~0.05 at initialisation, ~0.2 trained, on the embedded benchmark).
 COLLAPSED_STD = 1e-6
+# ... and with no gradient the model cannot leave that state: a model whose
+# scores are merely equal for now (identical inputs, e.g. degenerate fixture
+# features at initialisation) still has a gradient and trains on.
+COLLAPSED_GRAD_NORM = 1e-10
 
 
 class Interrupted(Exception):

@@ -204,12 +204,16 @@ class _Sized:
 # Training stops cleanly: on request, and when the model collapsed.
 
 
-def _fake_step(std):
+def _fake_step(std, grad_norm=0.0, healthy_steps=0):
+  """A step whose metrics are healthy (std 0.1, gradient 1) for its first
+  `healthy_steps` steps, then `std` and `grad_norm`."""
   def step(state, batch):
     del batch
+    ok = state["step"] < healthy_steps
     return {**state, "step": state["step"] + 1}, {
-        "loss": jnp.float32(1.0), "grad_norm": jnp.float32(0.0),
-        "score_std": jnp.float32(std)}
+        "loss": jnp.float32(1.0),
+        "grad_norm": jnp.where(ok, 1.0, grad_norm).astype(jnp.float32),
+        "score_std": jnp.where(ok, 0.1, std).astype(jnp.float32)}
   return step
 
 
@@ -237,10 +241,18 @@ def test_stop_request_saves_the_state_at_the_step_and_raises():
 
 
 def test_collapsed_model_is_stopped_with_the_step_range():
-  with pytest.raises(FloatingPointError, match="collapsed between steps 0 and 2"):
-    _run_task(_fake_step(0.0))
+  with pytest.raises(FloatingPointError, match="collapsed between steps 2 and 4"):
+    _run_task(_fake_step(0.0, healthy_steps=2))
+  # Flat from the first step (a dead initialisation on degenerate data): not
+  # a collapse of training, so it is not stopped.
+  state, _ = _run_task(_fake_step(0.0))
+  assert int(state["step"]) == 8
   state, saved = _run_task(_fake_step(0.05))  # A spread model trains on.
   assert int(state["step"]) == 8 and saved == []
+  # Equal scores with a gradient (identical inputs at initialisation) can
+  # still move: not a collapse.
+  state, _ = _run_task(_fake_step(0.0, grad_norm=0.5))
+  assert int(state["step"]) == 8
 
 
 @pytest.mark.slow
