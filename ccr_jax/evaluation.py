@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ccr_jax import indexing
+from ccr_jax.indexing import exact
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -70,10 +71,13 @@ def _paired_ranks_dense(images, texts, image_codes, text_codes):
 
 
 def _check_pair(query_emb, gallery_emb, query_owner, gallery_owner):
-  query_emb = np.asarray(query_emb, np.float32)
-  gallery_emb = np.asarray(gallery_emb, np.float32)
-  query_owner = np.asarray(query_owner)
-  gallery_owner = np.asarray(gallery_owner)
+  # Embeddings stay where they are: JAX arrays (fresh from the model) are
+  # ranked on their device without a host round trip. Owners are small ids,
+  # needed on the host (codes, error messages).
+  query_emb = exact.float32_rows(query_emb)
+  gallery_emb = exact.float32_rows(gallery_emb)
+  query_owner, gallery_owner = (np.asarray(x) for x in jax.device_get(
+      (query_owner, gallery_owner)))
   if (query_emb.ndim != 2 or gallery_emb.ndim != 2
       or query_emb.shape[1] != gallery_emb.shape[1]
       or query_owner.shape != (query_emb.shape[0],)
@@ -109,7 +113,8 @@ def exact_ranks_and_topk(query_emb, gallery_emb, query_owner, gallery_owner, k: 
   """Exact ranks (`exact_ranks`) and the exact top-k, from one scoring pass.
 
   Args:
-    query_emb: float [num_queries, dim].
+    query_emb: float [num_queries, dim], NumPy or JAX (a JAX array is ranked on
+      its device, without a copy to the host and back).
     gallery_emb: float [num_gallery, dim].
     query_owner: int [num_queries], the owner (image id) of each query.
     gallery_owner: int [num_gallery], the owner of each gallery item.
@@ -136,7 +141,7 @@ def exact_ranks_and_topk(query_emb, gallery_emb, query_owner, gallery_owner, k: 
   ranks, has_positive, top = indexing.map_query_blocks(
       lambda q, qc, g, gc: _ranks_and_topk_block(q, g, qc, gc, k),
       [(query_emb, 0.0), (query_codes, -1)],
-      [jnp.asarray(gallery_emb), jnp.asarray(gallery_codes)], block_size)
+      [exact.device_gallery(gallery_emb), jax.device_put(gallery_codes)], block_size)
   _require_positive(has_positive, query_owner)
   return ranks.astype(np.int64), top.astype(np.int64)
 
@@ -155,7 +160,8 @@ def exact_ranks(query_emb, gallery_emb, query_owner, gallery_owner, *,
   so memory is [block_size, num_gallery] and nothing loops per query.
 
   Args:
-    query_emb: float [num_queries, dim].
+    query_emb: float [num_queries, dim], NumPy or JAX (a JAX array is ranked on
+      its device, without a copy to the host and back).
     gallery_emb: float [num_gallery, dim].
     query_owner: int [num_queries], the owner (image id) of each query.
     gallery_owner: int [num_gallery], the owner of each gallery item.
@@ -184,7 +190,7 @@ def paired_ranks(image_emb, text_emb, image_owner, text_owner, *,
   the matmul work of two `exact_ranks` calls. Ranks equal theirs exactly.
 
   Args:
-    image_emb: float [num_images, dim].
+    image_emb: float [num_images, dim], NumPy or JAX (as in `exact_ranks`).
     text_emb: float [num_texts, dim].
     image_owner: int [num_images] (an image owns itself: its id).
     text_owner: int [num_texts], the id of each text's image.
@@ -208,8 +214,8 @@ def paired_ranks(image_emb, text_emb, image_owner, text_owner, *,
             exact_ranks(text_emb, image_emb, text_owner, image_owner,
                         block_size=block_size))
   image_codes, text_codes = _owner_codes(image_owner, text_owner)
-  i2t, t2i, image_has, text_has = (np.asarray(x) for x in _paired_ranks_dense(
-      image_emb, text_emb, image_codes, text_codes))
+  i2t, t2i, image_has, text_has = jax.device_get(_paired_ranks_dense(
+      *jax.device_put((image_emb, text_emb, image_codes, text_codes))))
   _require_positive(image_has, image_owner)
   _require_positive(text_has, text_owner)
   return i2t.astype(np.int64), t2i.astype(np.int64)
@@ -294,6 +300,13 @@ def exact_metrics(query_emb, gallery_emb, query_owner, gallery_owner,
           | rank_stats(ranks)), top_rows
 
 
+def _take_rows(x, rows: np.ndarray):
+  """`x[rows]`, on the device for a JAX array (no host round trip)."""
+  if isinstance(x, jax.Array):
+    return jnp.take(x, jax.device_put(rows), axis=0)
+  return x[rows]
+
+
 def fold_metrics(query_emb, gallery_emb, query_owner, gallery_owner,
                  image_order, fold_size: int, ks: Sequence[int]) -> dict[str, float]:
   """`exact_metrics` averaged over folds of `fold_size` images (COCO-1K).
@@ -320,13 +333,14 @@ def fold_metrics(query_emb, gallery_emb, query_owner, gallery_owner,
     raise ValueError(f"{len(image_order)} test images cannot be cut into folds of "
                      f"{fold_size}; set eval.fold_size to a divisor (COCO-1K: "
                      "1000 on the 5,000-image test split) or 0 for no folds.")
-  query_owner, gallery_owner = np.asarray(query_owner), np.asarray(gallery_owner)
+  query_emb, gallery_emb, query_owner, gallery_owner = _check_pair(
+      query_emb, gallery_emb, query_owner, gallery_owner)
   per_fold = []
   for start in range(0, len(image_order), fold_size):
     fold = image_order[start:start + fold_size]
-    q = np.isin(query_owner, fold)
-    g = np.isin(gallery_owner, fold)
-    m, _ = exact_metrics(np.asarray(query_emb)[q], np.asarray(gallery_emb)[g],
+    q = np.flatnonzero(np.isin(query_owner, fold))
+    g = np.flatnonzero(np.isin(gallery_owner, fold))
+    m, _ = exact_metrics(_take_rows(query_emb, q), _take_rows(gallery_emb, g),
                          query_owner[q], gallery_owner[g], ks)
     per_fold.append(m)
   return {"fold_" + name.removeprefix("exact_"):

@@ -234,3 +234,34 @@ def test_fold_metrics_average_independent_folds():
   with pytest.raises(ValueError, match="fold_size"):
     evaluation.fold_metrics(images, captions, image_ids, caption_owner, order,
                             fold_size=5, ks=(1,))
+
+
+def test_device_embeddings_are_ranked_without_implicit_transfers():
+  # Embeddings fresh from the model are JAX arrays: every entry point ranks
+  # them where they are. Under the "disallow" guard any implicit copy (a
+  # NumPy conversion of an embedding array, a NumPy array fed to a jitted
+  # function) raises; only the explicit copies of small ids and of the
+  # results pass. The ranks must equal those of the NumPy inputs.
+  import jax  # pylint: disable=g-import-not-at-top
+  images, image_ids, captions, caption_owner = _retrieval_data(num_images=12, seed=8)
+  order = np.random.default_rng(8).permutation(image_ids)
+  on_device = [jax.device_put(images), jax.device_put(captions)]
+  want = (evaluation.exact_ranks_and_topk(images, captions, image_ids, caption_owner,
+                                          10, block_size=8),
+          evaluation.paired_ranks(images, captions, image_ids, caption_owner),
+          evaluation.paired_ranks(images, captions, image_ids, caption_owner,
+                                  max_score_bytes=0, block_size=8),
+          evaluation.fold_metrics(captions, images, caption_owner, image_ids, order,
+                                  fold_size=4, ks=(1, 5)))
+  with jax.transfer_guard("disallow"):
+    got = (evaluation.exact_ranks_and_topk(*on_device, image_ids, caption_owner, 10,
+                                           block_size=8),
+           evaluation.paired_ranks(*on_device, image_ids, caption_owner),
+           evaluation.paired_ranks(*on_device, image_ids, caption_owner,
+                                   max_score_bytes=0, block_size=8),
+           evaluation.fold_metrics(on_device[1], on_device[0], caption_owner, image_ids,
+                                   order, fold_size=4, ks=(1, 5)))
+  for g, w in zip(got[:3], want[:3]):
+    for a, b in zip(g, w):
+      np.testing.assert_array_equal(a, b)
+  assert got[3] == want[3]

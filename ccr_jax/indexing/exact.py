@@ -53,17 +53,29 @@ def query_blocks(num_queries: int, block_size: int) -> tuple[int, int]:
   return block, -(-num_queries // block)
 
 
-def map_query_blocks(fn: Callable, per_query: Sequence[tuple[np.ndarray, Any]],
+@functools.partial(jax.jit, static_argnames=("block", "num_blocks", "fill"))
+def _device_blocks(array, block, num_blocks, fill):
+  # Jitted, so that padding and slicing a device array copy nothing to or
+  # from the host (`fill` and the bounds are constants of the program).
+  pad = [(0, block * num_blocks - array.shape[0])] + [(0, 0)] * (array.ndim - 1)
+  return tuple(jnp.split(jnp.pad(array, pad, constant_values=fill), num_blocks))
+
+
+def map_query_blocks(fn: Callable, per_query: Sequence[tuple[Any, Any]],
                      shared: Sequence[Any], block_size: int) -> list[np.ndarray]:
   """Runs `fn(*query_block_arrays, *shared)` over padded query blocks.
 
   Every block has the same shape (`query_blocks`), so one compiled program
   serves any query count; every block is dispatched before any is read back,
-  so the device stays busy.
+  so the device stays busy. Query arrays already on the device (JAX arrays,
+  e.g. fresh embeddings) are padded and cut into blocks there; NumPy ones on
+  the host, each block then copied over explicitly. Only the outputs come
+  back to the host.
 
   Args:
     fn: a jitted function returning a tuple of arrays with a leading query axis.
-    per_query: (array [num_queries, ...], pad value) pairs, sliced per block.
+    per_query: (array [num_queries, ...], pad value) pairs, NumPy or JAX, sliced
+      per block.
     shared: arguments passed whole to every block (e.g. the gallery).
     block_size: queries per compiled block.
 
@@ -72,15 +84,26 @@ def map_query_blocks(fn: Callable, per_query: Sequence[tuple[np.ndarray, Any]],
   """
   num_queries = len(per_query[0][0])
   block, num_blocks = query_blocks(num_queries, block_size)
-  padded = []
+  blocked = []
   for array, fill in per_query:
-    full = np.full((block * num_blocks, *array.shape[1:]), fill, array.dtype)
-    full[:num_queries] = array
-    padded.append(full)
-  results = [fn(*(p[b * block:(b + 1) * block] for p in padded), *shared)
-             for b in range(num_blocks)]
-  return [np.concatenate([np.asarray(r[i]) for r in results])[:num_queries]
+    if isinstance(array, jax.Array):
+      blocked.append(_device_blocks(array, block, num_blocks, fill))
+    else:
+      full = np.full((block * num_blocks, *array.shape[1:]), fill, array.dtype)
+      full[:num_queries] = array
+      blocked.append(jax.device_put(np.split(full, num_blocks)))
+  results = [fn(*(p[b] for p in blocked), *shared) for b in range(num_blocks)]
+  host = jax.device_get(results)
+  return [np.concatenate([r[i] for r in host])[:num_queries]
           for i in range(len(results[0]))]
+
+
+def float32_rows(x):
+  """`x` as float32, where it is: a JAX array stays on its device (no host
+  round trip), anything else becomes a NumPy array."""
+  if isinstance(x, jax.Array):
+    return x.astype(jnp.float32)  # The same array when already float32.
+  return np.asarray(x, np.float32)
 
 
 def device_gallery(gallery) -> jax.Array:
@@ -109,7 +132,7 @@ def exact_search(queries, gallery, k: int, *,
   one compiled program (per gallery shape and k) serves every query count.
 
   Args:
-    queries: float [num_queries, dim].
+    queries: float [num_queries, dim], NumPy or JAX (searched where it is).
     gallery: float [num_gallery, dim]. A NumPy gallery is copied to the device
       on every call; pass `device_gallery(gallery)` to search it repeatedly.
     k: neighbours wanted; clamped to num_gallery.
@@ -121,9 +144,7 @@ def exact_search(queries, gallery, k: int, *,
       scores keep the lower gallery index first (`lax.top_k`'s order, that of
       a stable argsort of -scores).
   """
-  queries = np.asarray(queries, np.float32)
-  if not isinstance(gallery, jax.Array):
-    gallery = np.asarray(gallery, np.float32)
+  queries, gallery = float32_rows(queries), float32_rows(gallery)
   if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
     raise ValueError(f"queries {queries.shape} and gallery {gallery.shape} must"
                      " be [num_queries, dim] and [num_gallery, dim]")
