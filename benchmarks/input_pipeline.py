@@ -76,6 +76,7 @@ writes them to benchmarks/results/input_pipeline.{json,md}.
 from __future__ import annotations
 
 import collections
+import functools
 import io
 import json
 import os
@@ -99,6 +100,8 @@ from ccr_jax.data import coco
 from ccr_jax.data import images
 from ccr_jax.data import pipeline
 from ccr_jax.data import text
+from ccr_jax.models import dual_encoder
+from ccr_jax.models import minilm
 from configs import coco_vsepp
 
 MODULE = "benchmarks.input_pipeline"
@@ -324,9 +327,14 @@ def measure_pipeline(pool, batch_size: int, *, warmup: int,
 # Device side: the train step.
 
 
-def step_config(backbone: str, batch_size: int, smoke: bool):
-  """configs/coco_vsepp.py with ResNet-50 (smoke: ResNet-18, tiny widths) and InfoNCE."""
+def step_config(backbone: str, batch_size: int, smoke: bool, text_tower: str = "gru"):
+  """configs/coco_vsepp.py with ResNet-50 (smoke: ResNet-18, tiny widths) and InfoNCE.
+
+  `text_tower` "minilm" replaces the GRU by all-MiniLM-L6-v2 (fine-tuned,
+  randomly initialised: the same work as the pretrained weights).
+  """
   config = coco_vsepp.get_config()
+  config.model.text_tower = text_tower
   config.model.image_tower = "resnet18" if smoke else "resnet50"
   config.model.freeze_backbone = backbone == "frozen"
   if smoke:
@@ -371,6 +379,24 @@ def _timed_steps(compiled, state, batch_fn, count: int,
   return times, state, metrics
 
 
+def text_forward_flops(config, vocab_size: int, batch_size: int, max_len: int) -> float:
+  """Matmul FLOPs of the text tower's forward over `[batch_size, max_len]` tokens.
+
+  Counted in the jaxpr of `DualEncoder.embed_texts` (`jaxpr_matmul_flops`),
+  traced on abstract shapes: for a transformer, whose every position is
+  computed whatever the caption's length, this is its model work.
+  """
+  model = dual_encoder.build_model(config.model, vocab_size)
+  tokens = jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32)
+  lengths = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+  embed = functools.partial(model.apply, method=dual_encoder.DualEncoder.embed_texts)
+  params = jax.eval_shape(functools.partial(
+      model.init, method=dual_encoder.DualEncoder.embed_texts), jax.random.key(0),
+      tokens, lengths)
+  return train_throughput.jaxpr_matmul_flops(
+      jax.make_jaxpr(embed)(params, tokens, lengths).jaxpr)
+
+
 def measure_step(config, *, vocab_size: int, image_size: int,
                  host_batches: list[dict], warmup: int, steps: int,
                  matmul: tuple[Callable[[], None], float], fed_pool=None) -> list[dict]:
@@ -389,12 +415,22 @@ def measure_step(config, *, vocab_size: int, image_size: int,
   batch_size = config.train.batch_size
   placed = [sharding.shard_batch(b, mesh) for b in host_batches]
   real_tokens = float(np.mean([np.sum(b["lengths"]) for b in host_batches]))
-  gru = train_throughput.gru_flops(real_tokens, config.model.word_dim,
-                                   config.model.embed_dim)
+  max_len = config.data.max_caption_len
+  if config.model.text_tower == "gru":
+    # The packed GRU's while loops are invisible to the jaxpr count: added.
+    text_flops = gru = train_throughput.gru_flops(real_tokens, config.model.word_dim,
+                                                  config.model.embed_dim)
+  else:
+    # No loops: the jaxpr counts the text tower; the model count takes its
+    # forward, x3 when it trains (forward + backward).
+    trains = not config.model.get("freeze_text_backbone", False)
+    text_flops = (3 if trains else 1) * text_forward_flops(
+        config, vocab_size, batch_size, max_len)
+    gru = 0.0
   backbone = "frozen" if config.model.freeze_backbone else "finetune"
   train_step, state, _ = train_throughput.build_train_step(
       config, vocab_size, (image_size, image_size, 3),
-      config.data.max_caption_len, mesh)
+      max_len, mesh)
   jaxpr_flops = train_throughput.jaxpr_matmul_flops(
       jax.make_jaxpr(train_step)(state, placed[0]).jaxpr) + gru
   compile_s, compiled = harness.timed(lambda: train_step.lower(state, placed[0]).compile())
@@ -410,7 +446,7 @@ def measure_step(config, *, vocab_size: int, image_size: int,
   # convolution inserts: +15 % for a trained ResNet-50), else the jaxpr's.
   analytic = (RESNET50_FORWARD_FLOPS * (1 if backbone == "frozen" else 3)
               if config.model.image_tower == "resnet50" else None)
-  flops = jaxpr_flops if analytic is None else analytic * batch_size + gru
+  flops = jaxpr_flops if analytic is None else analytic * batch_size + text_flops
   records = [{
       "kind": "step", "image_tower": config.model.image_tower,
       "backbone": backbone, "text_tower": config.model.text_tower,
@@ -421,8 +457,10 @@ def measure_step(config, *, vocab_size: int, image_size: int,
       "cpu_ms_per_image": 1e3 * step_cpu_s / batch_size,
       "cores_busy": step_cpu_s / step_s,
       "flops_per_step": flops, "flops_per_image": flops / batch_size,
-      "flops_counted_by": "jaxpr" if analytic is None else "analytic ResNet-50 + GRU",
-      "gru_flops_per_step": gru, "jaxpr_flops_per_step": jaxpr_flops,
+      "flops_counted_by": "jaxpr" if analytic is None else (
+          f"analytic ResNet-50 + {config.model.text_tower}"),
+      "gru_flops_per_step": gru, "text_flops_per_step": text_flops,
+      "jaxpr_flops_per_step": jaxpr_flops,
       "xla_flops_per_step": train_throughput.xla_cost(compiled)["xla_flops"],
       "analytic_resnet50_flops_per_image": analytic,
       "flops_per_s": flops / step_s,
@@ -456,7 +494,8 @@ def measure_step(config, *, vocab_size: int, image_size: int,
     fed_s = statistics.median(times["fed"])
     records.append({
         "kind": "fed", "image_tower": config.model.image_tower,
-        "backbone": backbone, "batch_size": batch_size,
+        "backbone": backbone, "text_tower": config.model.text_tower,
+        "batch_size": batch_size,
         "image_size": image_size, "step_s": fed_s,
         "placed_step_s": statistics.median(times["placed"]),
         "images_per_s": batch_size / fed_s,
@@ -479,7 +518,7 @@ def ratio_records(pipelines: Sequence[dict], steps: Sequence[dict]) -> list[dict
   """
   return [{"kind": "ratio", "decode_threads": p["decode_threads"],
            "threads_resolved": p["threads_resolved"], "backbone": s["backbone"],
-           "delivered_images_per_s": p["images_per_s"],
+           "text_tower": s["text_tower"], "delivered_images_per_s": p["images_per_s"],
            "consumed_images_per_s": s["images_per_s"],
            "delivered_over_consumed": p["images_per_s"] / s["images_per_s"],
            "pipeline_cpu_over_step_cpu": p["cpu_ms_per_image"] / s["cpu_ms_per_image"]}
@@ -533,7 +572,8 @@ def extrapolation_records(cpu_ms_per_image: float, steps: Sequence[dict],
               "cpu_ms_per_image": cpu_ms_per_image,
               "cores_needed": rate * cpu_ms_per_image / 1e3}
     for s in steps:
-      if s["image_tower"] == "resnet50":
+      # The GRU steps' (the columns' meaning since before MiniLM was added).
+      if s["image_tower"] == "resnet50" and s["text_tower"] == "gru":
         record[f"h100_tf32_fraction_{s['backbone']}"] = (
             rate * s["flops_per_image"] / H100_TF32_FLOPS_PER_S)
     out.append(record)
@@ -559,6 +599,7 @@ PIPELINE_COLUMNS = (
     ("cpu_utilisation", "cores busy"), ("load_average", "load avg"))
 STEP_COLUMNS = (
     ("kind", "what"), ("image_tower", "image tower"), ("backbone", "backbone"),
+    ("text_tower", "text tower"),
     ("batch_size", "batch"), ("images_per_s", "images/s"), ("step_ms", "ms/step"),
     ("cpu_ms_per_image", "CPU ms/image"), ("cores_busy", "cores busy"),
     ("compile_s", "compile s"), ("gflops_per_image", "model GFLOP/image"),
@@ -569,7 +610,8 @@ STEP_COLUMNS = (
     ("load_average", "load avg"))
 RATIO_COLUMNS = (
     ("decode_threads", "decode_threads"), ("threads_resolved", "threads"),
-    ("backbone", "backbone"), ("delivered_images_per_s", "delivered images/s"),
+    ("backbone", "backbone"), ("text_tower", "text tower"),
+    ("delivered_images_per_s", "delivered images/s"),
     ("consumed_images_per_s", "consumed images/s"),
     ("delivered_over_consumed", "delivered / consumed"),
     ("pipeline_cpu_over_step_cpu", "pipeline CPU / step CPU per image"))
@@ -733,9 +775,13 @@ def main(argv):
                                          step=s) for s in range(2)]
     matmul = make_matmul(256 if smoke else 2048)
     step_records = []
-    for i, backbone in enumerate(backbones):
+    towers = [(b, t) for t in FLAGS.text_towers for b in backbones]
+    for i, (backbone, text_tower) in enumerate(towers):
+      # MiniLM reads WordPiece ids; the pipeline's ids (a smaller
+      # vocabulary) are valid ones, and the work does not depend on them.
       for record in measure_step(
-          step_config(backbone, step_batch, smoke), vocab_size=10_000,
+          step_config(backbone, step_batch, smoke, text_tower),
+          vocab_size=minilm.VOCAB_SIZE if text_tower == "minilm" else 10_000,
           image_size=image_size, host_batches=host_batches, warmup=1,
           steps=steps, matmul=matmul,
           fed_pool=step_pool if i == 0 and FLAGS.fed else None):
@@ -771,6 +817,8 @@ def define_flags():
   flags.DEFINE_integer("steps", 0, "Timed train steps (0: 4 full, 2 quick, 1 smoke).")
   flags.DEFINE_list("backbones", list(BACKBONES), f"Of {BACKBONES}: the ResNet "
                     "trained (fwd + bwd) or frozen (configs/coco_vsepp.py).")
+  flags.DEFINE_list("text_towers", ["gru"], "Text towers of the train step: gru "
+                    "(VSE++'s) and/or minilm (all-MiniLM-L6-v2, fine-tuned).")
   flags.DEFINE_bool("fed", True, "Also time the first backbone's step fed by "
                     "the pipeline.")
   flags.DEFINE_string("workdir", "", "Keep the manual dir and built dataset "

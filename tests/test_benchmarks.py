@@ -15,7 +15,9 @@ import pytest
 from benchmarks import eval_speed
 from benchmarks import harness
 from benchmarks import index_bench
+from benchmarks import profile_step
 from benchmarks import train_throughput
+from benchmarks import vs_pytorch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,6 +120,7 @@ def test_eval_speed_smoke():
   _assert_keys([record], ["eval_s", "matmul_s", "loop_s"])
   assert record["ranks_match"] and record["ranks_checked"] > 0
   assert record["per_direction_ranks_equal"]
+  assert record["eval_device_ranks_equal"] and record["eval_device_s"] > 0
   assert record["loop_extrapolated"]
 
 
@@ -153,3 +156,53 @@ def test_index_bench_smoke(tiny_workdir):
   for r in records:
     if r["scann_mode"] == "brute_force":
       assert r["recall_at_10"] == pytest.approx(1.0)
+
+
+def test_profile_summary_sums_complete_events_per_timeline(tmp_path):
+  # A perfetto trace by hand: two timelines, a Python-tracer event (left
+  # out), an instant event (no duration: left out), 2 traced steps.
+  import gzip, json  # pylint: disable=g-import-not-at-top,multiple-imports
+  events = [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+      {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+      {"ph": "X", "pid": 1, "name": "fusion.1", "dur": 3000},
+      {"ph": "X", "pid": 1, "name": "fusion.1", "dur": 1000},
+      {"ph": "X", "pid": 2, "name": "fusion.1", "dur": 500},
+      {"ph": "X", "pid": 1, "name": "$api.py:1 block_until_ready", "dur": 9000},
+      {"ph": "i", "pid": 1, "name": "marker"},
+  ]
+  path = tmp_path / "perfetto_trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  got = profile_step.summarize_trace(str(path), steps=2)
+  assert got == [
+      {"timeline": "/host:CPU", "name": "fusion.1", "ms_per_step": 2.0, "calls_per_step": 1.0},
+      {"timeline": "/device:GPU:0", "name": "fusion.1", "ms_per_step": 0.25,
+       "calls_per_step": 0.5}]
+
+
+def test_vs_pytorch_summary_and_missing_torch():
+  rounds = [{"batch_size": b, "device": "cpu", "backend": "cpu", "torch": "t",
+             "torch_threads": 2, "ours_pairs_per_s": o, "torch_pairs_per_s": t,
+             "ratio": o / t, "ours_mean_len": 12.0, "torch_mean_len": 12.5}
+            for b, o, t in ((128, 400.0, 200.0), (128, 300.0, 200.0), (128, 500.0, 200.0),
+                            (512, 100.0, 100.0))]
+  by_batch = {r["batch_size"]: r for r in vs_pytorch.summarize(rounds)}
+  assert by_batch[128]["ratio"] == 2.0 and by_batch[128]["ratio_min"] == 1.5
+  assert by_batch[128]["ratio_max"] == 2.5 and by_batch[128]["rounds"] == 3
+  assert by_batch[512]["ratio"] == 1.0
+  # An interpreter without torch (CI's): the error says which flag to fix.
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    with pytest.raises(RuntimeError, match="--torch_python"):
+      vs_pytorch.torch_step(sys.executable, 2, 1, "cpu")
+
+
+@pytest.mark.slow
+def test_profile_step_smoke(tmp_path):
+  records = _run_smoke("benchmarks.profile_step", f"--trace_dir={tmp_path}", "--top=5")
+  header, events = records[0], records[1:]
+  assert header["kind"] == "step" and header["step_ms"] > 0
+  assert os.path.exists(header["trace"])
+  assert 0 < len(events) <= 5 and all(e["ms_per_step"] >= 0 for e in events)

@@ -115,3 +115,17 @@ def test_input_pipeline_smoke():
         ratio["delivered_images_per_s"] / step["images_per_s"])
   assert all("load_average" in r for r in records)
   assert "|---" in proc.stdout, "the markdown tables are missing"
+
+
+def test_minilm_forward_flops_match_the_architecture():
+  # all-MiniLM-L6-v2: 6 layers, width 384, FFN 1536. Per layer: Q, K, V and
+  # output projections (4 H^2 per token), the FFN (2 H F per token), scores
+  # and weighted values (2 L H per token); then the [H -> embed_dim]
+  # projection of each caption's pooled vector. Multiply-adds x 2.
+  from ccr_jax.models import minilm  # pylint: disable=g-import-not-at-top
+  config = input_pipeline.step_config("finetune", 2, True, "minilm")
+  batch, length, width, ffn, embed = 3, 8, 384, 1536, config.model.embed_dim
+  per_layer = 2 * batch * length * (4 * width * width + 2 * width * ffn + 2 * length * width)
+  want = 6 * per_layer + 2 * batch * width * embed
+  got = input_pipeline.text_forward_flops(config, minilm.VOCAB_SIZE, batch, length)
+  assert got == want
