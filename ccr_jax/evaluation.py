@@ -160,12 +160,8 @@ def exact_ranks(query_emb, gallery_emb, query_owner, gallery_owner, *,
   so memory is [block_size, num_gallery] and nothing loops per query.
 
   Args:
-    query_emb: float [num_queries, dim], NumPy or JAX (a JAX array is ranked on
-      its device, without a copy to the host and back).
-    gallery_emb: float [num_gallery, dim].
-    query_owner: int [num_queries], the owner (image id) of each query.
-    gallery_owner: int [num_gallery], the owner of each gallery item.
-    block_size: queries per compiled block.
+    query_emb, gallery_emb, query_owner, gallery_owner, block_size: as in
+      `exact_ranks_and_topk`.
 
   Returns:
     int64 [num_queries] ranks in [0, num_gallery).

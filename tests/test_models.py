@@ -15,6 +15,16 @@ VOCAB = 30
 DIM = 16
 
 
+
+def assert_leaves_close(got_tree, want_tree, rel_atol):
+  """Every leaf of `got_tree` within rel_atol * max|leaf| of `want_tree`'s (same keys)."""
+  for path, got in jax.tree_util.tree_leaves_with_path(got_tree):
+    want = want_tree
+    for key in path:
+      want = want[key.key]
+    np.testing.assert_allclose(got, want, atol=rel_atol * float(jnp.max(jnp.abs(want))),
+                               err_msg=jax.tree_util.keystr(path))
+
 def model_config(**overrides):
   fields = dict(image_tower="cnn", text_tower="gru", embed_dim=DIM, word_dim=8,
                 cnn_widths=(4, 8))
@@ -197,14 +207,9 @@ def test_gru_matches_references(block_rows, monkeypatch):
   cotangent = jnp.asarray(np.random.default_rng(6).normal(size=out.shape), jnp.float32)
   grads = jax.jit(jax.grad(lambda p: jnp.sum(embed(p, tokens, lengths) * cotangent)))(params)
   expected = jax.grad(lambda p: jnp.sum(scan_gru(p, tokens, lengths) * cotangent))(params)
-  for path, got in jax.tree_util.tree_leaves_with_path(grads):
-    want = expected
-    for key in path:
-      want = want[key.key]
-    # Both float32, summed in different orders: observed within 3e-7 of the
-    # largest entry; bound ~7x that.
-    np.testing.assert_allclose(got, want, atol=2e-6 * float(jnp.max(jnp.abs(want))),
-                               err_msg=jax.tree_util.keystr(path))
+  # Both float32, summed in different orders: observed within 3e-7 of the
+  # largest entry; bound ~7x that.
+  assert_leaves_close(grads, expected, rel_atol=2e-6)
   assert float(jnp.max(jnp.abs(grads["gru"]["recurrent_kernel"]))) > 0.0
 
 
