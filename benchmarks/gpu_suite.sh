@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17's GPU measurements in one run of about 7 minutes, from the project root on an offline GPU machine:
+# Issue 17's GPU measurements in one run of about 8 minutes, from the project root on an offline GPU machine:
 #   bash ../shared/gpu/prepare.sh                      # here, with package access: fills the ignored .gpu/
 #   run: command "bash benchmarks/gpu_suite.sh", carry [".gpu"], timeout_s 590; then give_back
 # It installs .gpu/whl (the kit's wheels) into /tmp/site unless they import already, then runs, each under a timeout
@@ -41,6 +41,7 @@ step() {  # step NAME SECONDS COMMAND...: runs it, keeps its JSON lines in $OUT/
 step vs_pytorch 150 python3 -m benchmarks.vs_pytorch --torch_python="$torch_python" --device="$torch_device" \
   --batch_sizes=128,512,2048 --rounds=1 $size
 step profile_default 60 python3 -m benchmarks.profile_step --setup=default --top=40 --trace_dir="$OUT/trace_default" $size
+step profile_vsepp 60 python3 -m benchmarks.profile_step --setup=vsepp --top=40 --trace_dir="$OUT/trace_vsepp" $size
 step gru_impls 120 python3 -m benchmarks.train_throughput --setups=default,vsepp --devices=1 --gru_impl=scan,packed $size
 step eval_speed 60 python3 -m benchmarks.eval_speed --loop_images=20 $size
 step mixed_precision 60 python3 -m benchmarks.mixed_precision --parts=speed $size

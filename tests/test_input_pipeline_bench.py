@@ -73,14 +73,20 @@ def test_scaling_record_bounds_threads_by_the_prefetch_threads_share():
 
 
 def test_extrapolation_and_ratios():
-  steps = [{"image_tower": "resnet50", "backbone": "finetune",
+  steps = [{"image_tower": "resnet50", "backbone": "finetune", "text_tower": "gru",
             "images_per_s": 4.0, "cpu_ms_per_image": 400.0,
-            "flops_per_image": 24.54e9}]
+            "flops_per_image": 24.54e9},
+           # MiniLM's step has its own ratios but not the H100 columns (GRU's).
+           {"image_tower": "resnet50", "backbone": "finetune", "text_tower": "minilm",
+            "images_per_s": 2.0, "cpu_ms_per_image": 800.0,
+            "flops_per_image": 26.6e9}]
   pipelines = [{"decode_threads": 0, "threads_resolved": 2, "images_per_s": 1000.0,
                 "cpu_ms_per_image": 2.0}]
-  (ratio,) = input_pipeline.ratio_records(pipelines, steps)
+  ratio, minilm_ratio = input_pipeline.ratio_records(pipelines, steps)
   assert ratio["delivered_over_consumed"] == pytest.approx(250.0)
   assert ratio["pipeline_cpu_over_step_cpu"] == pytest.approx(2.0 / 400.0)
+  assert minilm_ratio["text_tower"] == "minilm"
+  assert minilm_ratio["delivered_over_consumed"] == pytest.approx(500.0)
   records = input_pipeline.extrapolation_records(2.0, steps, rates=(3000,))
   # 3000 images/s x 2 ms of one core each = 6 cores; 3000 x 24.54 GFLOP
   # over 494.7 TFLOP/s.
