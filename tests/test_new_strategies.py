@@ -128,6 +128,8 @@ def tiny_model():
               mesh=sharding.make_mesh(), batch=batch)
 
 
+# Slow (6 s): the projection itself is checked against NumPy above, fast.
+@pytest.mark.slow
 def test_agem_step_projects_the_current_rows_gradient(tiny_model):
   """Through the compiled step: the update is Adam's first step on the
   projection of the current rows' gradient against the memory rows'."""

@@ -393,9 +393,10 @@ def check_freeze(runs: Runs, settings: dict) -> None:
 
 
 # si trains its own task 1 too (its importance is that task's path integral),
-# and online_ewc and mas share ewc's and l2's machinery: the slow set, to
-# keep the not-slow loop under 3 minutes.
-SLOW_IMPORTANCE = ("si", "online_ewc", "mas")
+# and online_ewc, mas and ewc share l2's penalty machinery (ewc adds the
+# Fisher estimate, which test_strategies checks analytically): the slow
+# set, to keep the not-slow loop under 3 minutes.
+SLOW_IMPORTANCE = ("si", "online_ewc", "mas", "ewc")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow)
