@@ -95,8 +95,8 @@ def measure_speed(name: str, *, smoke: bool, warmup: int, steps: int) -> list[di
         lambda: train_step.lower(state, batches[0]).compile())
     runs[dtype] = (compiled, state)
   load_before = harness.load_average()
-  times, metrics = train_throughput.time_steps_interleaved(runs, batches, warmup=warmup,
-                                                           steps=steps)
+  times, metrics, _ = train_throughput.time_steps_interleaved(runs, batches, warmup=warmup,
+                                                              steps=steps)
   records = []
   for dtype in DTYPES:
     loss = float(metrics[dtype]["loss"])

@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -87,19 +86,12 @@ def measure(setup_name: str, *, steps: int, traced: int, trace_dir: str, top: in
   step, state, _ = train_throughput.build_train_step(
       setup.config, setup.vocab_size, setup.image_shape, setup.max_len, mesh)
   compiled = step.lower(state, batches[0]).compile()
-  times = []
-  for i in range(2 + steps):
-    start = time.perf_counter()
-    state, metrics = compiled(state, batches[i % len(batches)])
-    jax.block_until_ready((state, metrics))
-    if i >= 2:
-      times.append(time.perf_counter() - start)
+  times, _, state = train_throughput.time_steps(compiled, state, batches, warmup=2,
+                                                steps=steps)
   step_ms = 1e3 * statistics.median(times)
   shutil.rmtree(trace_dir, ignore_errors=True)
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-    for i in range(traced):
-      state, metrics = compiled(state, batches[i % len(batches)])
-      jax.block_until_ready((state, metrics))
+    train_throughput.time_steps(compiled, state, batches, warmup=0, steps=traced)
   (path,) = glob.glob(os.path.join(trace_dir, "plugins", "profile", "*",
                                    "perfetto_trace.json.gz"))
   header = {"benchmark": "profile_step", "setup": setup_name, "kind": "step",

@@ -233,18 +233,20 @@ def build_train_step(config: ml_collections.ConfigDict, vocab_size: int,
 
 
 def time_steps(compiled, state: dict, batches: list[dict], *, warmup: int,
-               steps: int) -> tuple[list[float], dict]:
+               steps: int) -> tuple[list[float], dict, dict]:
   """Runs `warmup + steps` steps cycling through placed `batches`, each blocked on.
 
-  Returns the wall times of the `steps` timed steps and the last metrics.
+  Returns the wall times of the `steps` timed steps, the last metrics and the
+  last state (`state` itself is donated).
   """
-  times, metrics = time_steps_interleaved({"": (compiled, state)}, batches,
-                                          warmup=warmup, steps=steps)
-  return times[""], metrics[""]
+  times, metrics, states = time_steps_interleaved({"": (compiled, state)}, batches,
+                                                  warmup=warmup, steps=steps)
+  return times[""], metrics[""], states[""]
 
 
 def time_steps_interleaved(runs: dict[str, tuple], batches: list[dict], *, warmup: int,
-                           steps: int) -> tuple[dict[str, list[float]], dict[str, dict]]:
+                           steps: int
+                           ) -> tuple[dict[str, list[float]], dict[str, dict], dict[str, dict]]:
   """`time_steps` for several compiled steps at once, one step of each in turn.
 
   Args:
@@ -254,9 +256,10 @@ def time_steps_interleaved(runs: dict[str, tuple], batches: list[dict], *, warmu
     warmup, steps: untimed and timed rounds.
 
   Returns:
-    (name -> the `steps` wall times, name -> the last metrics). Round i of
-    every run saw the same batch and, being adjacent in time, about the same
-    background load: per-round ratios compare them fairly.
+    (name -> the `steps` wall times, name -> the last metrics, name -> the
+    last state). Round i of every run saw the same batch and, being adjacent
+    in time, about the same background load: per-round ratios compare them
+    fairly.
   """
   states = {name: state for name, (_, state) in runs.items()}
   times = {name: [] for name in runs}
@@ -268,7 +271,7 @@ def time_steps_interleaved(runs: dict[str, tuple], batches: list[dict], *, warmu
       jax.block_until_ready((states[name], metrics[name]))
       if i >= warmup:
         times[name].append(time.perf_counter() - start)
-  return times, metrics
+  return times, metrics, states
 
 
 def _sub_jaxprs(value) -> list:
@@ -401,7 +404,7 @@ def measure(setup: Setup, *, warmup: int, steps: int, matmul_n: int,
         "xla_flops_per_device_step": xla_cost(compiled)["xla_flops"],
         "param_count": int(sum(x.size for x in jax.tree.leaves(params)))}
 
-  times, metrics = time_steps_interleaved(runs, batches, warmup=warmup, steps=steps)
+  times, metrics, _ = time_steps_interleaved(runs, batches, warmup=warmup, steps=steps)
   devices = jax.device_count()
   limit = matmul_flops_per_s(matmul_n, repeats=5)
   first = gru_impls[0]

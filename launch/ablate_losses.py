@@ -142,8 +142,8 @@ def measure_step(config: ml_collections.ConfigDict, batch_size: int, steps: int,
                                   mesh) for _ in range(2)]
   compile_s, compiled = harness.timed(
       lambda: train_step.lower(state, batches[0]).compile())
-  times, metrics = train_throughput.time_steps(compiled, state, batches, warmup=1,
-                                               steps=steps)
+  times, metrics, _ = train_throughput.time_steps(compiled, state, batches, warmup=1,
+                                                  steps=steps)
   cost = train_throughput.xla_cost(compiled)
   return {"compile_s": compile_s, "step_s": statistics.median(times),
           "pairs_per_s": batch_size / statistics.median(times),

@@ -5,6 +5,8 @@ script prints parseable JSON lines with the keys results are compared by, then
 its table. No wall-clock time is asserted anywhere: the machine is shared.
 """
 
+import gzip
+import json
 import os
 import subprocess
 import sys
@@ -161,7 +163,6 @@ def test_index_bench_smoke(tiny_workdir):
 def test_profile_summary_sums_complete_events_per_timeline(tmp_path):
   # A perfetto trace by hand: two timelines, a Python-tracer event (left
   # out), an instant event (no duration: left out), 2 traced steps.
-  import gzip, json  # pylint: disable=g-import-not-at-top,multiple-imports
   events = [
       {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
       {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},

@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -242,7 +243,6 @@ def test_device_embeddings_are_ranked_without_implicit_transfers():
   # NumPy conversion of an embedding array, a NumPy array fed to a jitted
   # function) raises; only the explicit copies of small ids and of the
   # results pass. The ranks must equal those of the NumPy inputs.
-  import jax  # pylint: disable=g-import-not-at-top
   images, image_ids, captions, caption_owner = _retrieval_data(num_images=12, seed=8)
   order = np.random.default_rng(8).permutation(image_ids)
   on_device = [jax.device_put(images), jax.device_put(captions)]
