@@ -255,16 +255,6 @@ def shared_pretraining(cache_dir: str, workdir: str) -> Callable[[], None]:
   return fill
 
 
-def mean_std(values: Sequence[float | None], digits: int = 1) -> str:
-  """'mean ± std' (population std, as over seeds) of the values that are not
-  None, or '–' when none is."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  values = [v for v in values if v is not None]
-  if not values:
-    return "–"
-  return f"{np.mean(values):.{digits}f} ± {np.std(values):.{digits}f}"
-
-
 def git_commit() -> str:
   """The checkout's short commit hash ('unknown' outside a git checkout)."""
   try:

@@ -7,10 +7,11 @@ pretrained towers, fixed vs reindex, with the forgetting analysis.
 Runs fine-tuning in `configs/default.py` (scratch) and `:pretrained` with the
 comparison's short tasks (benchmarks/strategies.py `sweep_config`), plus the
 pretrained setting with the honest tries the paper's regime suggests: a lower
-learning rate, a frozen image tower, fewer steps; 3 seeds each. Every
+learning rate, a frozen image tower, fewer steps; 5 seeds each. Every
 workdir is then analysed from its snapshots (`--mode=evaluate`:
 `run.evaluate.evaluate_workdir`). Writes benchmarks/results/reindex_question.{json,md}:
-mean ± std over seeds of the fixed − reindex gap (final average R@1, both
+mean ± sample std over seeds, and the fixed − reindex gap paired by seed
+(`ccr_jax.stats`: 95 % t interval and p), (final average R@1, both
 scopes), the old tasks' drift (cosine of snapshot j's and the last snapshot's
 embeddings of task j's items), the last snapshot's alignment, and the tower
 attribution of old tasks (R@1 with each tower swapped for the newest).
@@ -27,6 +28,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
+from ccr_jax import stats  # noqa: E402
 from ccr_jax.run import evaluate as evaluate_lib  # noqa: E402
 from ccr_jax.run import loop  # noqa: E402
 from configs import default  # noqa: E402
@@ -34,7 +36,8 @@ from configs import default  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workroot", "/tmp/ccr_reindex", "One workdir per run under here.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds.")
+flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Training seeds (runs already "
+                  "in reindex_question.json are not run again).")
 flags.DEFINE_string("out", os.path.join(HERE, "results"), "Where the table goes.")
 flags.DEFINE_bool("quick", False, "Tiny configs, one seed: a smoke test.")
 flags.DEFINE_bool("table_only", False, "Rewrite the table from reindex_question.json.")
@@ -122,16 +125,21 @@ def run(name: str, seed: int) -> dict:
 
 def table(lines: list[dict]) -> str:
   """Markdown: per variant, the gaps, drift, alignment and tower attribution."""
-  out = ["| variant | scope | fixed R@1 i2t / t2i | reindex R@1 i2t / t2i | "
-         "fixed − reindex i2t / t2i |", "|---|---|---|---|---|"]
+  out = ["| variant | scope | n | fixed R@1 i2t / t2i | reindex R@1 i2t / t2i | "
+         "fixed − reindex i2t / t2i: mean [95 % interval] p |", "|---|---|---|---|---|---|"]
   for name in VARIANTS:
     mine = [l for l in lines if l["variant"] == name]
     if not mine:
       continue
     for scope in ("task_aware", "task_agnostic"):
-      cells = [" / ".join(harness.mean_std([l[f"{scope}_{d}_{k}"] for l in mine])
-                          for d in ("i2t", "t2i")) for k in ("fixed", "reindex", "gap")]
-      out.append(f"| {name} | {scope.replace('_', '-')} | " + " | ".join(cells) + " |")
+      cells = [" / ".join(stats.mean_std([l[f"{scope}_{d}_{k}"] for l in mine])
+                          for d in ("i2t", "t2i")) for k in ("fixed", "reindex")]
+      # The gap is paired by seed: the same run's two regimes.
+      cells += [" / ".join(stats.format_paired(stats.paired(
+          [l[f"{scope}_{d}_fixed"] for l in mine],
+          [l[f"{scope}_{d}_reindex"] for l in mine])) for d in ("i2t", "t2i"))]
+      out.append(f"| {name} | {scope.replace('_', '-')} | {len(mine)} | "
+                 + " | ".join(cells) + " |")
   out += ["", "| variant | drift: cos(old, new) images / texts | alignment (last) | "
           "old tasks R@1: own towers | new image tower | new text tower | both new |",
           "|---|---|---|---|---|---|---|"]
@@ -139,12 +147,29 @@ def table(lines: list[dict]) -> str:
     mine = [l for l in lines if l["variant"] == name]
     if not mine:
       continue
-    cells = [harness.mean_std([l["drift_images"] for l in mine], 3) + " / "
-             + harness.mean_std([l["drift_texts"] for l in mine], 3),
-             harness.mean_std([l["alignment_last"] for l in mine], 3)]
-    cells += [harness.mean_std([l[f"towers_{k}"] for l in mine])
+    cells = [stats.mean_std([l["drift_images"] for l in mine], 3) + " / "
+             + stats.mean_std([l["drift_texts"] for l in mine], 3),
+             stats.mean_std([l["alignment_last"] for l in mine], 3)]
+    cells += [stats.mean_std([l[f"towers_{k}"] for l in mine])
               for k in ("own", "new_image_tower", "new_text_tower", "both_new")]
     out.append(f"| {name} | " + " | ".join(cells) + " |")
+  out += ["", "What each variant's better regime costs against unfrozen fine-tuning "
+          "from pretrained towers with reindexing (`pretrained`, reindex), paired by "
+          "seed: final average R@1, mean [95 % interval] p.", "",
+          "| variant | regime | scope | i2t | t2i |", "|---|---|---|---|---|"]
+  base = {l["seed"]: l for l in lines if l["variant"] == "pretrained"}
+  for name in VARIANTS:
+    mine = [l for l in lines if l["variant"] == name and l["seed"] in base]
+    if not name.startswith("pretrained_") or not mine:
+      continue
+    for regime in ("fixed", "reindex"):
+      for scope in ("task_aware", "task_agnostic"):
+        cells = [stats.format_paired(stats.paired(
+            [l[f"{scope}_{d}_{regime}"] for l in mine],
+            [base[l["seed"]][f"{scope}_{d}_reindex"] for l in mine]))
+                 for d in ("i2t", "t2i")]
+        out.append(f"| {name} | {regime} | {scope.replace('_', '-')} | "
+                   + " | ".join(cells) + " |")
   return "\n".join(out)
 
 
@@ -156,7 +181,12 @@ def main(argv):
     lines = json.load(open(os.path.join(FLAGS.out, "reindex_question.json")))
     seeds = sorted({l["seed"] for l in lines})
   else:
-    lines = [run(name, seed) for name in VARIANTS for seed in seeds]
+    # Runs already in the JSON are kept (a rerun with more --seeds adds seeds).
+    path = os.path.join(FLAGS.out, "reindex_question.json")
+    done = {} if FLAGS.quick or not os.path.exists(path) else {
+        (l["variant"], l["seed"]): l for l in json.load(open(path))}
+    lines = [done.get((name, seed)) or run(name, seed)
+             for name in VARIANTS for seed in seeds]
   md = table(lines)
   print(md)
   if FLAGS.quick:
@@ -164,7 +194,8 @@ def main(argv):
   variants = "\n".join(f"- `{n}`: {v[1]}" for n, v in VARIANTS.items())
   header = ("# Fixed index vs reindexing: fine-tuning from scratch and pretrained\n\n"
             "Command: `python benchmarks/reindex_question.py` (runs + `--mode=evaluate` "
-            f"analysis of each workdir). Seeds {seeds}; mean ± std over seeds. "
+            f"analysis of each workdir). Seeds {seeds}; mean ± sample std over the "
+            f"n seeds; {stats.TEST_NAME}. "
             "200-step tasks at batch 64 as in the strategy comparison. R@1 in "
             "percent, final average over the 4 tasks; drift and attribution over "
             "the 3 old tasks at the last snapshot; towers: exact task-aware R@1 "

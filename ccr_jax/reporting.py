@@ -10,9 +10,11 @@ from absl import logging
 import numpy as np
 
 from ccr_jax import files
+from ccr_jax import stats
 
 DIRECTION_NAMES = {"i2t": "image→text", "t2i": "text→image"}
-SCOPE_NAMES = {"task_aware": "task-aware", "task_agnostic": "task-agnostic"}
+SCOPE_NAMES = {"task_aware": "task-aware", "task_agnostic": "task-agnostic",
+               "task_agnostic_as_learnt": "task-agnostic, galleries as learnt"}
 
 
 def metric_label(name: str) -> str:
@@ -73,6 +75,21 @@ def results_markdown(results: dict) -> str:
             f"| {regime} | {scope} | {name} | {_fmt(s['final_average'])} | "
             f"{_fmt(s['average_incremental'])} | {_fmt(s['forgetting'])} | "
             f"{_fmt(s['backward_transfer'])} |")
+  growth = results.get("gallery_growth") or {}
+  if any(v is not None for by_metric in growth.values() for v in by_metric.values()):
+    lines += ["", "## What the growing gallery costs", "",
+              "Old tasks' R@1 with the final model over the galleries seen when each "
+              "was learnt minus over every gallery (mean over old tasks): the part "
+              "of task-agnostic forgetting that the gallery's growth alone explains; "
+              "the rest is the model's forgetting at a fixed gallery.", "",
+              "| regime | metric | task-agnostic forgetting | of which gallery growth "
+              "| of which the model |", "|---|---|---|---|---|"]
+    for regime, by_metric in growth.items():
+      for name, value in by_metric.items():
+        total = results["summary"][regime]["task_agnostic"][name]["forgetting"]
+        rest = None if value is None or total is None else total - value
+        lines.append(f"| {regime} | {name} | {_fmt(total)} | {_fmt(value)} | "
+                     f"{_fmt(rest)} |")
   return "\n".join(lines) + "\n"
 
 
@@ -555,10 +572,9 @@ def summary_over_seeds(runs: Sequence[dict],
     runs: results.json contents of runs that differ only in their seed.
     metrics: summary metrics to aggregate.
   Returns:
-    {regime: {scope: {metric: {stat: (mean, std, n)}}}} for the regimes and
+    {regime: {scope: {metric: {stat: stats.Summary}}}} for the regimes and
     scopes every run has and stat in `SEED_STATS`; None values (forgetting
-    after one task) are left out of n; std is None below n = 2 and mean is
-    None at n = 0.
+    after one task) are left out of n (`stats.summarize`).
   """
   out: dict = {}
   first = runs[0]["summary"]
@@ -568,19 +584,10 @@ def summary_over_seeds(runs: Sequence[dict],
         continue
       for metric in metrics:
         for stat in SEED_STATS:
-          xs = np.array([r["summary"][regime][scope][metric][stat] for r in runs
-                         if r["summary"][regime][scope][metric][stat] is not None],
-                        float)
-          mean = float(xs.mean()) if len(xs) else None
-          std = float(xs.std(ddof=1)) if len(xs) > 1 else None
           out.setdefault(regime, {}).setdefault(scope, {}).setdefault(metric, {})[
-              stat] = (mean, std, len(xs))
+              stat] = stats.summarize([r["summary"][regime][scope][metric][stat]
+                                       for r in runs])
   return out
-
-
-def _mean_std(cell: tuple[float | None, float | None, int]) -> str:
-  mean, std, _ = cell
-  return _fmt(mean) if std is None else f"{_fmt(mean)} ± {_fmt(std)}"
 
 
 def _cell(value: Any) -> str:
@@ -671,17 +678,17 @@ def comparison_markdown(labels: Sequence[str], workdirs: Sequence[str],
     lines += ["", f"### Mean ± std over the {len(runs)} seeds", "",
               f"The runs differ only in {', '.join(f'`{k}`' for k in differ)}: "
               "mean ± sample standard deviation (ddof = 1) over them; n counts "
-              "the runs with a value.", "",
+              "the runs with a value (`ccr_jax.stats`).", "",
               "| regime | scope | metric | final average | forgetting | n |",
               "|---" * 6 + "|"]
     for regime, by_scope in over.items():
       for scope, metrics in by_scope.items():
-        for name, stats in metrics.items():
-          n = stats["final_average"][2]
+        for name, by_stat in metrics.items():
+          n = by_stat["final_average"].n
           lines.append(
               f"| {regime} | {SCOPE_NAMES.get(scope, scope)} | {metric_label(name)} | "
-              f"{_mean_std(stats['final_average'])} | "
-              f"{_mean_std(stats['forgetting'])} | {n} |")
+              f"{stats.format_summary(by_stat['final_average'])} | "
+              f"{stats.format_summary(by_stat['forgetting'])} | {n} |")
   return "\n".join(lines) + "\n"
 
 

@@ -42,6 +42,16 @@ def test_main_writes_every_output(tiny_run):
         assert r1.shape == (2, 2)
         assert np.isnan(r1[0, 1]) and np.isfinite(r1[1]).all()
         assert ((0 <= r1[np.isfinite(r1)]) & (r1[np.isfinite(r1)] <= 100)).all()
+  for regime in ("fixed", "reindex"):
+    for d in ("i2t", "t2i"):
+      m = {scope: res["metrics"][regime][scope][d]["r1"]
+           for scope in ("task_aware", "task_agnostic", "task_agnostic_as_learnt")}
+      # Task 1's galleries as learnt are its own; the newest task's are all.
+      assert [row[0] for row in m["task_agnostic_as_learnt"]] == [
+          row[0] for row in m["task_aware"]]
+      assert m["task_agnostic_as_learnt"][1][1] == m["task_agnostic"][1][1]
+      assert res["gallery_growth"][regime][f"{d}_r1"] == pytest.approx(
+          m["task_agnostic_as_learnt"][1][0] - m["task_agnostic"][1][0])
   # After task 1 only one gallery exists: both regimes search the same index.
   assert (res["metrics"]["fixed"]["task_aware"]["t2i"]["r1"][0][0] ==
           res["metrics"]["reindex"]["task_aware"]["t2i"]["r1"][0][0])
@@ -59,7 +69,10 @@ def test_saved_embeddings_reproduce_reported_recalls(tiny_run):
   """Recomputes every recall from the .npz files with plain NumPy."""
   emb_dir = os.path.join(tiny_run, "embeddings")
   manifest = json.load(open(os.path.join(emb_dir, "manifest.json")))
-  assert len(manifest) == 2 * 2 * 2 * (1 + 2)  # directions x regimes x scopes x (t, j)
+  # directions x regimes x (two scopes x (t, j) pairs + the as-learnt scope's
+  # one search of its own: task 1 after task 2; its j = t entries are the
+  # task-agnostic ones).
+  assert len(manifest) == 2 * 2 * (2 * (1 + 2) + 1)
   for entry in manifest:
     f = np.load(os.path.join(emb_dir, entry["file"]))
     q, g, t2i = f["query_emb"], f["gallery_emb"], f["text_to_image"]

@@ -16,6 +16,7 @@ import pytest
 
 from ccr_jax import analysis as analysis_lib
 from ccr_jax import reporting
+from ccr_jax import stats
 
 DIRECTIONS = ("i2t", "t2i")
 
@@ -347,6 +348,25 @@ def test_summary_over_seeds_counts_only_runs_with_a_value():
   runs = [_results(_config(), final=f, forgetting=g)
           for f, g in ((10.0, None), (20.0, 4.0), (30.0, None))]
   s = reporting.summary_over_seeds(runs)["fixed"]["task_aware"]["i2t_r1"]
-  assert s["final_average"] == (20.0, pytest.approx(10.0), 3)
-  assert s["forgetting"] == (4.0, None, 1)  # One value: no std.
-  assert reporting._mean_std(s["forgetting"]) == "4.0"
+  assert (s["final_average"].mean, s["final_average"].n) == (20.0, 3)
+  assert s["final_average"].std == pytest.approx(10.0)  # ddof = 1
+  assert s["forgetting"] == stats.Summary(4.0, None, 1)  # One value: no std.
+  assert stats.format_summary(s["forgetting"]) == "4.0"
+
+
+def test_gallery_growth_is_old_tasks_as_learnt_minus_full_gallery_at_the_end():
+  from ccr_jax.run import results as results_lib  # pylint: disable=import-outside-toplevel
+  n = None
+  # Three tasks; rows: after task t; columns: task j. As learnt, task j's
+  # queries search galleries 1..j; task-agnostic, galleries 1..t.
+  agnostic = [[50.0, n, n], [40.0, 60.0, n], [30.0, 45.0, 70.0]]
+  as_learnt = [[50.0, n, n], [48.0, 60.0, n], [44.0, 52.0, 70.0]]
+  metrics = {"fixed": {
+      "task_agnostic": {"i2t": {"r1": agnostic}, "t2i": {"r1": agnostic}},
+      "task_agnostic_as_learnt": {"i2t": {"r1": as_learnt}, "t2i": {"r1": as_learnt}}},
+      "reindex": {"task_agnostic": {"i2t": {"r1": agnostic}, "t2i": {"r1": agnostic}}}}
+  growth = results_lib.gallery_growth(metrics)
+  # Old tasks 1 and 2 after task 3: (44 - 30) and (52 - 45), mean 10.5.
+  assert growth["fixed"] == {"i2t_r1": 10.5, "t2i_r1": 10.5}
+  # A run begun before the as-learnt scope existed has none.
+  assert growth["reindex"] == {"i2t_r1": None, "t2i_r1": None}

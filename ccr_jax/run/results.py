@@ -29,6 +29,52 @@ from ccr_jax.run import workdir as workdir_lib
 from ccr_jax.run.setup import Setup
 
 
+# Where a task's queries search: its own gallery; every gallery seen so far;
+# every gallery seen when the task was learnt (tasks 1..j, whatever t is),
+# which separates forgetting from the gallery's growth (`gallery_growth`).
+AS_LEARNT = "task_agnostic_as_learnt"
+SCOPES = ("task_aware", "task_agnostic", AS_LEARNT)
+
+
+def scope_gallery_tasks(scope: str, t: int, j: int) -> list[int]:
+  """The tasks (0-based) whose galleries task j's queries search after task t."""
+  return {"task_aware": [j], "task_agnostic": list(range(t + 1)),
+          AS_LEARNT: list(range(j + 1))}[scope]
+
+
+def gallery_growth(metrics: dict) -> dict:
+  """What the gallery's growth alone costs at the last task, per regime.
+
+  For each old task j (learnt at task j, T tasks in all), with the final
+  model: R@1 of its queries over the galleries of tasks 1..j minus over the
+  galleries of tasks 1..T; the mean over old tasks. Task-agnostic
+  forgetting splits exactly into this and `forgetting - gallery_growth`
+  (the loss of the model at a fixed gallery, the gallery of 1..j):
+    max_t R_t[j | 1..t] - R_T[j | 1..T]
+      = (max_t R_t[j | 1..t] - R_T[j | 1..j]) + (R_T[j | 1..j] - R_T[j | 1..T]).
+
+  Args:
+    metrics: results.json's "metrics" ({regime: {scope: {direction: {name:
+      [T][T] matrix}}}}).
+  Returns:
+    {regime: {"i2t_r1": float | None, "t2i_r1": ...}}: None with one task or
+    where a matrix lacks the as-learnt scope (a run begun before it existed).
+  """
+  out: dict = {}
+  for regime, scopes in metrics.items():
+    for direction in ("i2t", "t2i"):
+      value = None
+      if AS_LEARNT in scopes and "task_agnostic" in scopes:
+        learnt = scopes[AS_LEARNT][direction]["r1"]
+        full = scopes["task_agnostic"][direction]["r1"]
+        last = len(full) - 1
+        gaps = [learnt[last][j] - full[last][j] for j in range(last)
+                if learnt[last][j] is not None and full[last][j] is not None]
+        value = float(np.mean(gaps)) if last > 0 and len(gaps) == last else None
+      out.setdefault(regime, {})[f"{direction}_r1"] = value
+  return out
+
+
 def _gallery_snapshot(regime: str, t: int, j: int) -> int:
   """1-based snapshot whose embeddings form task j's gallery after task t (0-based)."""
   return j + 1 if regime == "fixed" else t + 1
@@ -100,8 +146,9 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
 
   Queries are searched in indices loaded from disk: fixed (task j's gallery
   from snapshot j+1) and, with `index.reindex`, reindex (from snapshot t+1);
-  task-aware (task j's gallery) and task-agnostic (the union of every seen
-  gallery, searched per index and merged by score).
+  task-aware (task j's gallery), task-agnostic (the union of every seen
+  gallery, searched per index and merged by score) and task-agnostic as
+  learnt (the union of the galleries of tasks 0..j, `AS_LEARNT`).
 
   Returns {regime: {scope: {direction: {str(j+1): metrics}}}} where metrics
   has r1, r5, r10 (from the index's top-k), exact_r1, exact_r5, exact_r10,
@@ -130,10 +177,15 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
   for j in range(t + 1):
     q = queries.get(j) or indices_lib.test_queries(setup, params, j)
     for regime in regimes:
-      for scope in ("task_aware", "task_agnostic"):
-        gallery_tasks = [j] if scope == "task_aware" else list(range(t + 1))
+      for scope in SCOPES:
+        gallery_tasks = scope_gallery_tasks(scope, t, j)
         for direction, (qm, gm) in (("i2t", ("images", "texts")),
                                     ("t2i", ("texts", "images"))):
+          if scope == AS_LEARNT and j == t:
+            # The galleries seen when task j was learnt are every gallery now.
+            metrics[regime].setdefault(scope, {}).setdefault(direction, {})[str(j + 1)] = (
+                metrics[regime]["task_agnostic"][direction][str(j + 1)])
+            continue
           indices = [indices_lib.load_gallery_index(setup, _gallery_snapshot(regime, t, g), g + 1, gm,
                                         index_cache)
                      for g in gallery_tasks]
@@ -272,6 +324,7 @@ def aggregate(setup: Setup, rows: list[dict]) -> dict:
       "tasks_completed": num,
       "metrics": metrics,
       "summary": summary,
+      "gallery_growth": gallery_growth(metrics),
       "versions": versions(),
       "devices": {"count": jax.device_count(), "kind": jax.devices()[0].device_kind,
                   "processes": jax.process_count()},
