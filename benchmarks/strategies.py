@@ -23,6 +23,7 @@ tasks (`sweep_config`) so a run takes about half a minute on 2 CPU cores.
 
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -33,6 +34,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
+from ccr_jax import stats  # noqa: E402
 from ccr_jax.run import loop  # noqa: E402
 from configs import default  # noqa: E402
 
@@ -51,8 +53,11 @@ flags.DEFINE_string("log", os.path.join(HERE, "results", "strategies_runs.jsonl"
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Training seeds of the final stage.")
 flags.DEFINE_list("strategies", ["finetune", "joint", "freeze", "ewc", "online_ewc",
                                  "mas", "l2", "si", "lwf", "replay", "agem", "der",
-                                 "compat", "query_adapter", "ewc+replay"],
-                  "Strategies of the final stage (and of the table, in this order).")
+                                 "der@der.beta=0", "compat", "query_adapter",
+                                 "ewc+replay"],
+                  "Strategies of the final stage (and of the table, in this order); "
+                  "'name@section.field=value' is a variant with that setting fixed "
+                  "(der@der.beta=0 is DER, der alone DER++).")
 flags.DEFINE_list("select", None, "--stage=select: only these grids (default all).")
 flags.DEFINE_string("out", os.path.join(HERE, "results"), "Where tables and JSON go.")
 flags.DEFINE_bool("quick", False, "Tiny config, 1 seed, 1-value grids: a smoke test.")
@@ -64,9 +69,10 @@ GRID = {
     "ewc": ("ewc.strength", (30.0, 300.0, 3000.0)),
     "mas": ("mas.strength", (100.0, 1000.0, 10000.0)),
     "l2": ("l2.strength", (0.003, 0.03, 0.3)),
-    "si": ("si.strength", (1.0, 10.0, 100.0)),
+    "si": ("si.strength", (0.5, 5.0, 50.0)),  # c of Zenke et al.
     "lwf": ("lwf.strength", (0.1, 1.0, 10.0)),
-    "der": ("der.strength", (0.3, 3.0, 30.0)),
+    "der": ("der.alpha", (0.3, 3.0, 30.0)),
+    "der@der.beta=0": ("der.alpha", (0.3, 3.0, 30.0)),
     "compat": ("compat.strength", (0.03, 0.1, 0.3)),
     # Larger ridge: closer to the identity map, i.e. fine-tuning's queries.
     "query_adapter": ("query_adapter.ridge", (0.1, 1.0, 10.0)),
@@ -92,6 +98,16 @@ def sweep_config(setting: str, quick: bool):
 def _set(config, dotted: str, value) -> None:
   section, field = dotted.split(".")
   config.strategy[section][field] = value
+
+
+def parse_label(label: str) -> tuple[str, dict]:
+  """'der@der.beta=0' -> ('der', {'der.beta': 0.0}); 'ewc' -> ('ewc', {})."""
+  name, _, fixed = label.partition("@")
+  overrides = {}
+  for item in filter(None, fixed.split(",")):
+    key, _, value = item.partition("=")
+    overrides[key] = float(value)
+  return name, overrides
 
 
 def selection_score(results: dict) -> float:
@@ -122,12 +138,12 @@ def run(name: str, seed: int, split: str, overrides: dict, quick: bool) -> dict:
     return done[_key(line)]
   config = sweep_config(FLAGS.setting, quick)
   config.seed = seed
-  config.strategy.name = name
+  config.strategy.name = parse_label(name)[0]
   config.eval.split = split
   for dotted, value in overrides.items():
     _set(config, dotted, value)
-  tag = "_".join([FLAGS.setting, name.replace("+", "-"), split, f"s{seed}"] +
-                 [f"{k.split('.')[0]}{v:g}" for k, v in sorted(overrides.items())])
+  tag = "_".join([FLAGS.setting, name.split("@")[0].replace("+", "-"), split, f"s{seed}"]
+                 + [f"{k.replace('.', '-')}{v:g}" for k, v in sorted(overrides.items())])
   workdir = os.path.join(FLAGS.workroot, tag)
   # Every pretrained run of one seed pretrains identically: pretrain once.
   fill = harness.shared_pretraining(
@@ -137,6 +153,7 @@ def run(name: str, seed: int, split: str, overrides: dict, quick: bool) -> dict:
   fill()
   line.update(wall_s=round(time.perf_counter() - start, 1),
               summary=results["summary"], settings=results["strategy"],
+              gallery_growth=results.get("gallery_growth"),
               commit=harness.git_commit())
   print(json.dumps(line), flush=True)
   if not quick:
@@ -154,7 +171,8 @@ def select_one(name: str, quick: bool) -> dict:
   for _ in range(MAX_EXTEND + 1):
     for value in grid:
       if value not in scores:
-        scores[value] = selection_score(run(name, 0, "val", {dotted: value}, quick))
+        scores[value] = selection_score(run(name, 0, "val", {**parse_label(name)[1],
+                                                             dotted: value}, quick))
     best = max(scores, key=scores.get)
     values = sorted(scores)
     if quick or values[0] < best < values[-1]:
@@ -172,10 +190,10 @@ def _selection_path(setting: str) -> str:
 
 
 def table(lines: list[dict]) -> str:
-  """Markdown: mean ± std over seeds per setting, strategy, regime and scope."""
+  """Markdown: mean ± sample std over seeds per setting, strategy, regime and scope."""
   rows = ["| setting | strategy | regime | scope | final avg R@1 i2t | final avg R@1 t2i | "
-          "forgetting i2t | forgetting t2i | BWT i2t | BWT t2i | seeds |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+          "forgetting i2t | forgetting t2i | BWT i2t | BWT t2i | n | seeds |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for setting in ("scratch", "pretrained"):
     for name in FLAGS.strategies:
       mine = [l for l in lines if l["strategy"] == name and l["setting"] == setting]
@@ -186,11 +204,11 @@ def table(lines: list[dict]) -> str:
           cells = []
           for key in ("final_average", "forgetting", "backward_transfer"):
             for d in ("i2t", "t2i"):
-              cells.append(harness.mean_std([l["summary"][regime][scope][f"{d}_r1"][key]
-                                 for l in mine]))
+              cells.append(stats.mean_std([l["summary"][regime][scope][f"{d}_r1"][key]
+                                           for l in mine]))
           seeds = ",".join(str(s) for s in sorted(l["seed"] for l in mine))
           rows.append(f"| {setting} | {name} | {regime} | {scope.replace('_', '-')} | "
-                      + " | ".join(cells) + f" | {seeds} |")
+                      + " | ".join(cells) + f" | {len(mine)} | {seeds} |")
   return "\n".join(rows)
 
 
@@ -202,14 +220,15 @@ def _score(line: dict, regime: str, scope: str) -> float:
 
 def versus_finetune(lines: list[dict]) -> str:
   """Markdown: each strategy's final average R@1 (mean of both directions)
-  minus fine-tuning's of the same seed, mean ± std over seeds; marked when
-  it beats fine-tuning by more than the spread: mean(delta) > 2 std(delta).
-  Paired by seed because a seed's initialisation and batch order move every
-  strategy alike (the seed-to-seed spread of one strategy is several points,
-  its difference to fine-tuning much less)."""
-  out = ["| setting | strategy | " + " | ".join(
+  minus fine-tuning's of the same seed (`stats.paired`): mean, 95 % t
+  interval and p; bold where the interval lies above zero (beats
+  fine-tuning), italic where below. Paired by seed because a seed's
+  initialisation and batch order move every strategy alike (the seed-to-seed
+  spread of one strategy is several points, its difference to fine-tuning
+  much less)."""
+  out = ["| setting | strategy | n | " + " | ".join(
       f"{r} {s.replace('_', '-')}" for r in ("fixed", "reindex")
-      for s in ("task_aware", "task_agnostic")) + " |", "|---|---|---|---|---|---|"]
+      for s in ("task_aware", "task_agnostic")) + " |", "|---|---|---|---|---|---|---|"]
   for setting in ("scratch", "pretrained"):
     base = {l["seed"]: l for l in lines
             if l["setting"] == setting and l["strategy"] == "finetune"}
@@ -218,16 +237,35 @@ def versus_finetune(lines: list[dict]) -> str:
               and l["seed"] in base]
       if name == "finetune" or not mine:
         continue
-      cells = []
-      for regime in ("fixed", "reindex"):
-        for scope in ("task_aware", "task_agnostic"):
-          ours = [_score(l, regime, scope) for l in mine]
-          theirs = [_score(base[l["seed"]], regime, scope) for l in mine]
-          delta = np.subtract(ours, theirs)
-          beats = np.mean(delta) > 2 * np.std(delta)
-          cells.append(f"{'**' if beats else ''}{np.mean(delta):+.1f} ± "
-                       f"{np.std(delta):.1f}{'**' if beats else ''}")
-      out.append(f"| {setting} | {name} | " + " | ".join(cells) + " |")
+      cells = [stats.format_paired(stats.paired(
+          [_score(l, regime, scope) for l in mine],
+          [_score(base[l["seed"]], regime, scope) for l in mine]))
+               for regime in ("fixed", "reindex")
+               for scope in ("task_aware", "task_agnostic")]
+      out.append(f"| {setting} | {name} | {len(mine)} | " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
+def beats_summary(lines: list[dict]) -> str:
+  """One line per setting: which strategies' intervals lie above fine-tuning's."""
+  out = []
+  for setting in ("scratch", "pretrained"):
+    base = {l["seed"]: l for l in lines
+            if l["setting"] == setting and l["strategy"] == "finetune"}
+    wins = []
+    for name in FLAGS.strategies:
+      mine = [l for l in lines if l["setting"] == setting and l["strategy"] == name
+              and l["seed"] in base]
+      if name == "finetune" or not mine:
+        continue
+      cells = [f"{regime} {scope.replace('_', '-')}"
+               for regime in ("fixed", "reindex") for scope in ("task_aware", "task_agnostic")
+               if stats.paired([_score(l, regime, scope) for l in mine],
+                               [_score(base[l["seed"]], regime, scope) for l in mine]).beats]
+      if cells:
+        wins.append(f"`{name}` ({', '.join(cells)})")
+    if base:
+      out.append(f"- {setting}: " + ("; ".join(wins) if wins else "none"))
   return "\n".join(out)
 
 
@@ -238,8 +276,8 @@ def header(selections: dict, lines: list[dict]) -> str:
          "`configs/default.py` (4 tasks x 3 shapes, CNN + GRU, VSE0; `scratch`) and its "
          "`:pretrained` variant (towers first trained on 4 held-out shapes) with 200 "
          "steps per task at batch 64 (`sweep_config` in benchmarks/strategies.py); "
-         "mean ± std (population) over the training seeds listed per row (the "
-         "benchmark data is fixed). R@1 in percent; forgetting = mean over earlier "
+         "mean ± sample std (ddof = 1) over the n training seeds listed per row "
+         "(the benchmark data is fixed). R@1 in percent; forgetting = mean over earlier "
          "tasks of max_t R[t][j] − R[T][j]; BWT = mean of R[T][j] − R[j][j]. Machine: "
          "2 CPU cores.", "",
          f"Produced by commits {', '.join(commits)} with:", "",
@@ -257,20 +295,28 @@ def header(selections: dict, lines: list[dict]) -> str:
          "value sat at an edge was extended by its ratio on that side.", "",
          "| setting | strategy | field | candidates → validation score | chosen | bracketed |",
          "|---|---|---|---|---|---|"]
+  notes = []
   for setting, chosen in selections.items():
     for name, c in chosen.items():
       cands = ", ".join(f"{v} → {score:.1f}" for v, score in c["val_scores"].items())
-      out.append(f"| {setting} | {name} | `strategy.{c['field']}` | {cands} | "
+      mark = ""
+      if c.get("note"):
+        notes.append(c["note"])
+        mark = f" [{len(notes)}]"
+      out.append(f"| {setting} | {name}{mark} | `strategy.{c['field']}` | {cands} | "
                  f"{float(c['value']):g} | {'yes' if c['bracketed'] else 'NO'} |")
+  out += [""] + [f"[{i}] {n}" for i, n in enumerate(notes, 1)]
   out += ["", "## Results on the test split", ""]
   return "\n".join(out) + "\n"
 
 
 def _overrides(chosen: dict, name: str) -> dict:
-  """The selected value a strategy runs with in the final stage ({} if none)."""
+  """The settings a strategy (label) runs with in the final stage: its fixed
+  ones and its selected value ({} if none)."""
   section = SHARES.get(name, name)
-  return ({chosen[section]["field"]: chosen[section]["value"]} if section in chosen
-          else {})
+  return {**parse_label(name)[1],
+          **({chosen[section]["field"]: chosen[section]["value"]} if section in chosen
+             else {})}
 
 
 def sweep_commands(chosen: dict) -> str:
@@ -290,9 +336,10 @@ def sweep_commands(chosen: dict) -> str:
   lines = []
   for name in FLAGS.strategies:
     extra = [f"--overrides=strategy.{k}={v}" for k, v in _overrides(chosen, name).items()]
-    args = [a.replace("$NAME", name.replace("+", "-")) for a in common]
+    args = [a.replace("$NAME", re.sub(r"[^\w.-]", "-", name)) for a in common]
     lines.append(shlex.join(["python", "-m", "launch.sweep", *args,
-                             f"--overrides=strategy.name={name}", *extra]))
+                             f"--overrides=strategy.name={parse_label(name)[0]}",
+                             *extra]))
   return "\n".join(lines)
 
 
@@ -337,9 +384,11 @@ def main(argv):
   md = (header({s: c for s, c in selections.items() if c}, lines) + table(lines)
         + "\n\n## Against fine-tuning\n\nFinal average R@1 (mean of i2t and t2i) "
         "minus fine-tuning's with the same seed (paired: a seed's initialisation "
-        "and batch order move every strategy alike), mean ± std over seeds; "
-        "**bold**: beats fine-tuning by more than twice the spread of that "
-        "difference.\n\n" + versus_finetune(lines))
+        f"and batch order move every strategy alike): mean [95 % interval] p, "
+        f"{stats.TEST_NAME} (n seeds). **Bold**: the interval lies above zero (beats "
+        "fine-tuning); *italic*: below zero (worse than fine-tuning); neither: "
+        "the seeds cannot tell them apart.\n\n" + versus_finetune(lines)
+        + "\n\nBeats fine-tuning (interval above zero):\n\n" + beats_summary(lines))
   print(md)
   with open(os.path.join(FLAGS.out, "strategies.md"), "w") as f:
     f.write(md + "\n")

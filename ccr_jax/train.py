@@ -154,7 +154,8 @@ def pair_embedder(model: DualEncoder, mesh: Mesh) -> Callable:
 def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
                     loss_fn: Callable, mesh: Mesh,
                     loss_term: Callable | None = None,
-                    memory_rows: int = 0) -> Callable:
+                    current_rows: int = 0, memory_gradient: bool = False,
+                    record: Callable | None = None) -> Callable:
   """Compiles `train_step(state, batch) -> (state, metrics)` over `mesh`.
 
   The batch (images [B, H, W, 3], tokens [B, L], lengths [B], image_ids [B]) is
@@ -170,11 +171,20 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
   of the batch and the term is multiplied by state["old_model"]["active"];
   strategy_state is state.get("strategy").
 
-  `memory_rows` > 0 (A-GEM, `Strategy.memory_gradient`): the loss is
-  differentiated on the batch's first B - memory_rows rows (current task) and
-  on its last memory_rows rows (the memory, `pipeline.mixed_batch`) apart;
-  the first gradient is the update's, the second goes to the optimizer as
-  the extra argument `memory_grads`.
+  `current_rows` > 0 (`Memory.separate_batch`): a batch of more than
+  current_rows rows is the current task's first current_rows rows followed
+  by a memory batch (`pipeline.mixed_batch` with `memory_batch`), and the
+  training loss is over the current rows only (the loss term sees every
+  row: DER's terms on the memory rows). With `memory_gradient` (A-GEM) the
+  loss is instead differentiated on the two apart: the first gradient is
+  the update's and the second goes to the optimizer as the extra argument
+  `memory_grads`. A batch of current_rows rows (no memory yet) is one
+  batch, as without `current_rows`. The row count is static, so each
+  layout compiles its own program.
+
+  `record` (`Strategy.record`): called with the strategy state and the
+  step's own embeddings of the batch; what it returns replaces
+  state["strategy"].
 
   Mixed precision: with a bfloat16 model (`DualEncoder.dtype`) the towers
   run in bfloat16 and so do the loss's score matmuls
@@ -189,12 +199,16 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
   def loss_and_extras(params, batch, step, old_model, strategy_state):
     img, txt = embed(params, batch)
     loss_params = params.get("loss")
-    loss, extras = loss_fn(img, txt, image_ids=batch["image_ids"], step=step,
-                           loss_params=loss_params)
+    rows = img.shape[0]
+    # With a memory gradient the step hands each part in alone (whole).
+    n = (current_rows if current_rows and not memory_gradient and rows > current_rows
+         else rows)
+    loss, extras = loss_fn(img[:n], txt[:n], image_ids=batch["image_ids"][:n],
+                           step=step, loss_params=loss_params)
     # The std of the batch's [B, B] similarity scores: 0 when every
     # similarity is equal (a collapsed model, e.g. a dead tower embedding
     # everything at 0), which `train_task` stops on. B^2 D flops: the loss's own.
-    score_std = jnp.std(jax.lax.stop_gradient(img) @ jax.lax.stop_gradient(txt).T)
+    score_std = jnp.std(jax.lax.stop_gradient(img[:n]) @ jax.lax.stop_gradient(txt[:n]).T)
     extras = {"contrastive": loss, **extras, "score_std": score_std}
     if loss_term is not None:
       old, active = None, 1.0
@@ -205,25 +219,32 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
                                            strategy_state)
       loss = loss + active * extra_loss
       extras.update(extra_extras)
-    return loss, extras
+    return loss, (extras, (img, txt))
 
   value_and_grad = jax.value_and_grad(loss_and_extras, has_aux=True)
 
   def train_step(state, batch):
     args = (state["step"], state.get("old_model"), state.get("strategy"))
     extra_args = {}
-    if memory_rows:
-      cut = jax.tree.leaves(batch)[0].shape[0] - memory_rows
-      current = jax.tree.map(lambda x: x[:cut], batch)
-      memory = jax.tree.map(lambda x: x[cut:], batch)
-      (loss, extras), grads = value_and_grad(state["params"], current, *args)
+    rows = jax.tree.leaves(batch)[0].shape[0]
+    if memory_gradient and current_rows and rows > current_rows:
+      current = jax.tree.map(lambda x: x[:current_rows], batch)
+      memory = jax.tree.map(lambda x: x[current_rows:], batch)
+      (loss, (extras, _)), grads = value_and_grad(state["params"], current, *args)
       _, extra_args["memory_grads"] = value_and_grad(state["params"], memory, *args)
+      embedded = None
     else:
-      (loss, extras), grads = value_and_grad(state["params"], batch, *args)
+      (loss, (extras, embedded)), grads = value_and_grad(state["params"], batch, *args)
     updates, opt = optimizer.update(grads, state["opt"], state["params"], **extra_args)
     params = optax.apply_updates(state["params"], updates)
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **extras}
     state = {**state, "params": params, "opt": opt, "step": state["step"] + 1}
+    if record is not None:
+      if embedded is None:
+        raise ValueError("a strategy cannot both record embeddings and take a "
+                         "memory gradient.")
+      img, txt = jax.tree.map(jax.lax.stop_gradient, embedded)
+      state["strategy"] = record(state["strategy"], img, txt, batch)
     return sharding.constrain(state, mesh), metrics
 
   rep, data = sharding.replicated(mesh), sharding.batch_sharded(mesh)

@@ -68,8 +68,9 @@ def test_si_pull_acts_after_install():
            "weighted_anchor": {"w": jnp.array([0.5, 0.0, 0.0])}}
   opt = strategy.install(opt, state, jnp.int32(1))
   updates, _ = strategy.transform.update({"w": jnp.zeros(3)}, opt, params)
-  # strength * (F * theta - B) = 3 * ([1, 0, 2] - [0.5, 0, 0]).
-  np.testing.assert_allclose(updates["w"], [1.5, 0.0, 6.0])
+  # The gradient of the paper's c * sum F (theta - theta*)^2 with B = F theta*:
+  # 2c (F theta - B) = 2 * 3 * ([1, 0, 2] - [0.5, 0, 0]).
+  np.testing.assert_allclose(updates["w"], [3.0, 0.0, 12.0])
 
 
 # ---------------------------------------------------------------------- A-GEM
@@ -92,19 +93,16 @@ def test_agem_projection_matches_numpy():
     assert got @ flat_r > -1e-4
 
 
-def test_agem_sums_gradients_until_a_memory_exists():
+def test_agem_passes_the_gradient_through_until_a_memory_exists():
   strategy = strategies.get_strategy(strategy_config("agem"))
   g = {"w": jnp.array([1.0, 0.0])}
   r = {"w": jnp.array([-1.0, 1.0])}
   opt = strategy.transform.init(g)
-  first = strategy.install(opt, {}, jnp.int32(0))
-  out, _ = strategy.transform.update(g, first, g, memory_grads=r)
-  np.testing.assert_allclose(out["w"], [0.0, 1.0])  # g + r
-  later = strategy.install(opt, {}, jnp.int32(1))
-  out, _ = strategy.transform.update(g, later, g, memory_grads=r)
+  out, _ = strategy.transform.update(g, opt, g)  # Task 1: no reference batch.
+  assert out["w"] is g["w"]
+  out, _ = strategy.transform.update(g, opt, g, memory_grads=r)
   np.testing.assert_allclose(out["w"], [0.5, 0.5])  # g - (g.r / r.r) r = g + 0.5 r
-  with pytest.raises(ValueError, match="memory"):
-    strategy.transform.update(g, later, g)
+  assert strategy.memory.layout(64) == (64, 64)  # A full batch, then the reference.
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +135,9 @@ def test_agem_step_projects_the_current_rows_gradient(tiny_model):
   strategy = strategies.get_strategy(strategy_config("agem"), m["loss_fn"])
   opt = train_lib.make_optimizer(m["optim"], 10, strategy.transform)
   step = train_lib.make_train_step(m["model"], opt, m["loss_fn"], m["mesh"],
-                                   memory_rows=2)
+                                   current_rows=6, memory_gradient=True)
   state = train_lib.create_train_state(jax.tree.map(jnp.asarray, m["params"]), opt,
-                                       m["mesh"], install=strategy.install,
-                                       strategy_state={}, task=1)
+                                       m["mesh"])
   state, metrics = step(state, sharding.shard_batch(m["batch"], m["mesh"]))
 
   @jax.jit
@@ -199,15 +196,16 @@ def test_der_targets_carry_over_because_memories_only_drop_pairs(policy):
     der_lib.carried_positions([np.array([1, 2])], [np.array([1, 3])])
 
 
-def test_der_end_of_task_stores_snapshot_embeddings_and_keeps_old_ones():
-  """Targets of task 1's pairs are task 1's snapshot embeddings, still there
-  (at their new slots) after task 2, next to task 2's pairs' new targets."""
-  strategy = der_lib.der_strategy(memory_size=6, ratio=0.25, policy="balanced",
-                                  strength=1.0)
+def test_der_end_of_task_keeps_recorded_targets_and_carries_old_ones():
+  """Task t's memory pairs keep the targets recorded when they were inserted;
+  a pair no step drew gets the task's final model's; kept pairs of earlier
+  tasks keep theirs (at their new slots) after the next task."""
+  strategy = der_lib.der_strategy(memory_size=6, memory_batch=2, policy="balanced",
+                                  alpha=1.0, beta=0.0)
   sizes, cpi, dim = (10, 8), 2, 3
 
   def embed_rows(params, task, rows):
-    # A fake embedder: a function of (params, task, row) only.
+    # A fake final-model embedder: a function of (params, task, row) only.
     base = params * 100 + task * 10 + rows[:, None].astype(np.float32)
     return (np.repeat(base, dim, 1), np.stack([np.repeat(base + 0.5 * c, dim, 1)
                                                for c in range(cpi)], 1))
@@ -217,18 +215,105 @@ def test_der_end_of_task_stores_snapshot_embeddings_and_keeps_old_ones():
       task_batches=None, task_sizes=sizes, captions_per_image=cpi, embed_dim=dim,
       embed_rows=embed_rows,
       memory_rows=lambda t: strategy.memory.rows(list(sizes[:t]), 0))
+
+  def recorded(state, task, n, unseen_image):
+    """Incoming targets as `record` leaves them: -(task + 1) * (100 + position),
+    every pair inserted but image `unseen_image` (none of its captions either)."""
+    pos = np.arange(6, dtype=np.float32)
+    state = dict(state)
+    state["der_new_img"] = jnp.asarray(np.repeat(-(task + 1) * (100 + pos)[:, None], dim, 1))
+    state["der_new_txt"] = jnp.asarray(np.repeat(
+        -(task + 1) * (100 + np.repeat(pos, cpi))[:, None], dim, 1))
+    img_set = (np.arange(6) < n) & (np.arange(6) != unseen_image)
+    state["der_new_img_set"] = jnp.asarray(img_set, jnp.float32)
+    state["der_new_txt_set"] = jnp.asarray(np.repeat(img_set, cpi), jnp.float32)
+    return state
+
   state = strategy.init_state(None, ctx)
-  state = strategy.end_of_task(ctx, 0, 1.0, state)
   rows_after_1 = ctx.memory_rows(1)[0]
-  np.testing.assert_array_equal(state["der_img"][:len(rows_after_1), 0],
-                                100 + rows_after_1)
-  state = strategy.end_of_task(ctx, 1, 2.0, state)
-  kept, new = ctx.memory_rows(2)
+  n1 = len(rows_after_1)
+  state = strategy.end_of_task(ctx, 0, 1.0, recorded(state, 0, n1, unseen_image=1))
   img = np.asarray(state["der_img"][:, 0])
-  np.testing.assert_array_equal(img[:len(kept)], 100 + kept)       # snapshot 1's
-  np.testing.assert_array_equal(img[len(kept):len(kept) + len(new)], 210 + new)
+  want = -(100.0 + np.arange(n1))
+  want[1] = 100 + rows_after_1[1]  # never drawn: snapshot 1's embedding
+  np.testing.assert_array_equal(img[:n1], want)
+  assert int(state["der_unseen"]) == 1 + cpi
+  # The incoming buffers start empty again.
+  assert not np.asarray(state["der_new_img_set"]).any()
+  kept, new = ctx.memory_rows(2)
+  state = strategy.end_of_task(ctx, 1, 2.0, recorded(state, 1, len(new), unseen_image=-1))
+  img = np.asarray(state["der_img"][:, 0])
+  carried = der_lib.carried_positions([rows_after_1], [kept])
+  np.testing.assert_array_equal(img[:len(kept)], want[carried])
+  np.testing.assert_array_equal(img[len(kept):len(kept) + len(new)],
+                                -2 * (100.0 + np.arange(len(new))))
   txt = np.asarray(state["der_txt"]).reshape(6, cpi, dim)[:, 1, 0]
-  np.testing.assert_array_equal(txt[:len(kept)], 100.5 + kept)
+  np.testing.assert_array_equal(txt[len(kept):len(kept) + len(new)],
+                                -2 * (100.0 + np.arange(len(new))))
+
+
+def test_insertion_slots_mark_each_incoming_pair_at_its_first_draw():
+  rng = np.random.default_rng(5)
+  n, cpi, batch, steps = 12, 3, 8, 9
+  pool = pipeline.EncodedSplit(
+      images=rng.integers(0, 255, (n, 4, 4, 3), dtype=np.uint8),
+      tokens=np.zeros((n, cpi, 4), np.int32), lengths=np.ones((n, cpi), np.int32),
+      ids=np.arange(n, dtype=np.int64))
+  incoming = np.array([1, 4, 5, 10])
+  slots = pipeline.insertion_slots(pool, incoming, batch, seed=2, task=1, num_steps=steps)
+  seen_img, seen_pair = set(), set()
+  for step in range(steps):
+    drawn = pipeline.train_batch(pool, batch, seed=2, task=1, step=step)
+    rows = drawn["image_ids"]
+    # The caption of each row, recovered from the pair index the batch drew.
+    _, caps = pipeline._pair_indices(pool, batch, seed=2, task=1, step=step)  # pylint: disable=protected-access
+    got = slots(step)
+    for i, (r, c) in enumerate(zip(rows, caps)):
+      p = int(np.searchsorted(incoming, r)) if r in incoming else -1
+      first_img = p >= 0 and r not in seen_img
+      first_pair = p >= 0 and (r, c) not in seen_pair
+      assert got["insert_img_slot"][i] == (p if first_img else -1), (step, i)
+      assert got["insert_txt_slot"][i] == (p * cpi + c if first_pair else -1), (step, i)
+      if p >= 0:
+        seen_img.add(r)
+        seen_pair.add((r, c))
+  # 9 steps x 8 rows over 36 pairs: every incoming pair is drawn.
+  assert len(seen_pair) == len(incoming) * cpi
+
+
+def test_der_step_records_the_embeddings_of_the_step_that_inserts(tiny_model):
+  """`record` stores, for the rows a batch inserts, the embeddings the model
+  gave them at that step (before its update), and leaves other slots alone."""
+  m = tiny_model
+  strategy = strategies.compose(der_lib.der_strategy(
+      memory_size=4, memory_batch=2, policy="reservoir", alpha=1.0, beta=1.0,
+      loss_fn=m["loss_fn"]))
+  opt = train_lib.make_optimizer(m["optim"], 10, strategy.transform)
+  step = train_lib.make_train_step(m["model"], opt, m["loss_fn"], m["mesh"],
+                                   strategy.loss_term, current_rows=6,
+                                   record=strategy.record)
+  cpi, dim = 5, 8
+  ctx = strategies.TrainingContext(
+      embed=None, loss_fn=None, loss_reduction="sum", mesh=None, batch_size=6, seed=0,
+      task_batches=None, captions_per_image=cpi, embed_dim=dim)
+  strategy_state = strategy.init_state(None, ctx)
+  batch = dict(m["batch"], insert_img_slot=np.array([-1, 2, -1, 0, -1, -1, -1, -1], np.int32),
+               insert_txt_slot=np.array([-1, 11, 3, -1, -1, -1, -1, -1], np.int32))
+  state = train_lib.create_train_state(jax.tree.map(jnp.asarray, m["params"]), opt,
+                                       m["mesh"], strategy_state=strategy_state,
+                                       keep_strategy_state=True)
+  state, _ = step(state, sharding.shard_batch(batch, m["mesh"]))
+  img, txt = m["model"].apply({"params": m["params"]}, batch["images"], batch["tokens"],
+                              batch["lengths"])
+  got = jax.tree.map(np.asarray, state["strategy"])
+  # float32 forward passes of the same params, jitted or not: atol 1e-6.
+  np.testing.assert_allclose(got["der_new_img"][2], img[1], atol=1e-6)
+  np.testing.assert_allclose(got["der_new_img"][0], img[3], atol=1e-6)
+  np.testing.assert_allclose(got["der_new_txt"][11], txt[1], atol=1e-6)
+  np.testing.assert_allclose(got["der_new_txt"][3], txt[2], atol=1e-6)
+  np.testing.assert_array_equal(got["der_new_img_set"], [1, 0, 1, 0])
+  assert got["der_new_txt_set"].sum() == 2 and got["der_new_txt_set"][[3, 11]].all()
+  assert not got["der_new_img"][[1, 3]].any()  # untouched slots stay zero
 
 
 # -------------------------------------------------------------- query adapter

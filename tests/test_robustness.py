@@ -396,3 +396,19 @@ def test_report_over_a_broken_results_json_names_the_file(tmp_path):
   broken.write_text('{"metrics": ')
   with pytest.raises(ValueError, match=f"{broken} is not valid JSON .*line 1"):
     reporting.report([str(tmp_path / "run")], str(tmp_path / "out"))
+
+
+def test_other_strategies_defaults_do_not_orphan_a_workdir(tmp_path):
+  """Only the sections the named strategy reads define the experiment: an
+  older config.json whose *other* strategies had other defaults still
+  matches, while a changed setting of the strategy in use is refused."""
+  config = default.get_config("tiny")
+  config.strategy.name = "ewc+replay"
+  old = json.loads(config.to_json())
+  old["strategy"]["l2"]["strength"] = 0.03  # l2's default before it was chosen
+  del old["strategy"]["agem"]               # a section that did not exist yet
+  workdir_lib.write_json(str(tmp_path / "config.json"), old)
+  workdir_lib.check_config(config, str(tmp_path), config_lib.default_dict())
+  config.strategy.replay.memory_size = 7
+  with pytest.raises(ValueError, match=r"sections differing: \['strategy'\]"):
+    workdir_lib.check_config(config, str(tmp_path), config_lib.default_dict())

@@ -138,8 +138,8 @@ def subset(split: EncodedSplit, rows: np.ndarray) -> EncodedSplit:
 
 def mixed_batch(pool: EncodedSplit, memory: EncodedSplit | None, batch_size: int,
                 ratio: float, *, seed: int, task: int, step: int,
-                rows: slice = slice(None), with_slots: bool = False
-                ) -> dict[str, np.ndarray]:
+                rows: slice = slice(None), with_slots: bool = False,
+                memory_batch: int = 0) -> dict[str, np.ndarray]:
   """A training batch whose last round(ratio * batch) pairs come from `memory`.
 
   The current-task part follows `train_batch`'s epochs over `pool`; memory
@@ -148,18 +148,27 @@ def mixed_batch(pool: EncodedSplit, memory: EncodedSplit | None, batch_size: int
   Without a memory (first task) the whole batch comes from `pool`. `rows`
   selects rows of the global batch, as in `train_batch`.
 
+  With `memory_batch` > 0 (ratio 0) and a memory, the batch is instead
+  batch_size current pairs (exactly `train_batch`'s) followed by
+  memory_batch memory pairs: batch_size + memory_batch rows.
+
   With `with_slots`, the batch also has memory_slot int32 [batch]: for memory
   pairs, row * captions_per_image + caption within `memory`; -1 for the
   pool's (and every row without a memory), so the batch has the same keys
   whether or not a memory exists yet.
   """
-  n_memory = int(round(ratio * batch_size)) if memory is not None and len(memory) else 0
-  n_pool = batch_size - n_memory
+  has_memory = memory is not None and len(memory) > 0
+  if memory_batch and ratio:
+    raise ValueError(f"a memory fills either a ratio of the batch ({ratio}) or a "
+                     f"batch of its own ({memory_batch} pairs), not both.")
+  n_memory = (memory_batch or int(round(ratio * batch_size))) if has_memory else 0
+  n_pool = batch_size if memory_batch else batch_size - n_memory
   if not n_memory:
     batch = train_batch(pool, batch_size, seed=seed, task=task, step=step, rows=rows)
     if with_slots:
       batch["memory_slot"] = np.full(len(batch["image_ids"]), -1, np.int32)
     return batch
+  batch_size = n_pool + n_memory
   lo, hi, _ = rows.indices(batch_size)
   image_rows, caps = _pair_indices(pool, n_pool, seed=seed, task=task, step=step)
   rng = np.random.default_rng([seed, task, step, 1])
@@ -175,6 +184,49 @@ def mixed_batch(pool: EncodedSplit, memory: EncodedSplit | None, batch_size: int
     extra["memory_slot"] = (memory_rows[other] * memory.captions_per_image
                             + memory_caps[other]).astype(np.int32)
   return {k: np.concatenate([batch[k], extra[k]]) for k in batch}
+
+
+def insertion_slots(pool: EncodedSplit, incoming: np.ndarray, n_current: int, *,
+                    seed: int, task: int, num_steps: int
+                    ) -> Callable[[int], dict[str, np.ndarray]]:
+  """When each pair of `pool` that enters the next memory is first seen.
+
+  The current-task part of step s's batch is `_pair_indices(pool,
+  n_current, ..., step=s)` (as `mixed_batch` draws it); a pair (image row r,
+  caption c) with r in `incoming` is inserted at the first step whose batch
+  holds it, and its image at the first row holding that image.
+
+  Args:
+    pool: the current task's training split (rows index it).
+    incoming: `[m]` sorted rows of `pool` that the next task's memory holds.
+    n_current: current-task rows of every batch.
+    num_steps: the task's steps.
+  Returns:
+    step -> {"insert_img_slot", "insert_txt_slot"}: int32 `[n_current]`, the
+    row's image position in `incoming` (resp. position * captions_per_image
+    + caption) where this row inserts it, -1 elsewhere. A pair never drawn
+    in `num_steps` steps is never inserted.
+  """
+  c = pool.captions_per_image
+  position = np.full(len(pool), -1, np.int64)
+  position[np.asarray(incoming, np.int64)] = np.arange(len(incoming))
+  seen_img = np.zeros(len(incoming), bool)
+  seen_pair = np.zeros(len(incoming) * c, bool)
+  table = []
+  for step in range(num_steps):
+    rows, caps = _pair_indices(pool, n_current, seed=seed, task=task, step=step)
+    img_slot = np.full(n_current, -1, np.int32)
+    txt_slot = np.full(n_current, -1, np.int32)
+    for i in np.nonzero(position[rows] >= 0)[0]:
+      p = position[rows[i]]
+      q = p * c + caps[i]
+      if not seen_img[p]:
+        seen_img[p], img_slot[i] = True, p
+      if not seen_pair[q]:
+        seen_pair[q], txt_slot[i] = True, q
+    table.append((img_slot, txt_slot))
+  return lambda step: {"insert_img_slot": table[step][0],
+                       "insert_txt_slot": table[step][1]}
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from absl import logging
 
 from ccr_jax import checkpoints
@@ -24,8 +25,9 @@ from ccr_jax.run import setup as setup_lib
 class Training:
   """The compiled pieces of training, built once per experiment.
 
-  `compiled` holds the train step once compiled ahead of time ("step") and
-  the seconds that took ("compile_s"); see `compiled_train_step`.
+  `compiled` holds the train step compiled ahead of time per batch row count
+  (("step", rows)) and the seconds compiling took in all ("compile_s"); see
+  `compiled_train_step`.
   """
   strategy: strategies.Strategy
   optimizer: Any
@@ -50,14 +52,20 @@ def build_training(setup: setup_lib.Setup) -> Training:
   strategy = strategies.get_strategy(cfg.strategy, loss_fn)
   optimizer = train_lib.make_optimizer(cfg.optim, cfg.train.steps_per_task,
                                        strategy.transform)
-  split_rows = 0
-  if strategy.memory_gradient:
-    if strategy.memory is None:
-      raise ValueError(f"strategy {strategy.name!r} needs a memory for its memory "
-                       "gradient.")
-    split_rows = int(round(strategy.memory.ratio * cfg.train.batch_size))
-  train_step = train_lib.make_train_step(setup.model, optimizer, loss_fn, setup.mesh,
-                                         strategy.loss_term, split_rows)
+  if strategy.memory_gradient and strategy.memory is None:
+    raise ValueError(f"strategy {strategy.name!r} needs a memory for its memory "
+                     "gradient.")
+  current_rows = 0
+  if strategy.memory is not None:
+    if strategy.memory.separate_batch:
+      current_rows = cfg.train.batch_size
+    # The batch once a memory exists (A-GEM's and DER's are larger than
+    # batch_size).
+    sharding.check_batch_size(sum(strategy.memory.layout(cfg.train.batch_size)),
+                              setup.mesh)
+  train_step = train_lib.make_train_step(
+      setup.model, optimizer, loss_fn, setup.mesh, strategy.loss_term, current_rows,
+      memory_gradient=strategy.memory_gradient, record=strategy.record)
   rows = sharding.process_rows(cfg.train.batch_size, setup.mesh)
 
   def task_batches(task, count, seed):
@@ -100,23 +108,28 @@ def memory_pool(setup: setup_lib.Setup, strategy: strategies.Strategy,
 
 def compiled_train_step(setup: setup_lib.Setup, training: Training, state: dict,
                         batch: dict) -> Any:
-  """The train step compiled ahead of time on first use, then reused by every task.
+  """The train step compiled ahead of time on first use of a batch layout,
+  then reused by every task with that layout.
 
   A compiled executable accepts only the shapes and shardings it was compiled
-  for, so a task whose state or batch would need a second compilation fails
-  loudly instead of silently compiling again (the sequence compiles once).
+  for, so a task whose state would need a second compilation fails loudly
+  instead of silently compiling again. The sequence compiles once, or twice
+  for a strategy whose batches grow once a memory exists (A-GEM's reference
+  batch).
 
   Args:
     state: a train state as `train_lib.create_train_state` returns it.
     batch: a host batch (images [B, ...], tokens [B, L], lengths [B],
       image_ids [B]).
   """
-  if "step" not in training.compiled:
+  key = ("step", len(batch["image_ids"]))
+  if key not in training.compiled:
     start = time.perf_counter()
-    training.compiled["step"] = training.train_step.lower(
+    training.compiled[key] = training.train_step.lower(
         state, sharding.shard_batch(batch, setup.mesh)).compile()
-    training.compiled["compile_s"] = time.perf_counter() - start
-  return training.compiled["step"]
+    training.compiled["compile_s"] = (training.compiled.get("compile_s", 0.0)
+                                      + time.perf_counter() - start)
+  return training.compiled[key]
 
 
 def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: Any,
@@ -145,7 +158,7 @@ def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: A
   state = train_lib.create_train_state(
       params, training.optimizer, setup.mesh, step=t * steps, old_model=old_model,
       install=strategy.install, strategy_state=strategy_state, task=t,
-      keep_strategy_state=strategy.loss_reads_state)
+      keep_strategy_state=strategy.state_in_train_state)
   first_step = 0
   resumed = checkpoints.restore_latest_state(
       setup.workdir, jax.eval_shape(lambda: state), setup_lib.param_placement(setup.mesh))
@@ -157,16 +170,37 @@ def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: A
       [setup.encoded[i]["train"] for i in strategy.training_tasks(t)])
   memory = memory_pool(setup, strategy, t)
   ratio = strategy.memory.ratio if strategy.memory else 0.0
+  memory_batch = strategy.memory.separate_batch if memory is not None else 0
 
   def save(state, next_step):
     checkpoints.save_state(setup.workdir, state, {"task": t + 1, "next_step": next_step})
 
-  rows = sharding.process_rows(cfg.train.batch_size, setup.mesh)
+  rows = sharding.process_rows(cfg.train.batch_size + memory_batch, setup.mesh)
+
+  insertions = None
+  if strategy.record is not None:
+    if strategy.training_tasks(t) != [t]:
+      raise ValueError(f"strategy {strategy.name!r} records memory targets as pairs "
+                       "of the current task are first seen: it cannot train on "
+                       "other tasks' data too (drop the data policy).")
+    incoming = memory_rows(setup, strategy, t + 1)[t]
+    insertions = pipeline.insertion_slots(
+        pool, incoming, strategy.memory.layout(cfg.train.batch_size)[0]
+        if memory is not None else cfg.train.batch_size,
+        seed=cfg.seed, task=t, num_steps=steps)
 
   def batch_fn(s):
-    return pipeline.mixed_batch(pool, memory, cfg.train.batch_size, ratio,
-                                seed=cfg.seed, task=t, step=s, rows=rows,
-                                with_slots=strategy.memory is not None)
+    batch = pipeline.mixed_batch(pool, memory, cfg.train.batch_size, ratio,
+                                 seed=cfg.seed, task=t, step=s, rows=rows,
+                                 with_slots=strategy.memory is not None,
+                                 memory_batch=memory_batch)
+    if insertions is not None:
+      total = cfg.train.batch_size + memory_batch
+      for key, slots in insertions(s).items():
+        padded = np.full(total, -1, np.int32)
+        padded[:len(slots)] = slots
+        batch[key] = padded[rows]
+    return batch
 
   step_fn = compiled_train_step(setup, training, state, batch_fn(0))
   try:
@@ -186,6 +220,8 @@ def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: A
                  f"snapshot {t} at {checkpoints.snapshot_dir(setup.workdir, t)}"
                  if t > 0 else "none yet (the task started from the initial params)")
     raise FloatingPointError(f"{e} Last good checkpoint: {last_good}.") from e
+  if strategy.record is not None:  # What the steps wrote into it.
+    strategy_state = state["strategy"]
   if strategy.collect is not None:
     strategy_state = strategy.collect(state["opt"], state["params"], strategy_state)
   return state["params"], strategy_state

@@ -20,6 +20,7 @@ import ml_collections
 
 from ccr_jax import files
 from ccr_jax import sharding
+from ccr_jax import strategies
 
 # Config sections that define the experiment: a workdir that holds results of
 # other values must not be continued with these (eval settings may differ).
@@ -71,6 +72,15 @@ def fingerprint(config: ml_collections.ConfigDict, defaults: dict | None = None)
   if defaults is not None:
     d = _with_defaults(d, defaults)
   subset = {k: d[k] for k in EXPERIMENT_SECTIONS if k in d}
+  if "strategy" in subset:
+    # Only the sections the named strategy reads define the experiment: a
+    # changed default of another strategy must not orphan this workdir.
+    try:
+      used = strategies.sections_used(subset["strategy"]["name"])
+    except (KeyError, ValueError):  # A name from another version: compare all.
+      used = [k for k in subset["strategy"] if k != "name"]
+    subset["strategy"] = {k: v for k, v in subset["strategy"].items()
+                          if k == "name" or k in used}
   if "model" in subset:
     # How the GRU is computed, not what: a run resumes on another backend.
     subset["model"] = {k: v for k, v in subset["model"].items()

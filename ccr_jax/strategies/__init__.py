@@ -52,8 +52,10 @@ def config_keys() -> dict:
 def default_config() -> ml_collections.ConfigDict:
   """The `strategy` config section with every strategy's default settings.
 
-  Strengths were chosen on the validation split of the embedded benchmark
-  (benchmarks/strategies.py --select; see benchmarks/results/strategies.md).
+  Strengths are the choices on the validation split of the embedded
+  benchmark trained from scratch (benchmarks/strategies.py --stage=select;
+  benchmarks/results/strategies.md); each key's help names the pretrained
+  setting's choice where it differs (docs/strategies.md lists both).
   """
   return schema.defaults(config_keys())
 
@@ -67,6 +69,12 @@ def _names(name: str) -> list[str]:
         f"{list(REGISTRY)}, combined with '+', e.g. ewc+replay "
         "(set --config.strategy.name).")
   return parts
+
+
+def sections_used(name: str) -> list[str]:
+  """The config sections (`config.strategy.<section>`) strategy `name` reads."""
+  return sorted({REGISTRY[p].section for p in _names(name)
+                 if REGISTRY[p].section is not None})
 
 
 def get_strategy(config: ml_collections.ConfigDict,

@@ -23,10 +23,18 @@ strategy by name (DESIGN.md, Strategies):
                  `end_of_task(ctx, task, params, state) -> state` updates it
                  once a task is learnt; with `loss_reads_state` the loss term
                  gets it too (as `state`, read-only within a task);
+                 `record(state, img, txt, batch) -> state` writes into it
+                 from inside the train step, with the step's own embeddings
+                 of the batch `[B, dim]` (the model at that step, before its
+                 update; stop-gradient): DER's targets, taken when a pair
+                 enters the memory (the batch's `insert_img_slot` /
+                 `insert_txt_slot`, see `Memory`); the state then travels
+                 in the train state and is saved with its checkpoints;
   memory_gradient the train step differentiates the loss on the batch's
                  current-task rows and on its memory rows apart, and hands the
                  memory rows' gradient to the transform as the optax extra
-                 argument `memory_grads` (A-GEM); needs a memory;
+                 argument `memory_grads` (A-GEM) once the memory holds pairs
+                 (no extra argument before); needs a memory;
   adapt_queries  (new [N, dim], old [N, dim]) -> (queries [Q, dim] -> [Q, dim]):
                  given the current task's training items embedded by the query
                  snapshot and by an older one, a map from the new space into
@@ -97,16 +105,35 @@ class TrainingContext:
 
 @dataclasses.dataclass(frozen=True)
 class Memory:
-  """A memory of past pairs mixed into every batch once it holds any.
+  """A memory of past pairs added to every batch once it holds any.
 
   Attributes:
     rows: (past task sizes, seed) -> per past task, the sorted int64 rows of
       its training split the memory holds; a pure function, so a resumed run
       rebuilds the same memory.
-    ratio: fraction of each batch drawn from the memory.
+    ratio: fraction of each batch's rows drawn from the memory instead of the
+      current task (replay, DER).
+    separate_batch: pairs drawn from the memory as a batch of their own,
+      appended to a full current-task batch (A-GEM's reference batch, DER's
+      memory batch); ratio is then 0.
+
+  With a strategy that `record`s, every batch also says which of its
+  current-task rows enter the memory the next task will hold, the first
+  time each is seen (`pipeline.insertion_slots`): insert_img_slot /
+  insert_txt_slot int32 [rows], the image's position among the task's
+  rows in that memory (and position * captions_per_image + caption for the
+  pair), -1 elsewhere.
   """
   rows: Callable[[Sequence[int], int], list[np.ndarray]]
-  ratio: float
+  ratio: float = 0.0
+  separate_batch: int = 0
+
+  def layout(self, batch_size: int) -> tuple[int, int]:
+    """(current-task rows, memory rows) of a batch once the memory holds pairs."""
+    if self.separate_batch:
+      return batch_size, self.separate_batch
+    memory = int(round(self.ratio * batch_size))
+    return batch_size - memory, memory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +153,7 @@ class Strategy:
   train_tasks: Callable[[int], list[int]] | None = None
   memory: Memory | None = None
   memory_gradient: bool = False
+  record: Callable[[dict, Any, Any, dict], dict] | None = None
   state_keys: tuple[str, ...] = ()
   init_state: Callable[[Any, TrainingContext], dict] | None = None
   install: Callable[[Any, dict, jax.Array], Any] | None = None
@@ -140,6 +168,12 @@ class Strategy:
   def leaves(self) -> tuple[Strategy, ...]:
     """The registered strategies this value is made of."""
     return self.parts or (self,)
+
+  @property
+  def state_in_train_state(self) -> bool:
+    """Whether the train step carries the strategy state (its loss term
+    reads it, or `record` writes it)."""
+    return self.loss_reads_state or self.record is not None
 
   def training_tasks(self, t: int) -> list[int]:
     """Tasks (0-based) whose training data task t (0-based) trains on."""
@@ -198,6 +232,14 @@ def compose(*strategies: Strategy) -> Strategy:
   def train_tasks(t):
     return sorted({i for leaf in leaves for i in leaf.training_tasks(t)})
 
+  recorders = [leaf for leaf in leaves if leaf.record is not None]
+
+  def record(state, img, txt, batch):
+    new = dict(state)
+    for leaf in recorders:
+      new.update(leaf.record(own(leaf, state), img, txt, batch))
+    return new
+
   def init_state(params, ctx):
     return {k: v for leaf in stateful for k, v in leaf.init_state(params, ctx).items()}
 
@@ -231,6 +273,7 @@ def compose(*strategies: Strategy) -> Strategy:
       train_tasks=train_tasks,
       memory=memories[0].memory if memories else None,
       memory_gradient=any(leaf.memory_gradient for leaf in leaves),
+      record=record if recorders else None,
       state_keys=tuple(owners),
       init_state=init_state if stateful else None,
       install=install if any(l.install for l in leaves) else None,

@@ -112,7 +112,8 @@ base.register(
                                            losses.reduction_of(loss_fn)),
     # 0.1: chosen on the validation split (benchmarks/results/strategies.md);
     # at 1 the term's gradient is ~6x the ranking loss's and training stalls.
-    keys={"strength": schema.Key(0.1, "weight of the similarity-distribution KL"),
+    keys={"strength": schema.Key(0.1, "weight of the similarity-distribution KL "
+                                 "(chosen on validation, both settings)"),
           "embedding_strength": schema.Key(0.0, "weight of the cosine embedding "
                                            "distillation (0: off)"),
           "temperature": schema.Key(0.05, "softmax temperature on the cosine "

@@ -66,7 +66,8 @@ def replay_strategy(memory_size: int, ratio: float, policy: str) -> base.Strateg
 
 # The memory's settings, shared by every strategy that keeps one (agem, der).
 MEMORY_KEYS = {
-    "memory_size": schema.Key(200, "pairs the memory holds",
+    "memory_size": schema.Key(200, "images the memory holds, each with all its "
+                              "captions (200 images = 1000 pairs at 5 captions)",
                               schema.at_least(1, integer=True)),
     "ratio": schema.Key(0.25, "fraction of every batch drawn from the memory",
                         lambda v: None if 0 < v < 1 else "a fraction in (0, 1)"),

@@ -7,8 +7,10 @@ update actually applied, after clipping and Adam, is the parameter change).
 After task k (`collect`, with the final params for the last step's term):
   Omega_k = max(omega, 0) / ((theta*_k - theta_start)^2 + damping),
 the importance F += Omega_k with the anchor at the latest solution, and the
-same quadratic pull as EWC (`importance.importance_pull`):
-strength/2 * sum F (theta - theta*)^2. Negative path contributions (the loss
+paper's surrogate loss c * sum F (theta - theta*)^2 with c = `strength`
+(Zenke et al., eq. 4), through the same quadratic pull as EWC
+(`importance.importance_pull`, whose own strength s means s/2 * sum F
+(theta - theta*)^2: it is given 2c). Negative path contributions (the loss
 rose along a parameter) are clipped to zero importance rather than a push
 away from the anchor.
 """
@@ -63,7 +65,8 @@ def task_importance(path: PathState, final_params: Any, damping: float) -> Any:
 
 
 def si_strategy(strength: float, damping: float) -> base.Strategy:
-  """The SI pull; state {"importance", "weighted_anchor"} as the importance strategies."""
+  """The SI pull c * sum Omega (theta - theta*)^2, c = `strength`; state
+  {"importance", "weighted_anchor"} as the importance strategies."""
 
   def init_state(params, ctx):
     del ctx
@@ -81,14 +84,15 @@ def si_strategy(strength: float, damping: float) -> base.Strategy:
 
   return base.Strategy(
       name="si", settings={"si": {"strength": strength, "damping": damping}},
-      transform=optax.chain(path_integral(), importance.importance_pull(strength)),
+      transform=optax.chain(path_integral(), importance.importance_pull(2.0 * strength)),
       state_keys=importance.ImportanceState._fields, init_state=init_state,
       install=install_state, collect=collect)
 
 
 base.register(
     "si", lambda c, _: si_strategy(c.strength, c.damping),
-    keys={"strength": schema.Key(10.0, "c: weight of the pull strength/2 * sum "
-                                 "Omega (theta - theta*)^2", schema.greater_than(0)),
+    keys={"strength": schema.Key(5.0, "c of Zenke et al.: the pull c * sum Omega "
+                                 "(theta - theta*)^2 (chosen on validation, scratch; "
+                                 "pretrained: 0.5)", schema.greater_than(0)),
           "damping": schema.Key(0.1, "xi: added to the squared parameter change "
                                 "of a task (Zenke et al.: 0.1)", schema.greater_than(0))})
