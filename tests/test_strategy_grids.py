@@ -46,3 +46,25 @@ def test_select_one_gives_up_unbracketed_after_max_extend(monkeypatch):
   chosen = bench.select_one("toy", quick=False)
   assert len(chosen["val_scores"]) == 3 + bench.MAX_EXTEND
   assert not chosen["bracketed"]
+
+
+def test_select_one_scores_the_mean_over_seeds_and_says_each_seeds_choice(monkeypatch):
+  # Seed 0 peaks at 1, seed 1 at 10 (minus 1 per decade away from the peak).
+  peaks = {0: 1.0, 1: 10.0}
+
+  def fake_run(name, seed, split, overrides, quick):
+    (value,) = overrides.values()
+    score = -abs(math.log10(value) - math.log10(peaks[seed])) - (value > 10) * 5
+    return {"summary": {r: {"task_aware": {f"{d}_r1": {"final_average": score}
+                                           for d in ("i2t", "t2i")}}
+                        for r in ("fixed", "reindex")}}
+
+  monkeypatch.setattr(bench, "run", fake_run)
+  monkeypatch.setitem(bench.GRID, "toy", ("toy.strength", (0.1, 1.0, 10.0)))
+  chosen = bench.select_one("toy", quick=False, seeds=(0, 1))
+  # Means: 0.1 -> -1.5, 1 -> -0.5, 10 -> -0.5: bracketed, no extension; each
+  # seed alone picks its own peak, which the table shows.
+  assert chosen["val_scores_by_seed"]["1"] == [0.0, -1.0]
+  assert chosen["val_scores"]["10"] == pytest.approx(-0.5)
+  assert chosen["best_per_seed"] == [1.0, 10.0]
+  assert chosen["seeds"] == [0, 1]
