@@ -35,6 +35,7 @@ from absl import app, flags, logging  # noqa: E402
 
 from benchmarks import harness  # noqa: E402
 from ccr_jax import stats  # noqa: E402
+from ccr_jax import strategies  # noqa: E402
 from ccr_jax.run import loop  # noqa: E402
 from configs import default  # noqa: E402
 
@@ -128,11 +129,27 @@ def _key(line: dict) -> tuple:
           json.dumps(line["overrides"], sort_keys=True), line.get("val_per_category", 0))
 
 
+def is_current(line: dict) -> bool:
+  """Whether a logged run was made by the strategy as it is now: the settings
+  it recorded have the keys its config sections have today. A strategy whose
+  keys changed was redefined (agem lost `ratio` for `memory_batch`, der's
+  `strength` became `alpha` and `beta`): its older lines are another method's
+  and are neither reused nor tabulated."""
+  recorded = line.get("settings", {}).get("settings", {})
+  defaults = strategies.default_config()
+  for part in parse_label(line["strategy"])[0].split("+"):
+    section = strategies.REGISTRY[part].section
+    if section and section in recorded and (
+        set(recorded[section]) != set(defaults[section].keys())):
+      return False
+  return True
+
+
 def _done() -> dict:
   if not os.path.exists(FLAGS.log):
     return {}
   lines = [json.loads(l) for l in open(FLAGS.log) if l.startswith("{")]
-  return {_key(l): l for l in lines}
+  return {_key(l): l for l in lines if is_current(l)}
 
 
 def run(name: str, seed: int, split: str, overrides: dict, quick: bool) -> dict:
@@ -262,6 +279,23 @@ def versus_finetune(lines: list[dict]) -> str:
           [_score(l, regime, scope) for l in mine],
           [_score(base[l["seed"]], regime, scope) for l in mine]))
                for regime in ("fixed", "reindex")
+               for scope in ("task_aware", "task_agnostic")]
+      out.append(f"| {setting} | {name} | {len(mine)} | " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
+def fixed_versus_reindex(lines: list[dict]) -> str:
+  """Markdown: each strategy's fixed-regime final average R@1 (mean of both
+  directions) minus its own reindexed one, paired by seed (the same run's
+  two regimes): mean [95 % interval] p per scope."""
+  out = ["| setting | strategy | n | task-aware | task-agnostic |", "|---|---|---|---|---|"]
+  for setting in ("scratch", "pretrained"):
+    for name in FLAGS.strategies:
+      mine = [l for l in lines if l["setting"] == setting and l["strategy"] == name]
+      if not mine:
+        continue
+      cells = [stats.format_paired(stats.paired([_score(l, "fixed", scope) for l in mine],
+                                                [_score(l, "reindex", scope) for l in mine]))
                for scope in ("task_aware", "task_agnostic")]
       out.append(f"| {setting} | {name} | {len(mine)} | " + " | ".join(cells) + " |")
   return "\n".join(out)
@@ -422,7 +456,12 @@ def main(argv):
         f"{stats.TEST_NAME} (n seeds). **Bold**: the interval lies above zero (beats "
         "fine-tuning); *italic*: below zero (worse than fine-tuning); neither: "
         "the seeds cannot tell them apart.\n\n" + versus_finetune(lines)
-        + "\n\nBeats fine-tuning (interval above zero):\n\n" + beats_summary(lines))
+        + "\n\nBeats fine-tuning (interval above zero):\n\n" + beats_summary(lines)
+        + "\n\n## Fixed index against reindexing, per strategy\n\nEach strategy's "
+        "fixed-regime final average R@1 (mean of i2t and t2i) minus its reindexed "
+        "one, paired by seed (the two regimes of the same run): mean [95 % "
+        f"interval] p, {stats.TEST_NAME}. **Bold**: the fixed index wins.\n\n"
+        + fixed_versus_reindex(lines))
   print(md)
   with open(os.path.join(FLAGS.out, "strategies.md"), "w") as f:
     f.write(md + "\n")
