@@ -40,7 +40,10 @@ flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Training seeds (runs alre
                   "in reindex_question.json are not run again).")
 flags.DEFINE_string("out", os.path.join(HERE, "results"), "Where the table goes.")
 flags.DEFINE_bool("quick", False, "Tiny configs, one seed: a smoke test.")
-flags.DEFINE_bool("table_only", False, "Rewrite the table from reindex_question.json.")
+flags.DEFINE_bool("table_only", False, "Rewrite the table from reindex_question.json "
+                  "and the runs appended to reindex_question_runs.jsonl.")
+flags.DEFINE_list("variants", None, "Run only these variants (default all); the "
+                  "table then waits for --table_only.")
 
 
 def _freeze_images(config):
@@ -177,16 +180,37 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   seeds = [0] if FLAGS.quick else [int(s) for s in FLAGS.seeds]
+  path = os.path.join(FLAGS.out, "reindex_question.json")
+  runs_path = os.path.join(FLAGS.out, "reindex_question_runs.jsonl")
+
+  def done() -> dict:
+    # The table's JSON and the runs appended since (the later line wins).
+    found = {} if FLAGS.quick or not os.path.exists(path) else {
+        (l["variant"], l["seed"]): l for l in json.load(open(path))}
+    if not FLAGS.quick and os.path.exists(runs_path):
+      found.update({(l["variant"], l["seed"]): l for l in map(json.loads, open(runs_path))})
+    return found
+
   if FLAGS.table_only:
-    lines = json.load(open(os.path.join(FLAGS.out, "reindex_question.json")))
+    lines = sorted(done().values(), key=lambda l: (list(VARIANTS).index(l["variant"]),
+                                                   l["seed"]))
     seeds = sorted({l["seed"] for l in lines})
   else:
-    # Runs already in the JSON are kept (a rerun with more --seeds adds seeds).
-    path = os.path.join(FLAGS.out, "reindex_question.json")
-    done = {} if FLAGS.quick or not os.path.exists(path) else {
-        (l["variant"], l["seed"]): l for l in json.load(open(path))}
-    lines = [done.get((name, seed)) or run(name, seed)
-             for name in VARIANTS for seed in seeds]
+    # Runs already made are kept (a rerun with more --seeds adds seeds); each
+    # run is appended as it ends, so processes may split --variants.
+    lines = []
+    for name in FLAGS.variants or VARIANTS:
+      for seed in seeds:
+        line = done().get((name, seed))
+        if line is None:
+          line = run(name, seed)
+          if not FLAGS.quick:
+            with open(runs_path, "a") as f:
+              f.write(json.dumps(line) + "\n")
+        lines.append(line)
+    if FLAGS.variants:  # A part of the table: the full one with --table_only.
+      print(table(lines))
+      return
   md = table(lines)
   print(md)
   if FLAGS.quick:
