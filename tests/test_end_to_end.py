@@ -152,20 +152,23 @@ def test_workdir_of_another_experiment_is_refused(tiny_run):
   assert "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize("strategy", ["finetune", "ewc+lwf+replay"])
+@pytest.mark.parametrize("strategy, task", [("finetune", 2), ("ewc+lwf+replay", 2),
+                                            ("der", 1)])
 def test_killed_run_resumes_to_identical_results(tmp_path, killed_saving_snapshot,
-                                                 strategy):
+                                                 strategy, task):
   # ewc+lwf+replay carries state across the kill: importance accumulators in
-  # the snapshot, the old model in the train state, the replay memory.
+  # the snapshot, the old model in the train state, the replay memory. der,
+  # killed in task 1, carries the targets its steps 1-2 recorded in the
+  # state checkpoint; task 2 trains against them.
   config = default.get_config("tiny")
   config.strategy.name = strategy
   full = loop.train_and_evaluate(config, str(tmp_path / "full"))
 
-  # Kill the second run while it saves task 2's snapshot: task 2's state
+  # Kill the second run while it saves the task's snapshot: its state
   # checkpoint (step 2 of 4) is on disk, the snapshot is not.
-  with killed_saving_snapshot(2), pytest.raises(KeyboardInterrupt):
+  with killed_saving_snapshot(task), pytest.raises(KeyboardInterrupt):
     loop.train_and_evaluate(config, str(tmp_path / "killed"))
-  assert checkpoints.completed_snapshots(str(tmp_path / "killed")) == [1]
+  assert checkpoints.completed_snapshots(str(tmp_path / "killed")) == list(range(1, task))
   resumed = loop.train_and_evaluate(config, str(tmp_path / "killed"))
   # Same device count on CPU: bit-identical.
   assert resumed["metrics"] == full["metrics"]
