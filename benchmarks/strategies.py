@@ -130,17 +130,18 @@ def _key(line: dict) -> tuple:
 
 
 def is_current(line: dict) -> bool:
-  """Whether a logged run was made by the strategy as it is now: the settings
-  it recorded have the keys its config sections have today. A strategy whose
-  keys changed was redefined (agem lost `ratio` for `memory_batch`, der's
-  `strength` became `alpha` and `beta`): its older lines are another method's
-  and are neither reused nor tabulated."""
+  """Whether a logged run was made by the strategy as it is now: every setting
+  it recorded is still a key of its config section. A strategy that lost a
+  key was redefined (agem's `ratio` gave way to `memory_batch`, der's
+  `strength` to `alpha` and `beta`): its older lines are another method's
+  and are neither reused nor tabulated. (A part may record fewer keys than
+  its section holds: ewc does not record online EWC's `decay`.)"""
   recorded = line.get("settings", {}).get("settings", {})
   defaults = strategies.default_config()
   for part in parse_label(line["strategy"])[0].split("+"):
     section = strategies.REGISTRY[part].section
     if section and section in recorded and (
-        set(recorded[section]) != set(defaults[section].keys())):
+        not set(recorded[section]) <= set(defaults[section].keys())):
       return False
   return True
 

@@ -68,3 +68,18 @@ def test_select_one_scores_the_mean_over_seeds_and_says_each_seeds_choice(monkey
   assert chosen["val_scores"]["10"] == pytest.approx(-0.5)
   assert chosen["best_per_seed"] == [1.0, 10.0]
   assert chosen["seeds"] == [0, 1]
+
+
+def test_runs_of_a_redefined_strategy_are_not_current():
+  line = lambda name, settings: {"strategy": name,  # noqa: E731
+                                 "settings": {"settings": settings}}
+  # agem's `ratio` is gone (a separate reference batch now): another method.
+  assert not bench.is_current(line("agem", {"agem": {
+      "memory_size": 200, "ratio": 0.25, "policy": "reservoir"}}))
+  assert bench.is_current(line("agem", {"agem": {
+      "memory_size": 200, "memory_batch": 64, "policy": "reservoir"}}))
+  # ewc records fewer keys than its section (online EWC's decay): current.
+  assert bench.is_current(line("ewc+replay", {
+      "ewc": {"strength": 300.0, "batches": 20},
+      "replay": {"memory_size": 200, "ratio": 0.25, "policy": "reservoir"}}))
+  assert not bench.is_current(line("der@der.beta=0", {"der": {"strength": 3.0}}))
