@@ -324,6 +324,7 @@ def test_insertion_slots_mark_each_incoming_pair_at_its_first_draw():
   assert len(seen_pair) == len(incoming) * cpi
 
 
+@pytest.mark.slow  # compiles a DER train step (~6 s); insertion_slots stays fast
 def test_der_step_records_the_embeddings_of_the_step_that_inserts(tiny_model):
   """`record` stores, for the rows a batch inserts, the embeddings the model
   gave them at that step (before its update), and leaves other slots alone."""

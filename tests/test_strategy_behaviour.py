@@ -508,6 +508,7 @@ def test_compat_narrows_fixed_vs_reindex_gap(runs):
   check_narrower_gap(runs, "compat", after_task2(runs, "compat", HIGH["compat"]))
 
 
+@pytest.mark.slow  # a task of its own (~5 s): the not-slow loop must stay short
 def test_agem_learns_task1_exactly_as_finetuning(runs):
   """A-GEM has no memory during task 1: no reference batch, no projection, so
   its snapshot 1 is fine-tuning's bit for bit (the same batches, the same
