@@ -278,19 +278,21 @@ def rank_stats(ranks) -> dict[str, float]:
 
 
 def exact_metrics(query_emb, gallery_emb, query_owner, gallery_owner,
-                  ks: Sequence[int]) -> tuple[dict[str, float], np.ndarray]:
-  """Exact Recall@K, medr and meanr, and the exact top-max(ks) rows.
+                  ks: Sequence[int], top: int = 0) -> tuple[dict[str, float], np.ndarray]:
+  """Exact Recall@K, medr and meanr, and the exact top rows.
 
   Args:
     query_emb: float [Q, dim]; gallery_emb: float [G, dim].
     query_owner: int [Q]; gallery_owner: int [G] (image ids).
     ks: the K values.
+    top: at least this many top rows (beside max(ks)).
 
   Returns:
-    ({"exact_r1": ..., "medr": ..., "meanr": ...}, top rows int64 [Q, k]).
+    ({"exact_r1": ..., "medr": ..., "meanr": ...}, top rows int64
+    [Q, max(*ks, top)]).
   """
   ranks, top_rows = exact_ranks_and_topk(
-      query_emb, gallery_emb, query_owner, gallery_owner, max(ks))
+      query_emb, gallery_emb, query_owner, gallery_owner, max(*ks, top))
   recalls = recall_at_k(ranks, ks)
   return ({f"exact_{name}": v for name, v in recalls.items()}
           | rank_stats(ranks)), top_rows
@@ -344,10 +346,12 @@ def fold_metrics(query_emb, gallery_emb, query_owner, gallery_owner,
 
 
 def rsum(image_to_text: Mapping[str, float],
-         text_to_image: Mapping[str, float]) -> float:
-  """R@1 + R@5 + R@10 of both directions (`recall_at_k` outputs)."""
+         text_to_image: Mapping[str, float],
+         ks: Sequence[int] = DEFAULT_KS) -> float:
+  """The sum of R@K over `ks` in both directions (`recall_at_k` outputs);
+  VSE++'s rsum with the default ks (1, 5, 10)."""
   return float(sum(recalls[f"r{k}"] for recalls in (image_to_text, text_to_image)
-                   for k in DEFAULT_KS))
+                   for k in ks))
 
 
 def continual_summary(matrix) -> dict[str, float | None]:

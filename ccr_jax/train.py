@@ -257,8 +257,8 @@ def make_train_step(model: DualEncoder, optimizer: optax.GradientTransformation,
 
 def train_task(state: dict, train_step: Callable, batch_fn: Callable[[int], dict],
                *, first_step: int, num_steps: int, mesh: Mesh,
-               checkpoint_every: int, checkpoint_fn: Callable[[dict, int], None],
-               log_every: int, task: int,
+               checkpoint_every: int, checkpoint_fn: Callable[[dict, int, bool], None],
+               log_every: int, task: int, ranked_before: bool = False,
                writer: progress.ScalarWriter | None = None,
                learning_rate_fn: Callable[[int], Any] | None = None,
                show_progress: bool | None = None,
@@ -276,8 +276,12 @@ def train_task(state: dict, train_step: Callable, batch_fn: Callable[[int], dict
     batch_fn: step within the task -> this process's rows of the global
       batch (`sharding.process_rows`; all of it with one process), a pure
       function of the step, so a resumed task draws the same batches.
-    checkpoint_fn: called as (state, next step within task) every
-      `checkpoint_every` steps.
+    checkpoint_fn: called as (state, next step within task, ranked) every
+      `checkpoint_every` steps; `ranked` (the model ranked in some window so
+      far) is what a resume passes back as `ranked_before`.
+    ranked_before: the model ranked before `first_step` (a resumed task's
+      checkpoint said so, or an earlier task trained it), so a first window
+      that is already collapsed is a collapse, not a dead initialisation.
     writer: where scalars go (`progress.ScalarWriter`); none are recorded
       without one. A resumed task (`first_step` > 0) marks the steps it writes
       again, so earlier runs' values there are dropped.
@@ -304,14 +308,13 @@ def train_task(state: dict, train_step: Callable, batch_fn: Callable[[int], dict
     writer.resume_at(step_offset + first_step + 1)
   bar = progress.task_progress(task, first_step, num_steps, force=show_progress)
   metrics_sum, since = None, first_step
-  ranked_before = False
   window_start = time.perf_counter()
   try:
     for step in range(first_step, num_steps):
       if _stop_requested(should_stop, step, first_step, log_every):
         if step > first_step:
           with progress.bar_cleared(bar):
-            checkpoint_fn(state, step)
+            checkpoint_fn(state, step, ranked_before)
         raise Interrupted(task, step, saved=step > first_step)
       batch = sharding.shard_batch(batch_fn(step), mesh)
       batch_size = jax.tree.leaves(batch)[0].shape[0]  # The global batch.
@@ -360,7 +363,7 @@ def train_task(state: dict, train_step: Callable, batch_fn: Callable[[int], dict
         metrics_sum, since = None, done
       if checkpoint_every and done % checkpoint_every == 0 and done < num_steps:
         with progress.bar_cleared(bar):  # Checkpointing logs too.
-          checkpoint_fn(state, done)
+          checkpoint_fn(state, done, ranked_before)
   finally:
     bar.close()
   return state

@@ -76,6 +76,10 @@ def test_hand_computed_example():
   assert evaluation.rsum(evaluation.recall_at_k(i2t),
                          evaluation.recall_at_k(t2i)) == pytest.approx(
                              200 / 3 + 200 + 80 + 200)
+  # Other K values: the sum over those (issue 25 D1).
+  assert evaluation.rsum(evaluation.recall_at_k(i2t, (1, 2)),
+                         evaluation.recall_at_k(t2i, (1, 2)), (1, 2)) == pytest.approx(
+                             200 / 3 + 100 + 80 + 100)
 
 
 @pytest.mark.parametrize("block_size", [7, 64, 1024])

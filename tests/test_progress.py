@@ -86,7 +86,7 @@ def _run(step_fn, tmp_path, *, first_step=0, num_steps=5, log_every=2, task=1,
   return train_lib.train_task(
       state, step_fn, lambda s: {"x": np.zeros((3,), np.float32)},
       first_step=first_step, num_steps=num_steps, mesh=mesh, checkpoint_every=0,
-      checkpoint_fn=lambda s, n: None, log_every=log_every, task=task, **kwargs)
+      checkpoint_fn=lambda s, n, ranked: None, log_every=log_every, task=task, **kwargs)
 
 
 # ---------------------------------------------------------------- progress bar
@@ -220,7 +220,7 @@ def test_jsonl_and_tensorboard_hold_the_logged_window_means(tmp_path):
   with progress.ScalarWriter(str(tmp_path)) as writer:
     train_lib.train_task(
         state, recording_step, batch_fn, first_step=0, num_steps=steps, mesh=mesh,
-        checkpoint_every=0, checkpoint_fn=lambda s, n: None, log_every=2, task=2,
+        checkpoint_every=0, checkpoint_fn=lambda s, n, ranked: None, log_every=2, task=2,
         writer=writer,
         learning_rate_fn=train_lib.learning_rate_schedule(cfg.optim, steps))
 

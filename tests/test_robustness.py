@@ -111,6 +111,27 @@ def test_changed_eval_settings_recompute_every_cached_row(finished, tmp_path):
              for r in rows)
 
 
+@pytest.mark.slow  # A finished run: seconds.
+@pytest.mark.parametrize("ks", [(1, 5), (1, 2, 3)])
+def test_ks_without_the_default_ones_finish_the_run(finished, tmp_path, ks):
+  # Issue 25 D1: rsum and the embeddings manifest read r1, r5 and r10 whatever
+  # ks was, so (1, 5) threw a finished run away with KeyError: 'r10'.
+  workdir = _copy(finished, tmp_path)
+  config = default.get_config("tiny")
+  config.eval.ks = ks
+  again = loop.train_and_evaluate(config, workdir)
+  for regime, scopes in again["metrics"].items():
+    d = scopes["task_aware"]
+    assert f"r{ks[-1]}" in d["i2t"] and "r10" not in d["i2t"]
+    expected = [[sum(d[x][f"r{k}"][t][0] for x in ("i2t", "t2i") for k in ks)]
+                for t in range(2)]
+    assert [[row[0]] for row in d["rsum"]] == expected
+    # The agreement with exact search stays at 10 whatever the K values.
+    assert (d["i2t"]["index_recall_at_10"]
+            == finished[1]["metrics"][regime]["task_aware"]["i2t"]["index_recall_at_10"])
+    assert again["summary"][regime]["task_aware"]["rsum"]["final_average"] is not None
+
+
 # ---------------------------------------------------------------------------
 # One run per workdir.
 
@@ -217,13 +238,14 @@ def _fake_step(std, grad_norm=0.0, healthy_steps=0):
   return step
 
 
-def _run_task(step_fn, **kwargs):
+def _run_task(step_fn, first_step=0, checkpoint_every=0, **kwargs):
   saved = []
   mesh = sharding.make_mesh()
   state = train_lib.train_task(
-      {"step": jnp.int32(0)}, step_fn, lambda s: {"x": np.zeros((2, 1), np.float32)},
-      first_step=0, num_steps=8, mesh=mesh, checkpoint_every=0,
-      checkpoint_fn=lambda st, n: saved.append(n), log_every=2, task=1,
+      {"step": jnp.int32(first_step)}, step_fn,
+      lambda s: {"x": np.zeros((2, 1), np.float32)},
+      first_step=first_step, num_steps=8, mesh=mesh, checkpoint_every=checkpoint_every,
+      checkpoint_fn=lambda st, n, ranked: saved.append((n, ranked)), log_every=2, task=1,
       show_progress=False, **kwargs)
   return state, saved
 
@@ -255,13 +277,28 @@ def test_collapsed_model_is_stopped_with_the_step_range():
   assert int(state["step"]) == 8
 
 
+def test_collapse_guard_survives_a_resume():
+  # Issue 25 D2: the guard's memory started False on every call, so a rerun
+  # resumed from the checkpoint before the collapse and trained on at chance.
+  _, saved = _run_task(_fake_step(0.1), checkpoint_every=2)
+  assert saved == [(2, True), (4, True), (6, True)]  # Checkpoints say it ranked.
+  with pytest.raises(FloatingPointError, match="collapsed between steps 2 and 4"):
+    _run_task(_fake_step(0.0), first_step=2, ranked_before=True)
+  # A checkpoint of a model that never ranked resumes as it started.
+  _, saved = _run_task(_fake_step(0.0), first_step=2, checkpoint_every=2)
+  assert saved == [(4, False), (6, False)]
+
+
 @pytest.mark.slow
-def test_huge_learning_rate_collapse_is_caught(tmp_path):
+def test_huge_learning_rate_collapse_is_caught_again_on_rerun(tmp_path):
   config = default.get_config("tiny")
   config.optim.learning_rate = 1e6
-  with pytest.raises(FloatingPointError, match="collapsed|loss became") as e:
-    loop.train_and_evaluate(config, str(tmp_path / "run"))
-  assert "Last good checkpoint" in str(e.value)
+  config.train.checkpoint_every = 2
+  workdir = str(tmp_path / "run")
+  for _ in range(2):  # The rerun resumes from the last good state: same stop.
+    with pytest.raises(FloatingPointError, match="task 1: the model collapsed") as e:
+      loop.train_and_evaluate(config, workdir)
+    assert "Last good checkpoint" in str(e.value)
 
 
 @pytest.mark.slow

@@ -90,7 +90,7 @@ def test_non_finite_loss_stops_with_step_range():
   with pytest.raises(FloatingPointError, match="between steps 0 and 2"):
     train_lib.train_task({}, step, lambda s: {"x": np.zeros((1,), np.float32)},
                          first_step=0, num_steps=4, mesh=mesh, checkpoint_every=1,
-                         checkpoint_fn=lambda s, n: saved.append(n), log_every=2, task=1)
+                         checkpoint_fn=lambda s, n, ranked: saved.append(n), log_every=2, task=1)
   # The checkpoint after step 1 was written before the NaN was seen at step 2;
   # nothing is written after the NaN is detected.
   assert saved == [1]

@@ -154,11 +154,12 @@ def _train(setup: setup_lib.Setup, params: Any, folder: str) -> Any:
   train_step = train_lib.make_train_step(setup.model, optimizer,
                                          losses.make_loss(cfg.loss), setup.mesh)
   state = train_lib.create_train_state(params, optimizer, setup.mesh)
-  first_step = 0
+  first_step, ranked_before = 0, False
   resumed = checkpoints.restore_latest_state(
       folder, jax.eval_shape(lambda: state), setup_lib.param_placement(setup.mesh))
   if resumed is not None:
     state, first_step = resumed[0], resumed[1]["next_step"]
+    ranked_before = resumed[1].get("ranked", first_step > 0)  # See training.py.
     logging.info("pretraining: resuming at step %d from %s/state", first_step, folder)
   pool, batch_size = setup.pretrain_pool, cfg.train.batch_size
   rows = sharding.process_rows(batch_size, setup.mesh)
@@ -169,8 +170,9 @@ def _train(setup: setup_lib.Setup, params: Any, folder: str) -> Any:
     return pipeline.train_batch(pool, batch_size, seed=cfg.seed, task=BATCH_STREAM,
                                 step=s, rows=rows)
 
-  def save(state, next_step):
-    checkpoints.save_state(folder, state, {"task": 0, "next_step": next_step})
+  def save(state, next_step, ranked):
+    checkpoints.save_state(folder, state,
+                           {"task": 0, "next_step": next_step, "ranked": ranked})
 
   with pipeline.prefetched(batch_fn, steps) as next_batch:
     # Logged (and drawn) as "task 0"; no live scalars: their step axis is the
@@ -178,5 +180,6 @@ def _train(setup: setup_lib.Setup, params: Any, folder: str) -> Any:
     state = train_lib.train_task(
         state, train_step, next_batch, first_step=first_step, num_steps=steps,
         mesh=setup.mesh, checkpoint_every=cfg.train.checkpoint_every,
-        checkpoint_fn=save, log_every=cfg.train.log_every, task=0)
+        checkpoint_fn=save, log_every=cfg.train.log_every, task=0,
+        ranked_before=ranked_before)
   return state["params"]

@@ -34,6 +34,8 @@ from ccr_jax.run.setup import Setup
 # which separates forgetting from the gallery's growth (`gallery_growth`).
 AS_LEARNT = "task_agnostic_as_learnt"
 SCOPES = ("task_aware", "task_agnostic", AS_LEARNT)
+# index_recall_at_10: the index's top 10 against exact search's.
+AGREEMENT_AT = 10
 
 
 def scope_gallery_tasks(scope: str, t: int, j: int) -> list[int]:
@@ -165,7 +167,8 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
   """
   cfg = setup.config
   ks = tuple(cfg.eval.ks)
-  k = max(ks)
+  # index_recall_at_10 needs the top 10 whatever the K values are.
+  k = max(*ks, AGREEMENT_AT)
   cpi = setup.captions_per_image
   queries = queries or {}
   regimes = ("fixed", "reindex") if cfg.index.reindex else ("fixed",)
@@ -203,9 +206,11 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
             _, top_ids = indexing.search_many(indices, query_emb, k)
           ranks = evaluation.ranks_from_topk(evaluation.owner_of(gm, top_ids, cpi), query_owner)
           exact, exact_rows = evaluation.exact_metrics(
-              query_emb, gallery_emb, query_owner, gallery_owner, ks)
-          agreement = np.mean([len(set(a) & set(b)) / k for a, b in
-                               zip(top_ids.tolist(), gallery_ids[exact_rows].tolist())])
+              query_emb, gallery_emb, query_owner, gallery_owner, ks, AGREEMENT_AT)
+          agreement = np.mean([
+              len(set(a) & set(b)) / AGREEMENT_AT for a, b in
+              zip(top_ids[:, :AGREEMENT_AT].tolist(),
+                  gallery_ids[exact_rows[:, :AGREEMENT_AT]].tolist())])
           m = {**evaluation.recall_at_k(ranks, ks), **exact,
                "index_recall_at_10": float(agreement)}
           if cfg.eval.get("fold_size", 0) and scope == "task_aware":
@@ -227,7 +232,7 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
                                       for g in gallery_tasks],
                 "gallery_tasks": [g + 1 for g in gallery_tasks],
                 "regime": regime, "task": j + 1, "scope": scope,
-                **{f"r{kk}": m[f"r{kk}"] for kk in (1, 5, 10)}})
+                **{f"r{kk}": m[f"r{kk}"] for kk in ks}})
   return {"metrics": metrics, "embeddings": manifest,
           "eval_settings": eval_settings(cfg)}
 
@@ -293,6 +298,7 @@ def versions() -> dict:
 def aggregate(setup: Setup, rows: list[dict]) -> dict:
   """results.json's content from the per-task evaluation rows (in task order)."""
   num = len(rows)
+  ks = tuple(setup.config.eval.ks)
   metrics: dict = {}
   for t, row in enumerate(rows):
     for regime, scopes in row["metrics"].items():
@@ -308,7 +314,7 @@ def aggregate(setup: Setup, rows: list[dict]) -> dict:
   for regime, scopes in metrics.items():
     for scope, d in scopes.items():
       rsum = [[None if d["i2t"]["r1"][t][j] is None else
-               sum(d[x][f"r{kk}"][t][j] for x in ("i2t", "t2i") for kk in (1, 5, 10))
+               sum(d[x][f"r{kk}"][t][j] for x in ("i2t", "t2i") for kk in ks)
                for j in range(num)] for t in range(num)]
       d["rsum"] = rsum
       summary.setdefault(regime, {})[scope] = {

@@ -160,10 +160,16 @@ def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: A
       install=strategy.install, strategy_state=strategy_state, task=t,
       keep_strategy_state=strategy.state_in_train_state)
   first_step = 0
+  # A later task starts from a trained snapshot: collapsing in its first
+  # window is a training accident, as it is after any ranking window.
+  ranked_before = t > 0
   resumed = checkpoints.restore_latest_state(
       setup.workdir, jax.eval_shape(lambda: state), setup_lib.param_placement(setup.mesh))
   if resumed is not None and resumed[1]["task"] == t + 1:
     state, first_step = resumed[0], resumed[1]["next_step"]
+    # Checkpoints written before issue 25 do not say; the model had then
+    # trained for first_step steps.
+    ranked_before = resumed[1].get("ranked", first_step > 0) or ranked_before
     logging.info("task %d: resuming at step %d from %s/state", t + 1, first_step,
                  setup.workdir)
   pool = pipeline.concatenate(
@@ -172,8 +178,9 @@ def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: A
   ratio = strategy.memory.ratio if strategy.memory else 0.0
   memory_batch = strategy.memory.separate_batch if memory is not None else 0
 
-  def save(state, next_step):
-    checkpoints.save_state(setup.workdir, state, {"task": t + 1, "next_step": next_step})
+  def save(state, next_step, ranked):
+    checkpoints.save_state(setup.workdir, state,
+                           {"task": t + 1, "next_step": next_step, "ranked": ranked})
 
   rows = sharding.process_rows(cfg.train.batch_size + memory_batch, setup.mesh)
 
@@ -210,6 +217,7 @@ def train_one_task(setup: setup_lib.Setup, training: Training, t: int, params: A
           first_step=first_step, num_steps=steps, mesh=setup.mesh,
           checkpoint_every=cfg.train.checkpoint_every, checkpoint_fn=save,
           log_every=cfg.train.log_every, task=t + 1, writer=writer,
+          ranked_before=ranked_before,
           learning_rate_fn=train_lib.learning_rate_schedule(cfg.optim, steps),
           should_stop=should_stop)
   except FloatingPointError as e:
