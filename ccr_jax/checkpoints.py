@@ -1,8 +1,11 @@
 """Orbax checkpoints: one params snapshot per task and a resumable training state.
 
 This is the only module that imports Orbax. Layout under a workdir:
-  snapshots/task_<t>/   params of the model at the end of task t (1-based) and
-                        JSON metadata (vocabulary, config fingerprint, task);
+  snapshots/task_<t>/   params of the model at the end of task t (1-based),
+                        JSON metadata (vocabulary, config fingerprint, task)
+                        and manifest.json (size and SHA-256 of every file,
+                        written once Orbax has finished, checked before every
+                        restore: Orbax reads a flipped byte without error);
   state/<step>/         the full train state ({"params", "opt", "step"}) and
                         JSON metadata (task, step within the task), saved every
                         `checkpoint_every` steps so a killed run resumes.
@@ -21,6 +24,11 @@ from typing import Any, Callable
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from ccr_jax import files
+
+# Beside Orbax's own files in a snapshot directory.
+MANIFEST_FILE = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
@@ -73,6 +81,39 @@ def save_snapshot(workdir: str, task: int, params: Any, meta: dict,
   with _snapshot_manager(workdir) as mngr:
     mngr.save(task, args=ocp.args.Composite(**items), force=True)
     mngr.wait_until_finished()
+  write_snapshot_manifest(workdir, task)
+
+
+def write_snapshot_manifest(workdir: str, task: int) -> None:
+  """Lists size and SHA-256 of every file of snapshot `task` in its
+  manifest.json (process 0; the snapshot must be complete on disk)."""
+  if jax.process_index() == 0:
+    path = snapshot_dir(workdir, task)
+    files.write_json(os.path.join(path, MANIFEST_FILE),
+                     {"files": files.digests(path, MANIFEST_FILE)})
+
+
+def has_manifest(workdir: str, task: int) -> bool:
+  """Whether snapshot `task` has a manifest (snapshots saved before issue 25
+  have none)."""
+  return os.path.isfile(os.path.join(snapshot_dir(workdir, task), MANIFEST_FILE))
+
+
+def _check_snapshot_manifest(workdir: str, task: int) -> None:
+  path = snapshot_dir(workdir, task)
+  if not has_manifest(workdir, task):
+    return  # Orbax's own restore is then the only check.
+  try:
+    listed = files.read_json(os.path.join(path, MANIFEST_FILE))["files"]
+    mismatch = files.first_mismatch(path, listed)
+  except (ValueError, KeyError, TypeError) as e:
+    mismatch = (MANIFEST_FILE, "a valid manifest", f"unreadable ({e})")
+  if mismatch is not None:
+    rel, expected, found = mismatch
+    raise CheckpointError(
+        f"snapshot of task {task} at {path} does not match its manifest: {rel} "
+        f"should be {expected}, found {found}. Delete that directory and rerun "
+        "to retrain from the previous task.")
 
 
 def restore_snapshot(workdir: str, task: int, params_template: Any,
@@ -89,10 +130,12 @@ def restore_snapshot(workdir: str, task: int, params_template: Any,
     strategy_template: when given, the strategy pytree saved with the snapshot
       is restored too and returned as meta["strategy"].
   Raises:
-    CheckpointError: naming the snapshot's path when it is missing, corrupt or
-      does not match the template (another model configuration).
+    CheckpointError: naming the snapshot's path when it is missing, corrupt
+      (a file differs from its manifest, or Orbax cannot read it) or does not
+      match the template (another model configuration).
   """
   path = snapshot_dir(workdir, task)
+  _check_snapshot_manifest(workdir, task)
   try:
     with _snapshot_manager(workdir, read_only=True) as mngr:
       items = {"params": ocp.args.StandardRestore(_abstract(params_template, sharding)),
@@ -125,6 +168,10 @@ def save_state(workdir: str, state: Any, meta: dict) -> None:
   """Saves the train state under its global step (`state["step"]`) with `meta`."""
   step = int(jax.device_get(state["step"]))
   with _state_manager(workdir) as mngr:
+    if step in mngr.all_steps():
+      # A task retrained after its snapshot was quarantined passes the steps
+      # its first training saved; the newer state replaces the older.
+      mngr.delete(step)
     mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
               force=True)

@@ -92,6 +92,38 @@ def disk_error(error: OSError, path: str) -> OSError:
   return error
 
 
+def digests(directory: str, skip: str) -> dict[str, dict]:
+  """{relative path ("/"-separated): {"bytes", "sha256"}} of every file under
+  `directory` except `skip` (the manifest that lists them), sorted by path."""
+  found = []
+  for root, _, file_names in os.walk(directory):
+    for name in file_names:
+      rel = os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/")
+      if rel != skip:
+        found.append(rel)
+  return {rel: {"bytes": os.path.getsize(os.path.join(directory, rel)),
+                "sha256": sha256(os.path.join(directory, rel))} for rel in sorted(found)}
+
+
+def first_mismatch(directory: str, listed: dict[str, dict],
+                   verify_checksums: bool = True) -> tuple[str, str, str] | None:
+  """(file, expected, found) of the first file under `directory` that differs
+  from its `digests` entry in `listed`, or None when every one matches.
+
+  Sizes are always compared, contents (SHA-256) with `verify_checksums`.
+  """
+  for rel, entry in sorted(listed.items()):
+    full = os.path.join(directory, rel)
+    if not os.path.isfile(full):
+      return rel, "present", "missing"
+    size = os.path.getsize(full)
+    if size != entry["bytes"]:
+      return rel, f"{entry['bytes']} bytes", f"{size} bytes (truncated or overwritten)"
+    if verify_checksums and sha256(full) != entry["sha256"]:
+      return rel, f"sha256 {entry['sha256']}", "different content (corrupt)"
+  return None
+
+
 def sha256(path: str) -> str:
   """Hex SHA-256 of a file's bytes, read in 4 MiB chunks."""
   digest = hashlib.sha256()

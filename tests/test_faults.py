@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -98,6 +99,55 @@ def test_corrupt_snapshot_is_quarantined_and_retrained(uninterrupted, tmp_path,
   quarantined = os.listdir(os.path.join(workdir, "quarantine"))
   assert any(q.startswith("snapshots_task_2_") and q.endswith("snap_2")
              for q in quarantined), quarantined
+
+
+def _flip_byte_in_largest_array_file(workdir, task):
+  data = glob.glob(os.path.join(checkpoints.snapshot_dir(workdir, task), "params",
+                                "ocdbt.process_0", "d", "*"))
+  biggest = max(data, key=os.path.getsize)
+  with open(biggest, "r+b") as f:
+    f.seek(os.path.getsize(biggest) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+
+
+@pytest.mark.slow
+def test_flipped_byte_in_a_snapshot_is_caught_by_its_manifest(uninterrupted, tmp_path,
+                                                              caplog):
+  # Issue 25 D3: Orbax reads a flipped byte of an array without error, so the
+  # damaged params were evaluated silently (different numbers, exit 0).
+  import shutil  # pylint: disable=g-import-not-at-top
+  from ccr_jax.run import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "w")
+  shutil.copytree(uninterrupted[0], workdir)
+  _flip_byte_in_largest_array_file(workdir, 1)
+  # Evaluate mode reads, never retrains: it names the snapshot and stops.
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"snapshot of task 1 at .*task_1 does not match its manifest"):
+    evaluate_lib.evaluate_workdir(workdir)
+  # Training mode quarantines it and retrains: the numbers of the clean run.
+  os.remove(os.path.join(workdir, "results", "results.json"))
+  loop.train_and_evaluate(default.get_config("tiny"), workdir)
+  assert _results(workdir)["metrics"] == uninterrupted[1]["metrics"]
+  assert "does not match its manifest" in caplog.text
+  assert "task 1 is retrained from the initial params" in caplog.text
+
+
+def test_snapshot_without_a_manifest_still_restores_and_gets_one(tmp_path):
+  # Workdirs from before issue 25 have snapshots without manifests.
+  params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+  workdir = str(tmp_path)
+  checkpoints.save_snapshot(workdir, 1, params, {"task": 1})
+  manifest = os.path.join(checkpoints.snapshot_dir(workdir, 1), checkpoints.MANIFEST_FILE)
+  listed = json.load(open(manifest))["files"]
+  assert any(rel.startswith("params/") for rel in listed), listed
+  os.remove(manifest)
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  restored, _ = checkpoints.restore_snapshot(workdir, 1, params, sharding)
+  np.testing.assert_array_equal(restored["w"], params["w"])
+  checkpoints.write_snapshot_manifest(workdir, 1)
+  assert json.load(open(manifest))["files"] == listed
 
 
 @pytest.mark.slow

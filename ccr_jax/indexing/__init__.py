@@ -278,17 +278,6 @@ def _fsync_path(path: str) -> None:
     os.close(fd)
 
 
-def _data_files(directory: str) -> list[str]:
-  """Relative paths of every file but the manifest, sorted."""
-  found = []
-  for root, _, file_names in os.walk(directory):
-    for name in file_names:
-      rel = os.path.relpath(os.path.join(root, name), directory)
-      if rel != base.MANIFEST_FILE:
-        found.append(rel.replace(os.sep, "/"))
-  return sorted(found)
-
-
 def _write_npy(path: str, array: np.ndarray) -> None:
   # A module-level function (not inlined) so that tests/fault_driver.py can
   # kill a save in the middle of its files.
@@ -325,13 +314,8 @@ def save_index(index: Index, directory) -> None:
     get_backend(index.metadata.backend).save(index, tmp)
     files.write_atomic(os.path.join(tmp, base.METADATA_FILE),
                        index.metadata.to_json())
-    data = _data_files(tmp)
-    manifest = {
-        rel: {"bytes": os.path.getsize(os.path.join(tmp, rel)),
-              "sha256": files.sha256(os.path.join(tmp, rel))}
-        for rel in data
-    }
-    for rel in data:
+    manifest = files.digests(tmp, base.MANIFEST_FILE)
+    for rel in manifest:
       with open(os.path.join(tmp, rel), "rb+") as f:
         os.fsync(f.fileno())
     # The manifest goes last: a directory with a manifest listing every file is
@@ -383,17 +367,9 @@ def _check_manifest(directory: str, verify_checksums: bool) -> None:
   if missing:
     raise IndexMismatchError(directory, base.MANIFEST_FILE,
                              f"entries for {missing}", "none")
-  for rel, entry in sorted(listed.items()):
-    full = os.path.join(directory, rel)
-    if not os.path.isfile(full):
-      raise IndexMismatchError(directory, rel, "present", "missing")
-    size = os.path.getsize(full)
-    if size != entry["bytes"]:
-      raise IndexMismatchError(directory, rel, f"{entry['bytes']} bytes",
-                               f"{size} bytes (truncated or overwritten)")
-    if verify_checksums and files.sha256(full) != entry["sha256"]:
-      raise IndexMismatchError(directory, rel, f"sha256 {entry['sha256']}",
-                               "different content (corrupt)")
+  mismatch = files.first_mismatch(directory, listed, verify_checksums)
+  if mismatch is not None:
+    raise IndexMismatchError(directory, *mismatch)
 
 
 def _read_metadata(directory: str) -> IndexMetadata:

@@ -285,7 +285,8 @@ def verified_snapshots(setup: Setup, strategy_template: Any = None) -> set[int]:
   """The completed snapshots that restore; corrupt ones are set aside and retrained.
 
   Orbax lists a truncated snapshot as complete and only fails when reading
-  it, so every snapshot is read once here (with the strategy state, when
+  it, and reads a flipped byte without error, so every snapshot is checked
+  against its manifest and read once here (with the strategy state, when
   `strategy_template` is given). One that fails is moved to
   <workdir>/quarantine with what was derived from it (its indices and its
   evaluation row), and the failure is logged with its path; the loop then
@@ -298,6 +299,10 @@ def verified_snapshots(setup: Setup, strategy_template: Any = None) -> set[int]:
     try:
       load_snapshot(setup, task, strategy_template)
       good.add(task)
+      if not checkpoints.has_manifest(setup.workdir, task):
+        # Saved before snapshots had manifests (or killed between Orbax's
+        # finish and the manifest): it restored, so it is complete.
+        checkpoints.write_snapshot_manifest(setup.workdir, task)
     except checkpoints.CheckpointError as e:
       moved = checkpoints.quarantine_snapshot(setup.workdir, task)
       workdir_lib.quarantine_derived(setup.workdir, task, moved)
