@@ -18,6 +18,7 @@ workdir must be on a filesystem every process sees.
 """
 
 import os
+import shutil
 import time
 from typing import Any, Callable
 
@@ -46,7 +47,9 @@ def _abstract(tree: Any, sharding: Any) -> Any:
 def _snapshot_manager(workdir: str, read_only: bool = False) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
       step_prefix="task", create=not read_only, read_only=read_only,
-      enable_async_checkpointing=False)
+      enable_async_checkpointing=False,
+      # What a killed or failed save left behind goes when the next opens.
+      cleanup_tmp_directories=not read_only)
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "snapshots"), options=options,
       item_names=("params", "meta", "strategy"))
@@ -78,10 +81,22 @@ def save_snapshot(workdir: str, task: int, params: Any, meta: dict,
   items = {"params": ocp.args.StandardSave(params), "meta": ocp.args.JsonSave(meta)}
   if strategy is not None:
     items["strategy"] = ocp.args.StandardSave(strategy)
-  with _snapshot_manager(workdir) as mngr:
-    mngr.save(task, args=ocp.args.Composite(**items), force=True)
-    mngr.wait_until_finished()
-  write_snapshot_manifest(workdir, task)
+  with files.writing(snapshot_dir(workdir, task)), _snapshot_manager(workdir) as mngr:
+    try:
+      mngr.save(task, args=ocp.args.Composite(**items), force=True)
+      mngr.wait_until_finished()
+    except BaseException:
+      _remove_tmp(os.path.join(os.path.abspath(workdir), "snapshots"))
+      raise
+    write_snapshot_manifest(workdir, task)
+
+
+def _remove_tmp(directory: str) -> None:
+  # A failed save's temporary directories: nothing half-written stays behind.
+  if jax.process_index() == 0 and os.path.isdir(directory):
+    for name in os.listdir(directory):
+      if ".orbax-checkpoint-tmp" in name:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def write_snapshot_manifest(workdir: str, task: int) -> None:
@@ -145,9 +160,11 @@ def restore_snapshot(workdir: str, task: int, params_template: Any,
             _abstract(strategy_template, sharding))
       restored = mngr.restore(task, args=ocp.args.Composite(**items))
   except Exception as e:  # Orbax raises many types, lazily, at restore time.
+    # The first line: TensorStore appends its whole spec (~60 lines) after it.
     raise CheckpointError(
         f"snapshot of task {task} at {path} could not be restored "
-        f"({type(e).__name__}: {e}). If the model config changed, use a new "
+        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})."
+        " If the model config changed, use a new "
         "--workdir; if the snapshot is corrupt, delete that directory and "
         "rerun to retrain from the previous task.") from e
   meta = dict(restored["meta"])
@@ -158,7 +175,8 @@ def restore_snapshot(workdir: str, task: int, params_template: Any,
 
 def _state_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False)
+      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False,
+      cleanup_tmp_directories=True)
   return ocp.CheckpointManager(
       os.path.join(os.path.abspath(workdir), "state"), options=options,
       item_names=("state", "meta"))
@@ -167,15 +185,20 @@ def _state_manager(workdir: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
 def save_state(workdir: str, state: Any, meta: dict) -> None:
   """Saves the train state under its global step (`state["step"]`) with `meta`."""
   step = int(jax.device_get(state["step"]))
-  with _state_manager(workdir) as mngr:
+  folder = os.path.join(os.path.abspath(workdir), "state")
+  with files.writing(os.path.join(folder, str(step))), _state_manager(workdir) as mngr:
     if step in mngr.all_steps():
       # A task retrained after its snapshot was quarantined passes the steps
       # its first training saved; the newer state replaces the older.
       mngr.delete(step)
-    mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-              force=True)
-    mngr.wait_until_finished()
+    try:
+      mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=True)
+      mngr.wait_until_finished()
+    except BaseException:
+      _remove_tmp(folder)
+      raise
 
 
 def restore_latest_state(workdir: str, state_template: Any,

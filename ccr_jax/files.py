@@ -4,10 +4,12 @@ The bottom of the import graph: it imports nothing of ccr_jax, so data
 sources, indices, checkpoints and the run stages can all use it.
 """
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from typing import Any
 
@@ -19,25 +21,22 @@ def write_atomic(path: str, data: bytes | str) -> None:
   the permissions `open` would give it (0666 less the umask, usually 0644):
   mkstemp's private 0600 would hide results from the rest of a team.
   """
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  mode = "wb" if isinstance(data, bytes) else "w"
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                             prefix="." + os.path.basename(path) + ".")
-  try:
-    os.fchmod(fd, 0o666 & ~_umask())
-    with os.fdopen(fd, mode) as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except OSError as e:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise disk_error(e, path) from e
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  with writing(path):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    mode = "wb" if isinstance(data, bytes) else "w"
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix="." + os.path.basename(path) + ".")
+    try:
+      os.fchmod(fd, 0o666 & ~_umask())
+      with os.fdopen(fd, mode) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    except BaseException:
+      if os.path.exists(tmp):
+        os.remove(tmp)
+      raise
 
 
 def _umask() -> int:
@@ -71,25 +70,111 @@ def read_json(path: str) -> Any:
                        ".gz); extract or replace that file.") from e
 
 
-class DiskFullError(OSError):
-  """No space left on the device while writing `path`: a one-line message."""
+class StorageError(OSError):
+  """A write the storage refused (full, read-only, not permitted): a
+  one-line message naming the path and the fix."""
 
   def __str__(self) -> str:
     return self.strerror
 
 
-def disk_error(error: OSError, path: str) -> OSError:
-  """`error`, or a DiskFullError naming `path` when the device was full.
+class DiskFullError(StorageError):
+  """No space left on the device while writing `path`."""
 
-  numpy and ScaNN report a short write as "N requested and M written" without
-  an errno; both mean the same to a user: free space and rerun.
+
+class NotWritableError(StorageError):
+  """`path` is on a read-only filesystem or this user may not write there."""
+
+
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+# How libraries that do not raise OSError report the same (TensorStore's
+# status codes in Orbax, ScaNN's and numpy's short writes, TFDS's writers).
+_FULL_MESSAGES = ("No space left on device", "Disk quota exceeded", "requested and",
+                  "RESOURCE_EXHAUSTED: Error writing", "ENOSPC")
+_READ_ONLY_MESSAGES = ("Read-only file system", "Permission denied")
+# Below this many free bytes an opaque write error ("I/O error") is a full disk.
+_NEARLY_FULL = 4 << 20
+
+
+def names_storage_failure(text: str) -> bool:
+  """Whether a library's message says a device was full or read-only."""
+  return any(m in text for m in _FULL_MESSAGES + _READ_ONLY_MESSAGES)
+
+
+def _chain(error: BaseException):
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
+
+
+def _free_bytes(path: str) -> int | None:
+  path = os.path.abspath(path)
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  try:
+    return shutil.disk_usage(path).free
+  except OSError:
+    return None
+
+
+def storage_error(error: BaseException, path: str) -> StorageError | None:
+  """The one-line StorageError that `error` (raised while writing `path`)
+  amounts to, or None when it is something else.
+
+  Looks through the exception's chain for the errno or the message by which
+  the filesystem, numpy, Orbax (TensorStore), ScaNN and TFDS report a full
+  or read-only device; an error without either, raised while the device has
+  under 4 MiB free, counts as a full disk too (ScaNN says only "I/O error").
   """
-  if error.errno == errno.ENOSPC or "requested and" in str(error):
-    return DiskFullError(
-        errno.ENOSPC, f"no space left on the device while writing {path}: free "
-        "space there and rerun the same command (the run resumes from what is "
-        "complete on disk)")
-  return error
+  for e in _chain(error):
+    if isinstance(e, StorageError):
+      return e
+    code = getattr(e, "errno", None)
+    text = str(e)
+    if code in _FULL_ERRNOS or any(m in text for m in _FULL_MESSAGES):
+      return disk_full(path)
+    if code in _READ_ONLY_ERRNOS or any(m in text for m in _READ_ONLY_MESSAGES):
+      return NotWritableError(
+          errno.EROFS, f"cannot write {path}: its filesystem is read-only or this "
+          "user may not write there; make it writable or choose another "
+          "directory (--workdir, --config.data.data_dir)")
+  free = _free_bytes(path)
+  if free is not None and free < _NEARLY_FULL:
+    return disk_full(path)
+  return None
+
+
+def disk_full(path: str) -> DiskFullError:
+  """The DiskFullError of a write to `path`."""
+  free = _free_bytes(path)
+  left = "" if free is None else f" ({free // 1024} KiB free)"
+  return DiskFullError(
+      errno.ENOSPC, f"no space left on the device while writing {path}{left}: "
+      "free space there and rerun the same command (the run resumes from what is "
+      "complete on disk)")
+
+
+def disk_error(error: OSError, path: str) -> OSError:
+  """`error`, or the StorageError it amounts to (`storage_error`)."""
+  return storage_error(error, path) or error
+
+
+@contextlib.contextmanager
+def writing(path: str):
+  """Raises what a write to `path` inside the block failed with as its
+  one-line StorageError when it is one (`storage_error`), else unchanged."""
+  try:
+    yield
+  except StorageError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (libraries raise many types)
+    failure = storage_error(e, path)
+    if failure is None:
+      raise
+    raise failure from e
 
 
 def digests(directory: str, skip: str) -> dict[str, dict]:

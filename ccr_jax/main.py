@@ -75,25 +75,54 @@ flags.DEFINE_integer("process_id", None, "This process's index in "
 # Mistakes a user can fix from the message alone: reported without a traceback.
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FloatingPointError,
                    checkpoints.CheckpointError, indexing.IndexMismatchError,
-                   workdir_lib.WorkdirBusyError, files.DiskFullError)
+                   workdir_lib.WorkdirBusyError, files.StorageError)
 # Libraries whose INFO lines (Orbax: ~55 per checkpoint) bury ours.
 QUIET_PACKAGES = ("orbax", "tensorflow_datasets", "etils", "jax")
 # Their warnings that are advice, not a problem of the run.
-QUIET_WARNINGS = ("OpenCV is not installed", "Using custom data configuration")
+QUIET_WARNINGS = ("OpenCV is not installed", "Using custom data configuration",
+                  # Orbax, on every read-only open of a snapshot (resume, evaluate).
+                  "Given directory is read only")
 # Shell convention for a process ended by a signal: 128 + its number.
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class _QuietLibraries(logging_std.Filter):
   """Drops INFO and below from QUIET_PACKAGES; their warnings still show, but
-  for TFDS's advice (QUIET_WARNINGS)."""
+  for TFDS's advice (QUIET_WARNINGS) and for what their threads log about a
+  full or read-only device, which the run reports in one line as it stops."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
     path = record.pathname.replace(os.sep, "/")
+    if _storage_failure(record):
+      return False
     if not any(f"/{p}/" in path for p in QUIET_PACKAGES):
       return True
     return (record.levelno >= logging_std.WARNING
             and not any(s in record.getMessage() for s in QUIET_WARNINGS))
+
+
+def _storage_failure(record: logging_std.LogRecord) -> bool:
+  # Orbax's writer threads log each failed write; asyncio logs the tasks
+  # whose failure nobody awaited (Orbax's, after the run stopped).
+  error = record.exc_info[1] if record.exc_info else None
+  text = record.getMessage()
+  return (("_SignalingThread" in text and files.names_storage_failure(text))
+          or (error is not None and files.storage_error(error, ".") is not None
+              and "never retrieved" in text))
+
+
+def _quiet_orbax_shutdown() -> None:
+  """TensorStore's write callbacks of a save Orbax gave up on (a full disk)
+  land on Orbax's closed event loop and print a traceback each; they say
+  nothing about the run, which reports the full disk in one line."""
+  default = sys.unraisablehook
+
+  def hook(args):
+    if not (isinstance(args.exc_value, RuntimeError)
+            and str(args.exc_value) == "Event loop is closed"):
+      default(args)
+
+  sys.unraisablehook = hook
 
 
 class _ShortFormat(logging_std.Formatter):
@@ -136,6 +165,7 @@ def main(argv):
     handler.addFilter(_QuietLibraries())
     handler.setFormatter(_ShortFormat())
     tfds.disable_progress_bar()  # Its per-split bars, a screenful per build.
+    _quiet_orbax_shutdown()
   if FLAGS.mode == "config":
     _require_config()
     print(config_lib.describe_config(FLAGS.config))
@@ -178,13 +208,15 @@ def main(argv):
     print(f"interrupted by {signal.Signals(signum).name}: rerun the same command "
           "to resume from the last checkpoint.", file=sys.stderr)
     sys.exit(EXIT_CODES[signum])
+  except files.StorageError as e:
+    _fail_storage(e)
   except EXPECTED_ERRORS as e:
     _fail(str(e))
-  except OSError as e:
-    disk = files.disk_error(e, e.filename or workdir)
-    if not isinstance(disk, files.DiskFullError):
+  except Exception as e:  # pylint: disable=broad-except
+    failure = files.storage_error(e, getattr(e, "filename", None) or workdir)
+    if failure is None:
       raise
-    _fail(str(disk))
+    _fail_storage(failure)
   if sharding.is_lead_process():  # Process 0 prints the summary.
     print(results_lib.console_summary(results, workdir, FLAGS.mode))
 
@@ -193,6 +225,18 @@ def _require_config() -> None:
   if FLAGS.config is None:
     _fail(f"--config is required with --mode={FLAGS.mode} "
           "(e.g. --config=configs/default.py).")
+
+
+def _fail_storage(error: files.StorageError) -> None:
+  """Exits 2 with `error`'s one line and without the interpreter's shutdown:
+  the writers still pending at a full or read-only device (Orbax's
+  TensorStore callbacks, TensorBoard's thread) would each print a traceback
+  there. Every file of the run is written atomically, and the workdir's lock
+  is an flock the OS releases, so nothing is lost by skipping it."""
+  print(f"error: {error}", file=sys.stderr)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(2)  # pylint: disable=protected-access
 
 
 def _fail(message: str) -> None:
@@ -215,18 +259,80 @@ def _parse_flags(argv: list[str]) -> list[str]:
   ml_collections raises a bare AttributeError (with a traceback) when an
   override names a key the config does not have; name it and the nearest key.
   """
+  argv = [_json_config(a) for a in argv]
   try:
-    return FLAGS(argv)
+    rest = FLAGS(argv)
+  except SystemExit as e:
+    # absl exits 1 after printing --help; asking for help is not a failure.
+    if e.code == 1 and any(a.lstrip("-") in HELP_FLAGS for a in argv[1:]):
+      sys.exit(0)
+    raise
   except flags.Error as e:  # A value of the wrong type, a missing flag.
-    print(f"error: {e}", file=sys.stderr)
+    message = str(e)
+    if "Error whilst parsing config file" in message:
+      # The config's own error (a variant that does not exist) is the last
+      # line of the traceback that ml_collections puts in the message.
+      _config_failure(argv, message.strip().splitlines()[-1])
+    print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
   except (AttributeError, KeyError):
-    overrides = [a[len("--config."):].split("=", 1)[0] for a in argv
-                 if a.startswith("--config.")]
-    valid = config_lib.valid_config_keys()
-    unknown = [k for k in overrides if k not in valid]
-    if not unknown:
-      raise
+    _unknown_override(argv)
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (a config file can raise anything)
+    _config_failure(argv, _root_message(e))
+  if FLAGS["config"].present:
+    try:
+      # ml_collections defers a missing file's error to the first read.
+      FLAGS.config.keys()
+    except Exception as e:  # pylint: disable=broad-except
+      _config_failure(argv, _root_message(e))
+  return rest
+
+
+HELP_FLAGS = ("help", "helpshort", "helpfull", "helpxml", "h", "?")
+# Where a --config=<file>.json is read (ml_collections loads Python files).
+JSON_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                           "configs", "from_json.py")
+
+
+def _json_config(arg: str) -> str:
+  if arg.startswith("--config=") and arg.endswith(".json"):
+    return f"--config={JSON_CONFIG}:{arg[len('--config='):]}"
+  return arg
+
+
+def _root_message(error: BaseException) -> str:
+  while error.__cause__ is not None or error.__context__ is not None:
+    error = error.__cause__ or error.__context__
+  text = str(error).strip().splitlines()
+  return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
+def _config_failure(argv: list[str], reason: str) -> None:
+  """Exits 2 with one line: the --config that does not load and why."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  if spec.startswith(JSON_CONFIG + ":"):
+    spec = spec[len(JSON_CONFIG) + 1:]
+  path = spec if spec.endswith(".json") else spec.split(":", 1)[0]
+  if not os.path.isfile(path):
+    folder = os.path.dirname(path) or "."
+    near = (sorted(n for n in os.listdir(folder) if n.endswith(".py"))
+            if os.path.isdir(folder) else [])
+    reason = f"no file {path}" + (f" (Python files there: {', '.join(near)})"
+                                  if near else "")
+  print(f"error: --config={spec} does not load: {reason.rstrip('.')}. Configs: configs/*.py "
+        "(variants after a colon, e.g. configs/default.py:tiny).", file=sys.stderr)
+  sys.exit(2)
+
+
+def _unknown_override(argv: list[str]) -> None:
+  """Exits 2 naming each --config.<key> that is not a key (and the nearest);
+  returns when every key exists (the error was another)."""
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv
+               if a.startswith("--config.")]
+  valid = config_lib.valid_config_keys()
+  unknown = [k for k in overrides if k not in valid]
+  if unknown:
     print("error: " + "; ".join(
         f"--config.{k} is not a config key.{schema.nearest_key_hint(k, valid)}"
         for k in unknown), file=sys.stderr)

@@ -33,6 +33,9 @@ from typing import IO, Any
 
 import jax
 import tqdm
+from absl import logging
+
+from ccr_jax import files
 
 SCALARS_FILE = "scalars.jsonl"
 
@@ -247,14 +250,67 @@ def _cut_partial_tail(path: str) -> None:
     f.truncate(0)
 
 
+class _EventFile:
+  """One TensorBoard event file, written in the caller's thread.
+
+  tensorboardX's SummaryWriter writes from a thread of its own: a full disk
+  killed that thread with a traceback, and its bounded queue then blocked the
+  run at the next scalars. Here a failed write raises where it happens, as a
+  one-line `files.StorageError`. Events are flushed (and fsynced) at most
+  every `flush_secs`, and on `flush` and `close`.
+  """
+
+  def __init__(self, folder: str, flush_secs: float):
+    from tensorboardX.event_file_writer import EventsWriter  # pylint: disable=g-import-not-at-top
+    self._folder, self._flush_secs = folder, flush_secs
+    with files.writing(folder):
+      os.makedirs(folder, exist_ok=True)
+      # tensorboardX names files by the second and opens them with "wb": two
+      # writers in one second would otherwise share (erase) one file.
+      self._events = EventsWriter(os.path.join(folder, "events"),
+                                  filename_suffix=f".{time.time_ns()}")
+    self._flushed = time.monotonic()
+
+  def event(self, event: Any) -> None:
+    """Appends an `event_pb2.Event`."""
+    with files.writing(self._folder):
+      self._events.write_event(event)
+      if time.monotonic() - self._flushed > self._flush_secs:
+        self.flush()
+
+  def summary(self, summary: Any, step: int, walltime: float | None = None) -> None:
+    """Appends a `summary_pb2.Summary` at `step`."""
+    from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+    self.event(event_pb2.Event(wall_time=time.time() if walltime is None else walltime,
+                               step=step, summary=summary))
+
+  def flush(self) -> None:
+    """Writes buffered events to disk."""
+    with files.writing(self._folder):
+      self._events.flush()
+    self._flushed = time.monotonic()
+
+  def close(self) -> None:
+    """Flushes and closes the file."""
+    with files.writing(self._folder):
+      self._events.close()
+
+
+def scalar_summary(name: str, value: float) -> Any:
+  """TensorBoard's `Summary` proto of one scalar."""
+  from tensorboardX.summary import scalar  # pylint: disable=g-import-not-at-top
+  return scalar(name, float(value))
+
+
 class ScalarWriter:
   """Appends scalars to scalars.jsonl and TensorBoard events of one workdir.
 
-  A class because it owns open files (the JSONL and tensorboardX's event file
-  with its writer thread). On processes other than 0 every method does
+  A class because it owns open files (the JSONL and the TensorBoard event
+  file). On processes other than 0 every method does
   nothing, so every process can call it alike. Use as a context manager or
   call `close()`; a writer that is never closed still flushes the JSONL on
-  every `write`, and tensorboardX flushes its events at interpreter exit.
+  every `write`; TensorBoard events reach the disk at least every
+  `tensorboard_flush_secs`.
 
   Each JSONL line is one record: {"step": int, "time": unix seconds,
   "scalars": {name: float}}, or {"step": int, "time": ..., "resume_at": true}
@@ -268,26 +324,22 @@ class ScalarWriter:
     Args:
       workdir: the experiment's workdir; logs go to <workdir>/logs/.
       tensorboard: also write TensorBoard events.
-      tensorboard_flush_secs: how stale the event file may get; tensorboardX
-        writes from a thread, so this costs the training loop nothing.
+      tensorboard_flush_secs: how stale the event file may get (each flush
+        is an fsync).
     """
     self._jsonl = None
     self._tensorboard = None
     self._hparams: dict[str, Any] = {}
     if not _is_lead_process():
       return
-    path = scalars_path(workdir)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    if os.path.exists(path):
-      _cut_partial_tail(path)
-    self._jsonl = open(path, "a", encoding="utf-8")
+    path = self._path = scalars_path(workdir)
+    with files.writing(path):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      if os.path.exists(path):
+        _cut_partial_tail(path)
+      self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:
-      import tensorboardX  # Only process 0 pays for the import.
-      self._tensorboard = tensorboardX.SummaryWriter(
-          tensorboard_dir(workdir), flush_secs=tensorboard_flush_secs,
-          # tensorboardX names files by the second and opens them with "wb":
-          # two writers in one second would otherwise share (erase) one file.
-          filename_suffix=f".{time.time_ns()}")
+      self._tensorboard = _EventFile(tensorboard_dir(workdir), tensorboard_flush_secs)
 
   @property
   def active(self) -> bool:
@@ -297,8 +349,9 @@ class ScalarWriter:
   def _append(self, record: dict) -> None:
     # One write of one whole line, flushed: a kill leaves at most the last
     # line partial, which the reader skips and the next writer cuts.
-    self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
-    self._jsonl.flush()
+    with files.writing(self._path):
+      self._jsonl.write(json.dumps(record, allow_nan=True) + "\n")
+      self._jsonl.flush()
 
   def write(self, step: int, scalars: Mapping) -> None:
     """Records `scalars` at global step `step`.
@@ -315,7 +368,7 @@ class ScalarWriter:
     self._append({"step": int(step), "time": now, "scalars": flat})
     if self._tensorboard is not None:
       for name, value in flat.items():
-        self._tensorboard.add_scalar(name, value, int(step), walltime=now)
+        self._tensorboard.summary(scalar_summary(name, value), int(step), now)
 
   def resume_at(self, step: int) -> None:
     """Marks that this run writes steps >= `step` again after a resume.
@@ -329,7 +382,7 @@ class ScalarWriter:
     self._append({"step": int(step), "time": now, "resume_at": True})
     if self._tensorboard is not None:
       from tensorboardX.proto import event_pb2
-      self._tensorboard.file_writer.add_event(event_pb2.Event(
+      self._tensorboard.event(event_pb2.Event(
           step=int(step), wall_time=now,
           session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
@@ -355,12 +408,13 @@ class ScalarWriter:
     # which exist once the run ends (write_summary). A run killed before that
     # still shows its hyperparameters; TensorBoard infers the experiment.
     _, session_start, _ = hparams(self._hparams, {})
-    self._tensorboard.file_writer.add_summary(session_start, 0)
+    self._tensorboard.summary(session_start, 0)
     nested = config.to_dict() if hasattr(config, "to_dict") else config
     text = json.dumps(nested, indent=2, sort_keys=True, default=str)
     # Indented four spaces: a code block in TensorBoard's markdown text view.
-    self._tensorboard.add_text(
-        "config", "\n".join("    " + line for line in text.splitlines()), 0)
+    from tensorboardX.summary import text as text_summary  # pylint: disable=g-import-not-at-top
+    self._tensorboard.summary(text_summary(
+        "config", "\n".join("    " + line for line in text.splitlines())), 0)
 
   def write_summary(self, summary: Mapping, step: int) -> None:
     """Records the final continual summary as scalars and hyperparameter metrics.
@@ -384,28 +438,38 @@ class ScalarWriter:
       return
     from tensorboardX.summary import hparams  # pylint: disable=g-import-not-at-top
     experiment, _, session_end = hparams(self._hparams, scalars)
-    self._tensorboard.file_writer.add_summary(experiment, int(step))
-    self._tensorboard.file_writer.add_summary(session_end, int(step))
+    self._tensorboard.summary(experiment, int(step))
+    self._tensorboard.summary(session_end, int(step))
 
   def flush(self) -> None:
     """Pushes pending TensorBoard events to disk (the JSONL is always flushed)."""
     if self._tensorboard is not None:
       self._tensorboard.flush()
 
-  def close(self) -> None:
-    """Writes everything pending and closes the files; later calls do nothing."""
-    if self._tensorboard is not None:
-      self._tensorboard.close()
-      self._tensorboard = None
-    if self._jsonl is not None:
-      self._jsonl.close()
-      self._jsonl = None
+  def close(self, failing: bool = False) -> None:
+    """Writes everything pending and closes the files; later calls do nothing.
+
+    A full or read-only device is logged in one line, not raised, and not
+    even logged when `failing` (the run is stopping on an error, often that
+    same device's, which is the one to report).
+    """
+    tensorboard, jsonl = self._tensorboard, self._jsonl
+    self._tensorboard = self._jsonl = None
+    for handle in (tensorboard, jsonl):
+      if handle is None:
+        continue
+      try:
+        with files.writing(self._path):  # The event file names its own folder.
+          handle.close()
+      except files.StorageError as e:
+        if not failing:
+          logging.warning("%s", e)
 
   def __enter__(self) -> "ScalarWriter":
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, kind, *exc) -> None:
+    self.close(failing=kind is not None)
 
 
 def read_scalars(path: str) -> dict[str, list[tuple[int, float]]]:

@@ -114,12 +114,17 @@ def _save_figure(fig, path: str) -> None:
   for ax in list(fig.axes):
     if _is_empty(ax):
       fig.delaxes(ax)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp.png"
   fig.tight_layout()
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
+  try:
+    with files.writing(path):
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      fig.savefig(tmp, dpi=110)
+      os.replace(tmp, path)
+  finally:
+    plt.close(fig)
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 def _heatmap(ax, matrix, title: str, xlabel: str, ylabel: str,
@@ -557,7 +562,7 @@ def training_length_warning(differ: Mapping[str, Sequence[Any]],
   detail = "; ".join(
       f"{k}: " + ", ".join(f"{lab} {_cell(v)}" for lab, v in zip(labels, differ[k]))
       for k in keys)
-  return (f"WARNING: the runs differ in training length ({detail}); their "
+  return (f"the runs differ in training length ({detail}); their "
           "recalls and forgetting differ for that reason too, not only by strategy.")
 
 
@@ -636,6 +641,53 @@ def _run_config(workdir: str, results: dict) -> dict:
   return files.read_json(path) if os.path.exists(path) else results["config"]
 
 
+def seed_groups(differ: Mapping[str, Sequence[Any]], count: int) -> dict[str, list[int]]:
+  """Runs that differ only in seed keys, grouped: {setting: run indices}.
+
+  Args:
+    differ: `settings_that_differ`'s result over `count` runs.
+  Returns:
+    One group per combination of the non-seed settings that differ, named
+    "key=value, ..." ("every run" when only seeds differ), in first-run order.
+  """
+  other = [k for k in differ if not is_seed_key(k)]
+  groups: dict[str, list[int]] = {}
+  for i in range(count):
+    name = ", ".join(f"{k}={_cell(differ[k][i])}" for k in other) or "every run"
+    groups.setdefault(name, []).append(i)
+  return groups
+
+
+def _over_seeds_markdown(differ: Mapping[str, Sequence[Any]], labels: Sequence[str],
+                         runs: Sequence[dict]) -> list[str]:
+  """Mean ± sample std over the seeds of each setting that has several, or
+  nothing when no setting was run with more than one seed."""
+  seeds = [k for k in differ if is_seed_key(k)]
+  groups = seed_groups(differ, len(runs))
+  if not seeds or all(len(ix) < 2 for ix in groups.values()):
+    return []
+  lines = ["", "### Mean ± std over seeds", "",
+           f"Runs that differ only in {', '.join(f'`{k}`' for k in seeds)} are "
+           "grouped: mean ± sample standard deviation (ddof = 1) over each group; n "
+           "counts its runs with a value (`ccr_jax.stats`).", "",
+           "| setting | runs | regime | scope | metric | final average | forgetting | n |",
+           "|---" * 8 + "|"]
+  for name, ix in groups.items():
+    if len(ix) < 2:
+      continue
+    over = summary_over_seeds([runs[i] for i in ix])
+    members = ", ".join(labels[i] for i in ix)
+    for regime, by_scope in over.items():
+      for scope, metrics in by_scope.items():
+        for metric, by_stat in metrics.items():
+          lines.append(
+              f"| {name} | {members} | {regime} | {SCOPE_NAMES.get(scope, scope)} | "
+              f"{metric_label(metric)} | {stats.format_summary(by_stat['final_average'])} | "
+              f"{stats.format_summary(by_stat['forgetting'])} | "
+              f"{by_stat['final_average'].n} |")
+  return lines
+
+
 def comparison_markdown(labels: Sequence[str], workdirs: Sequence[str],
                         runs: Sequence[dict], configs: Sequence[Mapping]) -> str:
   """The report's opening over several runs: settings that differ, then results.
@@ -643,8 +695,8 @@ def comparison_markdown(labels: Sequence[str], workdirs: Sequence[str],
   Sections: a training-length warning (`training_length_warning`) when there
   is one; "Settings that differ" (`settings_that_differ`, one column per
   run); "Comparison" with the comparison plot, what each run is and the
-  task-aware summary per run; and, when the runs differ only in seed keys
-  (`is_seed_key`), the summary's mean ± sample std over them
+  task-aware summary per run; and, for every setting run with several seeds
+  (`seed_groups`), the summary's mean ± sample std over them
   (`summary_over_seeds`).
 
   Args:
@@ -655,7 +707,7 @@ def comparison_markdown(labels: Sequence[str], workdirs: Sequence[str],
   lines = []
   warning = training_length_warning(differ, labels)
   if warning:
-    lines += [f"> **{warning}**", ""]
+    lines += [f"> **Warning: {warning}**", ""]
   lines += ["## Settings that differ", ""]
   if differ:
     lines += ["| setting | " + " | ".join(labels) + " |",
@@ -673,22 +725,7 @@ def comparison_markdown(labels: Sequence[str], workdirs: Sequence[str],
   lines += ["", *_SUMMARY_HEAD]
   for lab, r in zip(labels, runs):
     lines += _summary_rows(lab, r, scopes=("task_aware",))
-  if differ and all(is_seed_key(k) for k in differ):
-    over = summary_over_seeds(runs)
-    lines += ["", f"### Mean ± std over the {len(runs)} seeds", "",
-              f"The runs differ only in {', '.join(f'`{k}`' for k in differ)}: "
-              "mean ± sample standard deviation (ddof = 1) over them; n counts "
-              "the runs with a value (`ccr_jax.stats`).", "",
-              "| regime | scope | metric | final average | forgetting | n |",
-              "|---" * 6 + "|"]
-    for regime, by_scope in over.items():
-      for scope, metrics in by_scope.items():
-        for name, by_stat in metrics.items():
-          n = by_stat["final_average"].n
-          lines.append(
-              f"| {regime} | {SCOPE_NAMES.get(scope, scope)} | {metric_label(name)} | "
-              f"{stats.format_summary(by_stat['final_average'])} | "
-              f"{stats.format_summary(by_stat['forgetting'])} | {n} |")
+  lines += _over_seeds_markdown(differ, labels, runs)
   return "\n".join(lines) + "\n"
 
 

@@ -11,11 +11,23 @@ A SIGKILL is what a preempted pod job gets: no exception handler, no
   index_save       halfway through saving snapshot 2's first index
   index_build      while building snapshot 2's index of task 2's gallery
   results_write    halfway through writing results/results.json
+
+Storage failures, raised as each library reports them (the messages are those
+seen on a filling 30 MB tmpfs): the run must stop with one line, exit 2.
+  full_tfds        the dataset build (TFDS's array_record writer)
+  full_snapshot    task 1's snapshot (Orbax / TensorStore)
+  full_state       a state checkpoint (Orbax / TensorStore)
+  full_index       an index save (numpy's short write)
+  full_results     results/results.json
+  full_tensorboard the TensorBoard event file, after its first events
+  read_only        every directory and file created under --workdir
 """
 
+import errno
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -105,6 +117,91 @@ def _install(point: str) -> None:
       return real_write_atomic(path, data)
 
     files.write_atomic = write_atomic
+  elif point.startswith("full_") or point == "read_only":
+    _install_storage_fault(point)
+  else:
+    raise SystemExit(f"unknown fault point {point!r}")
+
+
+def _enospc(path):
+  return OSError(errno.ENOSPC, "No space left on device", path)
+
+
+def _install_storage_fault(point: str) -> None:
+  import orbax.checkpoint as ocp
+  import tensorflow_datasets as tfds
+  from ccr_jax import indexing
+
+  if point == "full_tfds":
+    def prepare(self, *args, **kwargs):
+      raise RuntimeError(
+          'Failed to finalize writing of split "val": write() failed: No space '
+          f"left on device; writing {self.data_dir}/x.array_record; at byte 36864")
+
+    tfds.core.DatasetBuilder.download_and_prepare = prepare
+  elif point in ("full_snapshot", "full_state"):
+    real_save = ocp.CheckpointManager.save
+    folder = "snapshots" if point == "full_snapshot" else "state"
+
+    def save(self, step, *args, **kwargs):
+      if os.path.basename(str(self.directory)) == folder:
+        # What Orbax leaves when TensorStore fails: a temporary directory.
+        os.makedirs(os.path.join(str(self.directory), f"{step}.orbax-checkpoint-tmp"))
+        raise ValueError(
+            'RESOURCE_EXHAUSTED: Error writing "img.conv1.kernel/0.0.0.0" in OCDBT '
+            f'database at local file "{self.directory}": Failed writing: [OS error '
+            "28: No space left on device]")
+      return real_save(self, step, *args, **kwargs)
+
+    ocp.CheckpointManager.save = save
+  elif point == "full_index":
+    def write(path, array):
+      raise OSError("15360 requested and 992 written")
+
+    indexing._write_npy = write  # pylint: disable=protected-access
+  elif point == "full_results":
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+      if os.path.basename(str(dst)) == "results.json":
+        raise _enospc(dst)
+      return real_replace(src, dst, *args, **kwargs)
+
+    os.replace = replace
+  elif point == "full_tensorboard":
+    from tensorboardX import record_writer
+    real_write, calls = record_writer.RecordWriter.write, []
+
+    def write(self, data):
+      calls.append(1)
+      if len(calls) > 3:  # The file opened; later the disk filled.
+        raise _enospc("events")
+      return real_write(self, data)
+
+    record_writer.RecordWriter.write = write
+  elif point == "read_only":
+    workdir = os.path.abspath(next(
+        a.split("=", 1)[1] for a in sys.argv if a.startswith("--workdir=")))
+    real_makedirs, real_open, real_mkstemp = os.makedirs, os.open, tempfile.mkstemp
+
+    def refuse(path):
+      if os.path.abspath(str(path)).startswith(workdir):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    def makedirs(path, *args, **kwargs):
+      refuse(path)
+      return real_makedirs(path, *args, **kwargs)
+
+    def open_(path, flags, *args, **kwargs):
+      if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+        refuse(path)
+      return real_open(path, flags, *args, **kwargs)
+
+    def mkstemp(*args, dir=None, **kwargs):  # pylint: disable=redefined-builtin
+      refuse(dir or "")
+      return real_mkstemp(*args, dir=dir, **kwargs)
+
+    os.makedirs, os.open, tempfile.mkstemp = makedirs, open_, mkstemp
   else:
     raise SystemExit(f"unknown fault point {point!r}")
 

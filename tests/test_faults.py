@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -150,6 +151,34 @@ def test_snapshot_without_a_manifest_still_restores_and_gets_one(tmp_path):
   assert json.load(open(manifest))["files"] == listed
 
 
+@pytest.mark.slow  # A subprocess per writer, then its resume: ~20 s each.
+@pytest.mark.parametrize("point, names", [
+    ("full_tfds", "data"), ("full_snapshot", "snapshots/task_1"),
+    ("full_state", "state/2"), ("full_index", "indices/snap_1"),
+    ("full_results", "results/results.json"), ("full_tensorboard", "logs/tensorboard"),
+    ("read_only", "lock")])
+def test_full_or_read_only_storage_is_one_line_and_resumes(uninterrupted, tmp_path,
+                                                           point, names):
+  # Issue 25 D4, D6: every writer's failure is one line naming the path, exit
+  # 2, nothing half-written left, and the same command resumes once there is
+  # space.
+  workdir = str(tmp_path / "w")
+  flags_ = [TINY, f"--workdir={workdir}", f"--config.data.data_dir={tmp_path}/data"]
+  proc = _cli(*flags_, driver_point=point)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  problems = [l for l in proc.stderr.splitlines()
+              if not re.match(r"\d\d:\d\d:\d\d (task|after task|mesh|warning: \d+ captions)", l)]
+  assert len(problems) == 1, problems
+  kind = "cannot write" if point == "read_only" else "no space left on the device"
+  assert problems[0].startswith(f"error: {kind}") and names in problems[0], problems
+  leftovers = [p for p in glob.glob(f"{tmp_path}/**/*", recursive=True)
+               if "orbax-checkpoint-tmp" in p or ".tmp-" in p or "incomplete." in p]
+  assert not leftovers, leftovers
+  proc = _cli(*flags_)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _results(workdir)["metrics"] == uninterrupted[1]["metrics"]
+
+
 @pytest.mark.slow
 def test_corrupt_state_falls_back_to_an_older_one(uninterrupted, tmp_path, caplog,
                                                  killed_saving_snapshot):
@@ -216,6 +245,42 @@ def test_bad_config_is_one_clear_line_and_exit_2(flag, message, tmp_path):
   assert "Traceback" not in proc.stderr
   # Nothing was written: the error comes before any work.
   assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("config, message", [
+    ("configs/defualt.py", "no file configs/defualt.py (Python files there: "),
+    ("configs/default.py:tny", "unknown options ['tny']; valid: 'pretrained', 'tiny'"),
+    ("{tmp}/broken.py", "SyntaxError: '(' was never closed"),
+    ("{tmp}/nothing/config.json", "no file {tmp}/nothing/config.json"),
+])
+def test_config_that_does_not_load_is_one_line_and_exit_2(config, message, tmp_path):
+  # Issue 25 D5: ml_collections deferred these to a 13-39 line chained traceback.
+  (tmp_path / "broken.py").write_text("x = (\n")
+  config, message = (x.replace("{tmp}", str(tmp_path)) for x in (config, message))
+  proc = _cli(f"--config={config}", f"--workdir={tmp_path}/w")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: --config={config} does not load"), lines
+  assert message in lines[0]
+  assert not os.path.exists(tmp_path / "w")
+
+
+def test_help_exits_0():
+  proc = _cli("--help")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "--workdir" in proc.stdout
+
+
+@pytest.mark.slow  # Two tiny runs.
+def test_a_workdir_config_json_is_a_config(tmp_path):
+  # The advice a refused rerun gives: --config=<workdir>/config.json.
+  workdir = str(tmp_path / "w")
+  assert _cli(TINY, f"--workdir={workdir}").returncode == 0
+  proc = _cli(TINY, f"--workdir={workdir}", "--config.optim.learning_rate=0.5")
+  advice = f"--config={workdir}/config.json"
+  assert proc.returncode == 2 and advice in proc.stderr, proc.stderr[-2000:]
+  proc = _cli(advice, f"--workdir={workdir}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_config_file_typo_names_the_nearest_key():

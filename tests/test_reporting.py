@@ -300,9 +300,10 @@ def test_report_warns_when_training_length_differs(tmp_path, figures, caplog):
   with caplog.at_level(logging.WARNING):
     out = reporting.report([short, long], str(tmp_path / "out"))
   md = open(out).read()
-  warning = ("WARNING: the runs differ in training length (train.steps_per_task: "
+  warning = ("the runs differ in training length (train.steps_per_task: "
              "short 4, long 8)")
-  assert warning in md and warning in caplog.text
+  assert f"**Warning: {warning}" in md and warning in caplog.text
+  assert "WARNING:" not in caplog.text.replace("WARNING  ", "")  # Not twice.
   section = md[md.index("## Settings that differ"):md.index("## Comparison")]
   assert "| setting | short | long |" in section
   assert "| `train.steps_per_task` | 4 | 8 |" in section
@@ -334,14 +335,31 @@ def test_runs_differing_only_in_seed_get_mean_and_sample_std(tmp_path):
   fa = f"{np.mean(finals):.1f} ± {np.std(finals, ddof=1):.1f}"
   fg = f"{np.mean(forgettings):.1f} ± {np.std(forgettings, ddof=1):.1f}"
   assert fa == "44.3 ± 4.5" and fg == "5.0 ± 3.0"
-  assert "### Mean ± std over the 3 seeds" in md
-  assert f"| fixed | task-aware | image→text R@1 | {fa} | {fg} | 3 |" in md
+  assert "### Mean ± std over seeds" in md
+  every = "| every run | seed0, seed1, seed2 |"
+  assert f"{every} fixed | task-aware | image→text R@1 | {fa} | {fg} | 3 |" in md
   half = [f / 2 for f in finals]
   fa_t2i = f"{np.mean(half):.1f} ± {np.std(half, ddof=1):.1f}"
-  assert f"| reindex | task-agnostic | text→image R@1 | {fa_t2i} | {fg} | 3 |" in md
+  assert f"{every} reindex | task-agnostic | text→image R@1 | {fa_t2i} | {fg} | 3 |" in md
   # Per-run rows stay.
   for i, f in enumerate(finals):
     assert f"| seed{i} | fixed | task-aware | image→text R@1 | {f:.1f} |" in md
+
+
+def test_strategies_times_seeds_get_mean_and_std_per_strategy(tmp_path):
+  # Issue 25 D7: a finetune,ewc x seeds 0,1 sweep report had no mean ± std.
+  cells = [("finetune", 0, 40.0), ("finetune", 1, 44.0), ("ewc", 0, 50.0),
+           ("ewc", 1, 53.0)]
+  workdirs = []
+  for name, seed, final in cells:
+    config = _config(**{"strategy.name": name, "seed": seed})
+    workdirs.append(_workdir(tmp_path, f"{name}{seed}", config,
+                             _results(config, final=final, forgetting=1.0)))
+  md = open(reporting.report(workdirs, str(tmp_path / "out"))).read()
+  for name, finals in (("finetune", [40.0, 44.0]), ("ewc", [50.0, 53.0])):
+    fa = f"{np.mean(finals):.1f} ± {np.std(finals, ddof=1):.1f}"
+    assert (f"| strategy.name={name} | {name}0, {name}1 | fixed | task-aware | "
+            f"image→text R@1 | {fa} | 1.0 ± 0.0 | 2 |") in md, md
 
 
 def test_summary_over_seeds_counts_only_runs_with_a_value():

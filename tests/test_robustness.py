@@ -449,3 +449,18 @@ def test_other_strategies_defaults_do_not_orphan_a_workdir(tmp_path):
   config.strategy.replay.memory_size = 7
   with pytest.raises(ValueError, match=r"sections differing: \['strategy'\]"):
     workdir_lib.check_config(config, str(tmp_path), config_lib.default_dict())
+
+
+def test_console_summary_quotes_paths_and_offers_what_is_next():
+  from ccr_jax.run import results as results_lib  # pylint: disable=g-import-not-at-top
+  summary = {"fixed": {"task_aware": {
+      "i2t_r1": {"final_average": 50.0, "forgetting": 1.0},
+      "t2i_r1": {"final_average": 40.0, "forgetting": None}}}}
+  workdir = "/tmp/my runs/a"
+  text = results_lib.console_summary({"summary": summary}, workdir, "train")
+  assert "tensorboard --logdir '/tmp/my runs/a/logs/tensorboard'" in text
+  assert "--mode=evaluate --workdir='/tmp/my runs/a'" in text
+  # After evaluate mode, evaluating again is not what comes next.
+  text = results_lib.console_summary({"summary": summary}, workdir, "evaluate")
+  assert "--mode=evaluate" not in text and "--mode=report" in text
+

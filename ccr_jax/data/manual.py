@@ -231,7 +231,7 @@ class Example:
   features: dict[str, Any]
 
 
-class ManualDirBuilder(tfds.core.GeneratorBasedBuilder):
+class ManualDirBuilder(registry.BuildMessages, tfds.core.GeneratorBasedBuilder):
   """Images (stored as `StoredImagesConfig` says), ids, 5 captions and more.
 
   A source subclasses it with the class attributes below and two methods,
@@ -451,8 +451,9 @@ def open_dataset(cls: type, data_config: Any, data_dir: str,
     cls.check_files(manual_dir)
     # Keyed before reading: a file edited during the build rebuilds next time.
     key = source_key(manual_dir, cls.source_files())
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, try_download_gcs=False))
+    with files.writing(data_dir):
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=manual_dir, try_download_gcs=False))
     # After TFDS's rename: a run killed in between leaves a dataset without
     # a key, which is rebuilt like one of older code.
     files.write_json(os.path.join(builder.data_dir, SOURCES_FILE), key)

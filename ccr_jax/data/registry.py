@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from ccr_jax import schema
 from ccr_jax.data import tasks
@@ -240,3 +241,16 @@ def load_task_sequence(data_config: Any, data_dir: str,
       held_out_train=tasks.held_out_examples(
           dataset.splits["train"], held_out_categories,
           [task.categories for task in sequence.tasks]))
+
+
+class BuildMessages:
+  """Mixed into our TFDS builders: one log line per build instead of TFDS's
+  two bold prints, which say "Downloading ... Unknown size" for a dataset
+  that is rendered or read locally (TFDS 4.9's private hooks)."""
+
+  def _log_download_bytes(self) -> None:
+    logging.info("building the %s dataset into %s", self.name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    pass
+

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from ccr_jax import files
 from ccr_jax import schema
 from ccr_jax.data import registry
 from ccr_jax.data import tasks
@@ -447,7 +448,7 @@ def synthetic_config(*, image_size: int = 32, num_categories: int = 12,
       max_distractors=max_distractors, seed=seed)
 
 
-class CcrSynthetic(tfds.core.GeneratorBasedBuilder):
+class CcrSynthetic(registry.BuildMessages, tfds.core.GeneratorBasedBuilder):
   """Coloured shapes on textured backgrounds with 5 captions each."""
 
   # Bump when rendering or captions change: the version is part of the cache
@@ -563,9 +564,10 @@ def load_synthetic(data_dir: str, *, image_size: int = 32,
       train_per_category=train_per_category,
       val_per_category=val_per_category, test_per_category=test_per_category,
       max_distractors=max_distractors, seed=seed)
-  builder = synthetic_builder(data_dir, config)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+  with files.writing(data_dir):
+    builder = synthetic_builder(data_dir, config)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   sources = builder.as_data_source()
   return {split: _read_split(sources[split]) for split in _SPLITS}
 

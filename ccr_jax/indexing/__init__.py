@@ -330,12 +330,12 @@ def save_index(index: Index, directory) -> None:
       os.replace(directory, old)
     os.replace(tmp, directory)
     _fsync_path(parent)
-  except OSError as e:
+  except BaseException as e:
     shutil.rmtree(tmp, ignore_errors=True)
-    raise files.disk_error(e, directory) from e
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    failure = files.storage_error(e, directory) if isinstance(e, Exception) else None
+    if failure is None:
+      raise
+    raise failure from e
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
 

@@ -85,65 +85,64 @@ def _run(setup: setup_lib.Setup, timing: dict, started: float,
              else None)
   rows, manifest, params, state = [], [], None, None
   # Process 0 appends to logs/scalars.jsonl and logs/tensorboard/; a no-op on
-  # other processes.
-  writer = progress.ScalarWriter(workdir)
-  writer.write_config(json.loads(config.to_json()))
-  for t in range(setup.num_tasks):
-    if t + 1 in done:
-      params = None  # Loaded below only if this task's later stages are missing.
-    else:
+  # other processes. Closed however the run ends (its events flushed).
+  with progress.ScalarWriter(workdir) as writer:
+    writer.write_config(json.loads(config.to_json()))
+    for t in range(setup.num_tasks):
+      if t + 1 in done:
+        params = None  # Loaded below only if this task's later stages are missing.
+      else:
+        if params is None:
+          if t == 0:
+            params = setup_lib.initial_params(setup)
+            if pretrain_lib.enabled(config):  # Trained once; a rerun restores it.
+              params = timed("pretrain_s", pretrain_lib.pretrained_params, setup, params)
+            state = (strategy.init_state(params, training.context)
+                     if template is not None else None)
+          else:
+            params, state = setup_lib.load_snapshot(setup, t, template)
+        params, state = timed("train_s", training_lib.train_one_task, setup, training,
+                              t, params, state, writer, should_stop=should_stop)
+        state = timed("strategy_s", training_lib.end_of_task, training, t, params, state)
+        timed("snapshot_s", checkpoints.save_snapshot,
+              workdir, t + 1, params, setup_lib.snapshot_meta(setup, t + 1),
+              strategy=state)
+      row_path = workdir_lib.row_path(workdir, t + 1)
+      cached = _cached_row(setup, t, row_path) if emb_dir is None else None
+      if cached is not None:
+        rows.append(cached)
+        continue
       if params is None:
-        if t == 0:
-          params = setup_lib.initial_params(setup)
-          if pretrain_lib.enabled(config):  # Trained once; a rerun restores it.
-            params = timed("pretrain_s", pretrain_lib.pretrained_params, setup, params)
-          state = (strategy.init_state(params, training.context)
-                   if template is not None else None)
-        else:
-          params, state = setup_lib.load_snapshot(setup, t, template)
-      params, state = timed("train_s", training_lib.train_one_task, setup, training,
-                            t, params, state, writer, should_stop=should_stop)
-      state = timed("strategy_s", training_lib.end_of_task, training, t, params, state)
-      timed("snapshot_s", checkpoints.save_snapshot,
-            workdir, t + 1, params, setup_lib.snapshot_meta(setup, t + 1),
-            strategy=state)
-    row_path = workdir_lib.row_path(workdir, t + 1)
-    cached = _cached_row(setup, t, row_path) if emb_dir is None else None
-    if cached is not None:
-      rows.append(cached)
-      continue
-    if params is None:
-      params, _ = setup_lib.load_snapshot(setup, t + 1)
-    queries = {j: timed("embed_s", indices_lib.test_queries, setup, params, j)
-               for j in range(t + 1)}
-    timed("index_s", indices_lib.build_indices, setup, t + 1, params, queries)
-    row = timed("evaluate_s", results_lib.evaluate_after_task, setup, t, params,
-                queries, emb_dir)
-    manifest += row.pop("embeddings")
-    # Before the row file: a kill in between rewrites the same values at the
-    # same step on resume (read_scalars keeps one), never loses them.
-    writer.write((t + 1) * config.train.steps_per_task,
-                 results_lib.recall_scalars(row, tuple(config.eval.ks)))
-    workdir_lib.write_json(row_path, row)
-    rows.append(row)
-    results_lib.log_row(t, row)
-  results = results_lib.aggregate(setup, rows)
-  results["strategy"] = strategy.describe()
-  if strategy.memory is not None:
-    results["strategy"]["memory_per_task_at_last_task"] = [
-        len(m) for m in training_lib.memory_rows(setup, strategy, setup.num_tasks - 1)]
-  if "compile_s" in training.compiled:
-    # Compiled inside the first trained task: report it as its own stage.
-    timing["compile_s"] = training.compiled["compile_s"]
-    timing["train_s"] -= timing["compile_s"]
-  results["provenance"] = results_lib.provenance(started, timing, argv)
-  timed("report_s", results_lib.write_results, setup, results)
-  if emb_dir is not None:
-    workdir_lib.write_json(os.path.join(emb_dir, "manifest.json"), manifest)
-  workdir_lib.write_json(os.path.join(workdir_lib.results_dir(workdir), "timing.json"),
-                         timing)
-  writer.write_summary(results["summary"], setup.num_tasks * config.train.steps_per_task)
-  writer.close()
+        params, _ = setup_lib.load_snapshot(setup, t + 1)
+      queries = {j: timed("embed_s", indices_lib.test_queries, setup, params, j)
+                 for j in range(t + 1)}
+      timed("index_s", indices_lib.build_indices, setup, t + 1, params, queries)
+      row = timed("evaluate_s", results_lib.evaluate_after_task, setup, t, params,
+                  queries, emb_dir)
+      manifest += row.pop("embeddings")
+      # Before the row file: a kill in between rewrites the same values at the
+      # same step on resume (read_scalars keeps one), never loses them.
+      writer.write((t + 1) * config.train.steps_per_task,
+                   results_lib.recall_scalars(row, tuple(config.eval.ks)))
+      workdir_lib.write_json(row_path, row)
+      rows.append(row)
+      results_lib.log_row(t, row)
+    results = results_lib.aggregate(setup, rows)
+    results["strategy"] = strategy.describe()
+    if strategy.memory is not None:
+      results["strategy"]["memory_per_task_at_last_task"] = [
+          len(m) for m in training_lib.memory_rows(setup, strategy, setup.num_tasks - 1)]
+    if "compile_s" in training.compiled:
+      # Compiled inside the first trained task: report it as its own stage.
+      timing["compile_s"] = training.compiled["compile_s"]
+      timing["train_s"] -= timing["compile_s"]
+    results["provenance"] = results_lib.provenance(started, timing, argv)
+    timed("report_s", results_lib.write_results, setup, results)
+    if emb_dir is not None:
+      workdir_lib.write_json(os.path.join(emb_dir, "manifest.json"), manifest)
+    workdir_lib.write_json(os.path.join(workdir_lib.results_dir(workdir), "timing.json"),
+                           timing)
+    writer.write_summary(results["summary"], setup.num_tasks * config.train.steps_per_task)
   return results
 
 

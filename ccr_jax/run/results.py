@@ -388,16 +388,20 @@ def console_summary(results: dict, workdir: str, mode: str = "train") -> str:
       lines.append(f"{regime:8s} {scope.replace('_', '-'):13s} " + " ".join(cells))
   out = workdir_lib.results_dir(workdir)
   name = "results" if mode == "train" else "evaluate"
+  commands = [("report", "report.md with every table and plot")]
+  if mode == "train":
+    commands.insert(0, ("evaluate", "forgetting analysis"))
   lines += [
       "",
       f"results:     {os.path.join(out, name + '.json')} (tables: {name}.md)",
       f"plots:       {os.path.join(out, 'plots')}",
-      f"tensorboard: tensorboard --logdir {os.path.join(workdir, 'logs', 'tensorboard')}",
-      "next:        python -m ccr_jax.main --mode=evaluate --workdir=" + shlex.quote(workdir)
-      + "   (forgetting analysis)",
-      "             python -m ccr_jax.main --mode=report --workdir=" + shlex.quote(workdir)
-      + "   (report.md with every table and plot)",
+      "tensorboard: tensorboard --logdir "
+      + shlex.quote(os.path.join(workdir, "logs", "tensorboard")),
   ]
+  for i, (next_mode, what) in enumerate(commands):
+    lines.append(("next:        " if i == 0 else " " * 13)
+                 + f"python -m ccr_jax.main --mode={next_mode} --workdir="
+                 + shlex.quote(workdir) + f"   ({what})")
   return "\n".join(lines)
 
 

@@ -119,7 +119,7 @@ def check_config(config: ml_collections.ConfigDict, workdir: str,
       raise ValueError(
           f"workdir {workdir} holds an experiment with a different config "
           f"(sections differing: {diffs}). Use a new --workdir, or rerun with "
-          "the config stored in its config.json.")
+          f"the config stored in it: --config={os.path.join(workdir, 'config.json')}")
   elif write:
     write_json(path, json.loads(config.to_json()))
 
@@ -177,9 +177,12 @@ def locked(workdir: str) -> Iterator[None]:
     yield
     return
   created = not os.path.exists(workdir)
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
-  fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  # The first write of a run: a read-only or full device stops it here, in
+  # one line, before anything is computed.
+  with files.writing(path):
+    os.makedirs(workdir, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except OSError as e:
@@ -191,8 +194,9 @@ def locked(workdir: str) -> Iterator[None]:
   try:
     me = (f"pid {os.getpid()} on host {socket.gethostname()}, since "
           f"{datetime.datetime.now().isoformat(timespec='seconds')}")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, me.encode() + b"\n", 0)
+    with files.writing(path):
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, me.encode() + b"\n", 0)
     yield
   finally:
     # A run that stopped before its config was valid (config.json is written
