@@ -193,12 +193,14 @@ def main(argv):
     else:
       # With --config, only its `analysis` section is used (budgets, policies):
       # everything else comes from the workdir's own config.json.
+      _only_analysis_overrides(sys.argv)
       with workdir_lib.locked(workdir):  # It writes results/evaluate.*.
         results = evaluate_lib.evaluate_workdir(
             workdir, FLAGS.config.get("analysis") if FLAGS.config else None)
   except train_lib.Interrupted as e:
     signum = received() or signal.SIGINT
-    where = (f"state saved at task {e.task} step {e.step} in {workdir}/state"
+    where = (f"stopped before {e.stage}, every earlier stage is on disk" if e.stage
+             else f"state saved at task {e.task} step {e.step} in {workdir}/state"
              if e.saved else "nothing to save since the last checkpoint")
     print(f"interrupted by {signal.Signals(signum).name}: {where}; rerun the same "
           "command to resume.", file=sys.stderr)
@@ -219,6 +221,20 @@ def main(argv):
     _fail_storage(failure)
   if sharding.is_lead_process():  # Process 0 prints the summary.
     print(results_lib.console_summary(results, workdir, FLAGS.mode))
+    if received() is not None:
+      print(f"{signal.Signals(received()).name} came as the last results were "
+            "written: the run is complete.", file=sys.stderr)
+
+
+def _only_analysis_overrides(argv: list[str]) -> None:
+  """--mode=evaluate recomputes from the workdir's config.json: an override
+  of any other section would be ignored, so it is refused."""
+  ignored = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")
+             and not a.startswith("--config.analysis.")]
+  if ignored:
+    _fail(f"--mode=evaluate evaluates the workdir's snapshots with the config they "
+          f"were trained with (its config.json); only --config.analysis.* applies. "
+          f"Drop {', '.join(ignored)}, or train a new --workdir with it.")
 
 
 def _require_config() -> None:

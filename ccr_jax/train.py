@@ -380,11 +380,13 @@ COLLAPSED_GRAD_NORM = 1e-10
 
 
 class Interrupted(Exception):
-  """Training stopped on request (SIGINT/SIGTERM) at a step boundary."""
+  """The run stopped on request (SIGINT/SIGTERM): at a training step boundary
+  (`task`, `step`, whether the state was `saved` there) or before a later
+  `stage` (every earlier stage's output is on disk)."""
 
-  def __init__(self, task: int, step: int, saved: bool):
-    super().__init__(f"task {task} step {step}")
-    self.task, self.step, self.saved = task, step, saved
+  def __init__(self, task: int, step: int, saved: bool, stage: str | None = None):
+    super().__init__(f"before {stage}" if stage else f"task {task} step {step}")
+    self.task, self.step, self.saved, self.stage = task, step, saved, stage
 
 
 def _stop_requested(should_stop: Callable[[], bool] | None, step: int,

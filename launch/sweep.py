@@ -53,6 +53,7 @@ from absl import flags
 from ccr_jax import files
 from ccr_jax import schema
 from ccr_jax.run import config as config_lib
+from ccr_jax.run import workdir as workdir_lib
 
 MODES = ("local", "slurm", "tpu", "print")
 # Characters kept in run names; any other run of characters becomes one '_'.
@@ -306,8 +307,11 @@ def shell_command(args: Sequence[str], module: str = "ccr_jax.main") -> str:
 
 def sweep_record(config: str, root: str, grid: dict[str, list[str]],
                  seeds: Sequence[int], overrides: dict[str, str], runs: Sequence[Run],
-                 mode: str, outcomes: dict[str, Outcome] | None = None) -> dict:
-  """sweep.json's content: the sweep's inputs and every run (runs[i] is array index i)."""
+                 mode: str, outcomes: dict[str, Outcome] | None = None,
+                 earlier: Sequence[dict] = ()) -> dict:
+  """sweep.json's content: the sweep's inputs and every run (runs[i] is array
+  index i); `earlier`: sweep.json records of runs an earlier sweep with
+  another grid put in the same root, kept (as "earlier_runs") and reported."""
   outcomes = outcomes or {}
   records = []
   for run in runs:
@@ -320,9 +324,10 @@ def sweep_record(config: str, root: str, grid: dict[str, list[str]],
       record["status"] = outcomes[run.name].status
       record["returncode"] = outcomes[run.name].returncode
     records.append(record)
-  workdirs = [run_workdir(root, r) for r in runs]
+  workdirs = [run_workdir(root, r) for r in runs] + [r["workdir"] for r in earlier]
   return {"config": config, "root": root, "mode": mode, "grid": grid,
           "seeds": list(seeds), "overrides": overrides, "runs": records,
+          "earlier_runs": list(earlier),
           "report_command": shell_command(
               report_args(workdirs, os.path.join(root, "report")))}
 
@@ -470,6 +475,18 @@ def _stop(procs: Sequence[subprocess.Popen], grace: float) -> None:
       p.wait()
 
 
+def _term_with_parent() -> None:
+  """In a run's process before it starts: SIGTERM when the sweep dies, however
+  it dies (SIGKILL included, which no handler sees), so that no run goes on
+  alone; the run saves its state and a rerun of the sweep resumes it."""
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: Linux only.
+  except (OSError, AttributeError):
+    pass  # Elsewhere a SIGKILLed sweep leaves its runs going, as before.
+
+
 def run_local(jobs: Sequence[tuple[str, list[str], str]], parallel: int,
               on_done: Callable[[Outcome], None] = lambda o: None,
               env: dict[str, str] | None = None, grace: float = 120.0
@@ -506,7 +523,8 @@ def run_local(jobs: Sequence[tuple[str, list[str], str]], parallel: int,
         # which then sends each run one SIGTERM (a run's second signal
         # stops it at once, without saving its state).
         proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+                                env=env, start_new_session=True,
+                                preexec_fn=_term_with_parent)
         active[name] = (proc, log_file, time.monotonic(), log)
         print(f"started {name}  (log: {log})", flush=True)
       for name in list(active):
@@ -582,12 +600,19 @@ def sweep(config: str, root: str, grid_entries: Sequence[str] = (),
   pending = [i for i, r in enumerate(runs) if not finished(run_workdir(root, r))]
   skipped = [r for i, r in enumerate(runs) if i not in pending]
 
-  def record(outcomes: dict[str, Outcome] | None = None) -> dict:
-    return sweep_record(config, root, grid, seeds, overrides, runs, mode, outcomes)
-
   record_path = os.path.join(root, "sweep.json")
-  if os.path.exists(record_path):
-    check_previous(files.read_json(record_path), record())
+  previous = files.read_json(record_path) if os.path.exists(record_path) else {}
+  # Runs of an earlier grid in this root stay in sweep.json and the report.
+  names = {r.name for r in runs}
+  earlier = [r for r in previous.get("runs", []) + previous.get("earlier_runs", [])
+             if r["name"] not in names]
+
+  def record(outcomes: dict[str, Outcome] | None = None) -> dict:
+    return sweep_record(config, root, grid, seeds, overrides, runs, mode, outcomes,
+                        earlier)
+
+  if previous:
+    check_previous(previous, record())
   if mode == "print":
     for run in skipped:
       print(f"# skipped (finished): {run.name}")
@@ -629,13 +654,31 @@ def sweep(config: str, root: str, grid_entries: Sequence[str] = (),
   jobs = [(runs[i].name, [python, "-m", "ccr_jax.main",
                           *train_args(config, root, runs[i])],
            run_log(root, runs[i])) for i in pending]
+  _wait_for_earlier_runs([run_workdir(root, runs[i]) for i in pending])
   run_local(jobs, parallel, on_done=done)
   print(f"\nsweep of {len(runs)} runs:")
   for run in runs:
     print(f"{outcomes[run.name].status:8s} {run.name}  {outcomes[run.name].log}")
-  _report(python, [run_workdir(root, r) for r in runs
-                   if finished(run_workdir(root, r))], root)
+  workdirs = [run_workdir(root, r) for r in runs] + [r["workdir"] for r in earlier]
+  _report(python, [w for w in workdirs if finished(w)], root)
   return 1 if any(o.status == "failed" for o in outcomes.values()) else 0
+
+
+def _wait_for_earlier_runs(workdirs: Sequence[str], grace: float = 180.0) -> None:
+  """Waits while a run of a killed sweep still holds one of `workdirs` (it
+  saves its state on the SIGTERM its sweep's death sent), so that the rerun
+  resumes it instead of failing on its lock."""
+  deadline = time.monotonic() + grace
+  told = False
+  while time.monotonic() < deadline:
+    busy = {w: h for w in workdirs if (h := workdir_lib.lock_holder(w)) is not None}
+    if not busy:
+      return
+    if not told:
+      print(f"waiting for {len(busy)} run(s) of an earlier sweep to stop: "
+            + "; ".join(f"{w} ({h})" for w, h in busy.items()), flush=True)
+      told = True
+    time.sleep(1.0)
 
 
 def _report(python: str, workdirs: list[str], root: str) -> None:

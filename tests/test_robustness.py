@@ -112,6 +112,18 @@ def test_changed_eval_settings_recompute_every_cached_row(finished, tmp_path):
 
 
 @pytest.mark.slow  # A finished run: seconds.
+def test_stop_request_after_training_stops_before_the_next_stage(finished, tmp_path):
+  # A signal during the last task's evaluation was acknowledged ("stopping at
+  # the next step boundary") and then ignored: the run exited 0.
+  workdir = _copy(finished, tmp_path)
+  os.remove(workdir_lib.row_path(workdir, 2))
+  with pytest.raises(train_lib.Interrupted) as e:
+    loop.train_and_evaluate(default.get_config("tiny"), workdir, should_stop=lambda: True)
+  assert e.value.stage == "indexing and evaluating task 2"
+  assert not os.path.exists(workdir_lib.row_path(workdir, 2))
+
+
+@pytest.mark.slow  # A finished run: seconds.
 @pytest.mark.parametrize("ks", [(1, 5), (1, 2, 3)])
 def test_ks_without_the_default_ones_finish_the_run(finished, tmp_path, ks):
   # Issue 25 D1: rsum and the embeddings manifest read r1, r5 and r10 whatever

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -315,6 +316,60 @@ def test_local_runs_skip_finished_ones_and_survive_a_failure(tmp_path, capsys):
   # The report covers the finished runs only (it refuses an unfinished workdir).
   report_log = open(os.path.join(root, "logs", "report.log")).read()
   assert "data.name-fail" not in report_log and "data.name-ok2" in report_log
+
+
+def test_a_sweep_with_another_grid_keeps_the_earlier_runs(tmp_path, capsys):
+  # A second grid in the same root used to drop the first one's runs from
+  # sweep.json and from the report.
+  root = str(tmp_path)
+  sweep.sweep("configs/default.py:tiny", root, ["strategy.name=finetune,ewc"],
+              mode="slurm")
+  sweep.sweep("configs/default.py:tiny", root, ["optim.learning_rate=0.001"],
+              mode="slurm")
+  record = json.load(open(os.path.join(root, "sweep.json")))
+  assert [r["name"] for r in record["runs"]] == ["optim.learning_rate-0.001"]
+  earlier = [r["name"] for r in record["earlier_runs"]]
+  assert earlier == ["strategy.name-finetune", "strategy.name-ewc"]
+  for name in earlier + ["optim.learning_rate-0.001"]:
+    assert f"--workdir={os.path.join(root, name)}" in record["report_command"]
+
+
+def test_a_run_gets_sigterm_when_its_sweep_is_killed(tmp_path):
+  """SIGKILL reaches no handler: the runs (in sessions of their own) went on
+  alone, and the rerun found their workdirs locked and marked them failed."""
+  pid_file = tmp_path / "pid"
+  child = textwrap.dedent(f"""\
+      import pathlib, signal, sys, time
+      def saved(*_):
+        print("SIGTERM: saved", flush=True)
+        sys.exit(143)
+      signal.signal(signal.SIGTERM, saved)
+      pathlib.Path({str(pid_file)!r}).write_text("started")
+      time.sleep(60)
+      """)
+  driver = textwrap.dedent(f"""\
+      import sys
+      sys.path.insert(0, {REPO!r})
+      from launch import sweep
+      sweep.run_local([("slow", [sys.executable, "-c", {child!r}], {str(tmp_path / "slow.log")!r})], 1)
+      """)
+  proc = subprocess.Popen([sys.executable, "-c", driver], cwd=REPO)
+  try:
+    for _ in range(600):
+      if pid_file.exists():
+        break
+      time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    log = tmp_path / "slow.log"
+    for _ in range(200):  # The run saves and exits on its own.
+      if "SIGTERM: saved" in log.read_text():
+        break
+      time.sleep(0.05)
+    assert "SIGTERM: saved" in log.read_text()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
 
 
 def test_an_interrupted_sweep_lets_running_runs_save_then_stops(tmp_path):

@@ -26,6 +26,7 @@ from ccr_jax import checkpoints
 from ccr_jax import files
 from ccr_jax import progress
 from ccr_jax import sharding
+from ccr_jax import train as train_lib
 from ccr_jax.run import config as config_lib
 from ccr_jax.run import indices as indices_lib
 from ccr_jax.run import pretrain as pretrain_lib
@@ -112,6 +113,7 @@ def _run(setup: setup_lib.Setup, timing: dict, started: float,
       if cached is not None:
         rows.append(cached)
         continue
+      _stop_point(should_stop, f"indexing and evaluating task {t + 1}")
       if params is None:
         params, _ = setup_lib.load_snapshot(setup, t + 1)
       queries = {j: timed("embed_s", indices_lib.test_queries, setup, params, j)
@@ -127,6 +129,7 @@ def _run(setup: setup_lib.Setup, timing: dict, started: float,
       workdir_lib.write_json(row_path, row)
       rows.append(row)
       results_lib.log_row(t, row)
+    _stop_point(should_stop, "writing the results")
     results = results_lib.aggregate(setup, rows)
     results["strategy"] = strategy.describe()
     if strategy.memory is not None:
@@ -144,6 +147,15 @@ def _run(setup: setup_lib.Setup, timing: dict, started: float,
                            timing)
     writer.write_summary(results["summary"], setup.num_tasks * config.train.steps_per_task)
   return results
+
+
+def _stop_point(should_stop: Callable[[], bool] | None, stage: str) -> None:
+  """Raises `train.Interrupted` before `stage` when a stop was requested
+  (any process: every process calls this at the same point). Training polls
+  between steps; this makes a signal during indexing or evaluation stop the
+  run too, instead of being acknowledged and ignored."""
+  if should_stop is not None and sharding.any_process(bool(should_stop())):
+    raise train_lib.Interrupted(0, 0, saved=False, stage=stage)
 
 
 def _cached_row(setup: setup_lib.Setup, t: int, row_path: str) -> dict | None:

@@ -2,6 +2,7 @@
 a task, the per-task rows aggregated into results.json, and the results files."""
 
 import datetime
+import importlib.metadata
 import io
 import json
 import os
@@ -290,9 +291,17 @@ def versions() -> dict:
   return {"python": platform.python_version(), "jax": jax.__version__,
           "flax": flax.__version__, "optax": optax.__version__,
           "orbax_checkpoint": orbax.checkpoint.__version__,
-          "scann": getattr(scann, "__version__", "1.4.2"),
+          # scann has no __version__; the installed distribution says it.
+          "scann": getattr(scann, "__version__", None) or _distribution_version("scann"),
           "tensorflow_datasets": tensorflow_datasets.__version__,
           "numpy": np.__version__}
+
+
+def _distribution_version(name: str) -> str | None:
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return None
 
 
 def aggregate(setup: Setup, rows: list[dict]) -> dict:

@@ -160,6 +160,23 @@ class WorkdirBusyError(RuntimeError):
   """Another live process holds the workdir's lock."""
 
 
+def lock_holder(workdir: str) -> str | None:
+  """Who holds `workdir`'s lock ("pid P on host H, since T"), or None when
+  nobody does (no lock file, or a stale one)."""
+  path = os.path.join(workdir, LOCK_FILE)
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return None
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except OSError:
+    return os.read(fd, 4096).decode("utf-8", "replace").strip() or "unknown"
+  finally:
+    os.close(fd)  # Releases the probe's shared lock, if it got one.
+  return None
+
+
 @contextlib.contextmanager
 def locked(workdir: str) -> Iterator[None]:
   """Holds `<workdir>/lock` for the block: one run per workdir.
