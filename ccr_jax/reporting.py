@@ -444,13 +444,15 @@ def plot_training_curves(scalars: dict[str, list[tuple[int, float]]], path: str,
   from matplotlib import ticker  # pylint: disable=g-import-not-at-top
   fig, ax = plt.subplots(figsize=(7.5, 3.6))
   last, smallest, nonpositive = 0, np.inf, False
+  drawn: dict = {}
   for name in loss_series(scalars):
     steps, values = zip(*scalars[name])
     values = np.array(values, float)
     total = name == "train/loss"
     # The total is wide and under the terms: a term equal to it (the
     # contrastive loss without a strategy term) still shows on top.
-    ax.plot(steps, values, label=name[len("train/"):] + (" (total)" if total else ""),
+    label = name[len("train/"):] + (" (total)" if total else "")
+    ax.plot(steps, values, label=label + _same_as(drawn, label, (steps, values)),
             color="black" if total else None, lw=3.0 if total else 1.2,
             alpha=0.6 if total else 1.0, zorder=2 if total else 3)
     last = max(last, max(steps))
@@ -479,6 +481,15 @@ def plot_training_curves(scalars: dict[str, list[tuple[int, float]]], path: str,
   _save_figure(fig, path)
 
 
+def _same_as(drawn: dict, label: str, values: Any) -> str:
+  """" (= <label>)" when a line with exactly these values was drawn before,
+  whose legend entry would otherwise name a line hidden under it; records
+  this one in `drawn` (values -> first label)."""
+  key = json.dumps(values, default=lambda v: np.asarray(v).tolist())
+  first = drawn.setdefault(key, label)
+  return "" if first == label else f" (= {first})"
+
+
 def plot_strategy_comparison(runs: list[tuple[str, dict]], path: str) -> None:
   """Average task-aware R@1 over seen tasks after each task, one line per workdir."""
   plt = _pyplot()
@@ -486,14 +497,16 @@ def plot_strategy_comparison(runs: list[tuple[str, dict]], path: str) -> None:
   most = max(len(next(iter(r["metrics"].values()))["task_aware"]["i2t"]["r1"])
              for _, r in runs)
   for ax, direction in zip(axes, ("i2t", "t2i")):
+    drawn: dict = {}
     for label, results in runs:
       for regime, style in (("fixed", "--"), ("reindex", "-")):
         if regime not in results["metrics"]:
           continue
         m = results["metrics"][regime]["task_aware"][direction]["r1"]
         avg = [float(np.mean([v for v in m[t][:t + 1]])) for t in range(len(m))]
+        name = f"{label} {regime}"
         ax.plot(range(1, len(m) + 1), avg, ls=style, marker="o",
-                label=f"{label} {regime}")
+                label=name + _same_as(drawn, name, avg))
     ax.set_title(f"{DIRECTION_NAMES[direction]}: average R@1 over seen tasks "
                  "(task-aware)", fontsize=9)
     ax.set_xlabel("after training task")

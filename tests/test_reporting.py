@@ -388,3 +388,13 @@ def test_gallery_growth_is_old_tasks_as_learnt_minus_full_gallery_at_the_end():
   assert growth["fixed"] == {"i2t_r1": 10.5, "t2i_r1": 10.5}
   # A run begun before the as-learnt scope existed has none.
   assert growth["reindex"] == {"i2t_r1": None, "t2i_r1": None}
+
+
+def test_a_line_identical_to_an_earlier_one_says_so_in_the_legend():
+  # Identical lines (fixed = reindex after one task, a term equal to the
+  # total loss) hid each other behind two legend entries.
+  drawn = {}
+  assert reporting._same_as(drawn, "a fixed", [1.0, 2.0]) == ""  # pylint: disable=protected-access
+  assert reporting._same_as(drawn, "a reindex", [1.0, 2.0]) == " (= a fixed)"  # pylint: disable=protected-access
+  assert reporting._same_as(drawn, "b fixed", [1.0, 2.5]) == ""  # pylint: disable=protected-access
+
