@@ -334,19 +334,25 @@ def test_a_sweep_with_another_grid_keeps_the_earlier_runs(tmp_path, capsys):
     assert f"--workdir={os.path.join(root, name)}" in record["report_command"]
 
 
-def test_a_run_gets_sigterm_when_its_sweep_is_killed(tmp_path):
-  """SIGKILL reaches no handler: the runs (in sessions of their own) went on
-  alone, and the rerun found their workdirs locked and marked them failed."""
-  pid_file = tmp_path / "pid"
-  child = textwrap.dedent(f"""\
+def _saves_on_sigterm(ready) -> str:
+  """A stand-in run: touches `ready`, then prints "SIGTERM: saved" and exits
+  143 on SIGTERM, as ccr_jax.main does after saving its state."""
+  return textwrap.dedent(f"""\
       import pathlib, signal, sys, time
       def saved(*_):
         print("SIGTERM: saved", flush=True)
         sys.exit(143)
       signal.signal(signal.SIGTERM, saved)
-      pathlib.Path({str(pid_file)!r}).write_text("started")
+      pathlib.Path({str(ready)!r}).touch()
       time.sleep(60)
       """)
+
+
+def test_a_run_gets_sigterm_when_its_sweep_is_killed(tmp_path):
+  """SIGKILL reaches no handler: the runs (in sessions of their own) went on
+  alone, and the rerun found their workdirs locked and marked them failed."""
+  pid_file = tmp_path / "pid"
+  child = _saves_on_sigterm(pid_file)
   driver = textwrap.dedent(f"""\
       import sys
       sys.path.insert(0, {REPO!r})
@@ -376,15 +382,7 @@ def test_an_interrupted_sweep_lets_running_runs_save_then_stops(tmp_path):
   """Ctrl-C in the sweep: each running run gets one SIGTERM (ccr_jax.main then
   saves its state at the next step) and is waited for."""
   ready = tmp_path / "ready"
-  slow = textwrap.dedent(f"""\
-      import pathlib, signal, sys, time
-      def saved(*_):
-        print("SIGTERM: saved", flush=True)
-        sys.exit(143)
-      signal.signal(signal.SIGTERM, saved)
-      pathlib.Path({str(ready)!r}).touch()
-      time.sleep(60)
-      """)
+  slow = _saves_on_sigterm(ready)
   fast = (f"import os, time\nwhile not os.path.exists({str(ready)!r}): "
           "time.sleep(0.01)")
   jobs = [("fast", [sys.executable, "-c", fast], str(tmp_path / "fast.log")),
