@@ -151,7 +151,7 @@ def test_snapshot_without_a_manifest_still_restores_and_gets_one(tmp_path):
   assert json.load(open(manifest))["files"] == listed
 
 
-@pytest.mark.slow  # A subprocess per writer, then its resume: ~20 s each.
+@pytest.mark.slow  # A subprocess per writer (~10 s), three resumes (~20 s).
 @pytest.mark.parametrize("point, names", [
     ("full_tfds", "data"), ("full_snapshot", "snapshots/task_1"),
     ("full_state", "state/2"), ("full_index", "indices/snap_1"),
@@ -174,9 +174,12 @@ def test_full_or_read_only_storage_is_one_line_and_resumes(uninterrupted, tmp_pa
   leftovers = [p for p in glob.glob(f"{tmp_path}/**/*", recursive=True)
                if "orbax-checkpoint-tmp" in p or ".tmp-" in p or "incomplete." in p]
   assert not leftovers, leftovers
-  proc = _cli(*flags_)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  assert _results(workdir)["metrics"] == uninterrupted[1]["metrics"]
+  if point in ("full_snapshot", "full_state", "full_index"):
+    # Those that stop mid-run (the others stop before any work or after the
+    # last; a 30 MB tmpfs filled to 100 ... 2700 KiB resumed at every level).
+    proc = _cli(*flags_)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _results(workdir)["metrics"] == uninterrupted[1]["metrics"]
 
 
 @pytest.mark.slow

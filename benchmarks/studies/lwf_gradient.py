@@ -1,6 +1,6 @@
 r"""LwF's pull on training, measured on a real run's snapshots.
 
-  python benchmarks/lwf_gradient.py --workdir=/tmp/ccr_strategies/<run> --task=4
+  python benchmarks/studies/lwf_gradient.py --workdir=/tmp/ccr_strategies/<run> --task=4
 
 Loads snapshots task-1 and task of a finished workdir, draws `--batches`
 training batches of `--batch_size` pairs of that task, and compares the
@@ -16,7 +16,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# benchmarks/studies/ -> benchmarks/ -> the repository root, for `ccr_jax`
+# when run as `python benchmarks/studies/lwf_gradient.py`.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

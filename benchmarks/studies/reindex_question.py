@@ -1,8 +1,8 @@
 r"""When does not reindexing beat reindexing? Fine-tuning from scratch and from
 pretrained towers, fixed vs reindex, with the forgetting analysis.
 
-  python benchmarks/reindex_question.py            # runs, analyses, table
-  python benchmarks/reindex_question.py --quick    # tiny smoke test
+  python benchmarks/studies/reindex_question.py            # runs, analyses, table
+  python benchmarks/studies/reindex_question.py --quick    # tiny smoke test
 
 Runs fine-tuning in `configs/default.py` (scratch) and `:pretrained` with the
 comparison's short tasks (benchmarks/strategies.py `sweep_config`), plus the
@@ -22,7 +22,10 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# benchmarks/studies/ -> benchmarks/ -> the repository root, for `benchmarks`,
+# `ccr_jax` and `configs` when run as `python benchmarks/studies/<study>.py`.
+BENCHMARKS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(BENCHMARKS))
 
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
@@ -33,12 +36,11 @@ from ccr_jax.run import evaluate as evaluate_lib  # noqa: E402
 from ccr_jax.run import loop  # noqa: E402
 from configs import default  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workroot", "/tmp/ccr_reindex", "One workdir per run under here.")
 flags.DEFINE_list("seeds", ["0", "1", "2", "3", "4"], "Training seeds (runs already "
                   "in reindex_question.json are not run again).")
-flags.DEFINE_string("out", os.path.join(HERE, "results"), "Where the table goes.")
+flags.DEFINE_string("out", os.path.join(BENCHMARKS, "results"), "Where the table goes.")
 flags.DEFINE_bool("quick", False, "Tiny configs, one seed: a smoke test.")
 flags.DEFINE_bool("table_only", False, "Rewrite the table from reindex_question.json "
                   "and the runs appended to reindex_question_runs.jsonl.")
@@ -217,7 +219,7 @@ def main(argv):
     return
   variants = "\n".join(f"- `{n}`: {v[1]}" for n, v in VARIANTS.items())
   header = ("# Fixed index vs reindexing: fine-tuning from scratch and pretrained\n\n"
-            "Command: `python benchmarks/reindex_question.py` (runs + `--mode=evaluate` "
+            "Command: `python benchmarks/studies/reindex_question.py` (runs + `--mode=evaluate` "
             f"analysis of each workdir). Seeds {seeds}; mean ± sample std over the "
             f"n seeds; {stats.TEST_NAME}. "
             "200-step tasks at batch 64 as in the strategy comparison. R@1 in "
