@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
-# Issue 17's GPU measurements in one run of about 8 minutes, from the project root on an offline GPU machine:
+# Issue 17's GPU measurements in one run of about 8 minutes, from the project root on a CUDA machine.
+# A user needs JAX's CUDA build, this project's requirements and, for vs_pytorch, torch in the interpreter
+# TORCH_PYTHON names (default python3); then `bash benchmarks/gpu_suite.sh` (OUT=... sets where results go).
+# Developer note: ../shared/gpu is the maintainers' GPU kit, beside this repository and not part of it (a
+# user's checkout has no ../shared). On an offline lent GPU the maintainers run:
 #   bash ../shared/gpu/prepare.sh                      # here, with package access: fills the ignored .gpu/
 #   run: command "bash benchmarks/gpu_suite.sh", carry [".gpu"], timeout_s 590; then give_back
 # It installs .gpu/whl (the kit's wheels) into /tmp/site unless they import already, then runs, each under a timeout

@@ -17,7 +17,7 @@ trace itself is kept under --trace_dir (perfetto_trace.json.gz opens in
 ui.perfetto.dev).
 
 For the default experiment's step on an H100 (27 ms, slower than 2 CPU
-cores: ../shared/gpu/README.md), this is the profile to read first.
+cores: docs/benchmarks.md), this is the profile to read first.
 """
 
 from __future__ import annotations

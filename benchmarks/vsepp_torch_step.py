@@ -7,8 +7,8 @@ Model and loss follow the published VSE++ defaults: image features 2048 -> Linea
 word embedding 300 -> GRU 1024 (packed, last state at true length), L2 norm; hinge loss with hardest
 negatives, margin 0.2, summed; Adam 2e-4; gradient clipping 2.0. Prints one JSON line.
 Caption lengths are drawn as `benchmarks.train_throughput.caption_lengths` draws ours (2 + Poisson,
-COCO-like, mean 12.5 tokens) unless --normal_lengths (the GPU kit's first runs: N(12.5, 3.5) in [7, 32]).
-Kept in step with the GPU kit's copy (`../shared/gpu/vsepp_torch_step.py`), lengths aside.
+COCO-like, mean 12.5 tokens) unless --normal_lengths (the first GPU runs' lengths: N(12.5, 3.5) in [7, 32]).
+Needs only torch and NumPy (a CUDA build of torch for --device cuda); it imports nothing of ccr_jax.
 """
 import argparse, json, time
 import numpy as np
