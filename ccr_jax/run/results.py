@@ -214,7 +214,7 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
                   gallery_ids[exact_rows[:, :AGREEMENT_AT]].tolist())])
           m = {**evaluation.recall_at_k(ranks, ks), **exact,
                "index_recall_at_10": float(agreement)}
-          if cfg.eval.get("fold_size", 0) and scope == "task_aware":
+          if cfg.eval.fold_size and scope == "task_aware":
             # COCO-1K beside COCO-5K: the same embeddings, ranked per fold.
             m.update(evaluation.fold_metrics(
                 query_emb, gallery_emb, query_owner, gallery_owner,
@@ -248,7 +248,7 @@ def eval_settings(config) -> dict:
   """The evaluation settings a results row's numbers depend on beyond the
   experiment's fingerprint: a cached row with other ones is recomputed."""
   return {"ks": [int(k) for k in config.eval.ks],
-          "fold_size": int(config.eval.get("fold_size", 0))}
+          "fold_size": int(config.eval.fold_size)}
 
 
 def git_state(path: str) -> dict:

@@ -82,8 +82,8 @@ def check_image_shapes(task_splits: list[dict[str, tasks_lib.Split]]) -> tuple:
 
 
 def model_axis_size(config: ml_collections.ConfigDict) -> int:
-  """`config.mesh.model_axis_size`; 1 for configs (and workdirs) without it."""
-  return config.get("mesh", {}).get("model_axis_size", 1)
+  """`config.mesh.model_axis_size`."""
+  return config.mesh.model_axis_size
 
 
 def param_placement(mesh: jax.sharding.Mesh):
@@ -102,8 +102,8 @@ def with_loss_params(params: dict, config: ml_collections.ConfigDict) -> dict:
 
 
 def pretrain_categories(config: ml_collections.ConfigDict) -> tuple[int, ...]:
-  """`config.pretrain.categories`; () for configs (and workdirs) without it."""
-  return tuple(config.get("pretrain", {}).get("categories", ()))
+  """`config.pretrain.categories`."""
+  return tuple(config.pretrain.categories)
 
 
 def check_pretrain_categories(categories: tuple[int, ...],
@@ -179,7 +179,7 @@ def build_setup(config: ml_collections.ConfigDict, workdir: str) -> Setup:
     logging.warning("%d captions longer than max_caption_len=%d were truncated.",
                     truncated, config.data.max_caption_len)
   model = dual_encoder.build_model(config.model, vocab.size,
-                                   config.train.get("compute_dtype", "float32"))
+                                   config.train.compute_dtype)
   image_shape = encoded[0]["train"].images.shape[1:]
   params_template = jax.eval_shape(
       lambda: with_loss_params(dual_encoder.init_params(
@@ -205,7 +205,7 @@ def check_setup(setup: Setup) -> list[str]:
     ValueError: `eval.fold_size` does not divide a task's evaluation split.
   """
   cfg = setup.config
-  fold = cfg.eval.get("fold_size", 0)
+  fold = cfg.eval.fold_size
   warnings = []
   for t, splits in enumerate(setup.encoded):
     n = len(splits[cfg.eval.split].ids)
