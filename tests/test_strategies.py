@@ -433,7 +433,7 @@ def test_lwf_gradient_is_a_sizeable_fraction_of_the_ranking_loss():
   legacy = grad_norm(lambda i, t: 4.0 * distillation.similarity_distillation(
       i, t, old_img, old_txt, temperature=2.0, reduction="mean"))
   # Measured 0.8 (new) and 3e-5 (legacy) here; on real snapshots 3 -> 4 of
-  # a 200-step run, 6.1 and 6.7e-4 (benchmarks/lwf_gradient.py). 0.05 separates a
+  # a 200-step run, 6.1 and 6.7e-4 (benchmarks/studies/lwf_gradient.py). 0.05 separates a
   # term that steers training from one that cannot at strength 1.
   assert new / ranking > 0.05, (new / ranking, legacy / ranking)
   assert legacy / ranking < 0.01, legacy / ranking

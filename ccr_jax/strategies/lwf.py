@@ -9,7 +9,7 @@ old params, no gradient), all `[batch, dim]` and L2-normalised.
 Scale. The similarities are cosines in [-1, 1]; LwF's classic temperature 2
 with Hinton's tau^2 factor is meant for classifier logits of scale ~10, and
 on cosines leaves both softmaxes nearly uniform (measured: a term 1e-3 of the
-ranking loss, a gradient 3e-4 of it, benchmarks/lwf_gradient.py). The logits
+ranking loss, a gradient 3e-4 of it, benchmarks/studies/lwf_gradient.py). The logits
 here are cosine / temperature with a contrastive temperature (default 0.05,
 logits in [-20, 20], as InfoNCE/CLIP), without the tau^2 factor (which would
 shrink the gradient by tau^2 at small tau), and the KL is reduced over query
