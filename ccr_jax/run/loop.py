@@ -23,7 +23,6 @@ import ml_collections
 from absl import logging
 
 from ccr_jax import checkpoints
-from ccr_jax import files
 from ccr_jax import progress
 from ccr_jax import sharding
 from ccr_jax import train as train_lib
@@ -110,7 +109,7 @@ def _run(setup: setup_lib.Setup, timing: dict, started: float,
               workdir, t + 1, params, setup_lib.snapshot_meta(setup, t + 1),
               strategy=state)
       row_path = workdir_lib.row_path(workdir, t + 1)
-      cached = _cached_row(setup, t, row_path) if emb_dir is None else None
+      cached = results_lib.cached_row(setup, t) if emb_dir is None else None
       if cached is not None:
         rows.append(cached)
         continue
@@ -132,10 +131,7 @@ def _run(setup: setup_lib.Setup, timing: dict, started: float,
       results_lib.log_row(t, row)
     _stop_point(should_stop, "writing the results")
     results = results_lib.aggregate(setup, rows)
-    results["strategy"] = strategy.describe()
-    if strategy.memory is not None:
-      results["strategy"]["memory_per_task_at_last_task"] = [
-          len(m) for m in training_lib.memory_rows(setup, strategy, setup.num_tasks - 1)]
+    results["strategy"] = training_lib.describe_strategy(setup, strategy)
     if "compile_s" in training.compiled:
       # Compiled inside the first trained task: report it as its own stage.
       timing["compile_s"] = training.compiled["compile_s"]
@@ -157,35 +153,3 @@ def _stop_point(should_stop: Callable[[], bool] | None, stage: str) -> None:
   run too, instead of being acknowledged and ignored."""
   if should_stop is not None and sharding.any_process(bool(should_stop())):
     raise train_lib.Interrupted(0, 0, saved=False, stage=stage)
-
-
-def _cached_row(setup: setup_lib.Setup, t: int, row_path: str) -> dict | None:
-  """Task t's saved results row if it can be reused as is, else None.
-
-  It is reused only when it was computed with today's evaluation settings and
-  every index its snapshot built is still intact (a deleted or truncated
-  index is rebuilt and the row recomputed from the snapshot). Every process
-  takes the same decision.
-  """
-  row, reason = None, None
-  if not os.path.exists(row_path):
-    reason = "missing"
-  else:
-    try:
-      row = files.read_json(row_path)
-    except ValueError as e:  # Names the file, line and column.
-      reason = str(e)
-    if row is not None and row.get("eval_settings") != results_lib.eval_settings(
-        setup.config):
-      reason = (f"computed with evaluation settings {row.get('eval_settings')}, "
-                f"not today's {results_lib.eval_settings(setup.config)}")
-    if reason is None:
-      damaged = indices_lib.damaged_indices(setup, t + 1)
-      if damaged:
-        reason = "an index of its snapshot is damaged: " + damaged[0]
-  if not sharding.any_process(reason is not None):
-    return row
-  if reason != "missing":
-    logging.warning("results row %s: %s; rebuilding what is missing and "
-                    "recomputing it from snapshot %d.", row_path, reason, t + 1)
-  return None

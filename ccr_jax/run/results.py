@@ -238,6 +238,39 @@ def evaluate_after_task(setup: Setup, t: int, params: Any,
           "eval_settings": eval_settings(cfg)}
 
 
+def cached_row(setup: Setup, t: int) -> dict | None:
+  """Task t's saved results row if it can be reused as is, else None.
+
+  It is reused only when it was computed with today's evaluation settings and
+  every index its snapshot built is still intact (a deleted or truncated
+  index is rebuilt and the row recomputed from the snapshot). Every process
+  takes the same decision.
+  """
+  row_path = workdir_lib.row_path(setup.workdir, t + 1)
+  row, reason = None, None
+  if not os.path.exists(row_path):
+    reason = "missing"
+  else:
+    try:
+      row = files.read_json(row_path)
+    except ValueError as e:  # Names the file, line and column.
+      reason = str(e)
+    if row is not None and row.get("eval_settings") != eval_settings(
+        setup.config):
+      reason = (f"computed with evaluation settings {row.get('eval_settings')}, "
+                f"not today's {eval_settings(setup.config)}")
+    if reason is None:
+      damaged = indices_lib.damaged_indices(setup, t + 1)
+      if damaged:
+        reason = "an index of its snapshot is damaged: " + damaged[0]
+  if not sharding.any_process(reason is not None):
+    return row
+  if reason != "missing":
+    logging.warning("results row %s: %s; rebuilding what is missing and "
+                    "recomputing it from snapshot %d.", row_path, reason, t + 1)
+  return None
+
+
 def _npz_bytes(**arrays) -> bytes:
   buf = io.BytesIO()
   np.savez(buf, **arrays)

@@ -90,6 +90,16 @@ def build_training(setup: setup_lib.Setup) -> Training:
   return Training(strategy, optimizer, train_step, context)
 
 
+def describe_strategy(setup: setup_lib.Setup, strategy: strategies.Strategy) -> dict:
+  """results.json's "strategy": the strategy's own description and, with a
+  memory, how many items of each task it holds after the last task."""
+  out = strategy.describe()
+  if strategy.memory is not None:
+    out["memory_per_task_at_last_task"] = [
+        len(m) for m in memory_rows(setup, strategy, setup.num_tasks - 1)]
+  return out
+
+
 def memory_rows(setup: setup_lib.Setup, strategy: strategies.Strategy,
                 t: int) -> list:
   """Per task before t (0-based), the training rows the strategy's memory holds."""
