@@ -41,6 +41,7 @@ def _install(point: str) -> None:
   from ccr_jax import indexing
   from ccr_jax import files
   from ccr_jax.data import pipeline
+  from ccr_jax.indexing import storage as index_storage
 
   if point == "snapshot_write":
     real_save = checkpoints.save_snapshot
@@ -84,7 +85,7 @@ def _install(point: str) -> None:
 
     atomicity.async_path.rename = rename
   elif point == "index_save":
-    real_write = indexing._write_npy  # pylint: disable=protected-access
+    real_write = index_storage._write_npy  # pylint: disable=protected-access
     calls = []
 
     def write(path, array):
@@ -94,7 +95,7 @@ def _install(point: str) -> None:
           _die()
       return real_write(path, array)
 
-    indexing._write_npy = write  # pylint: disable=protected-access
+    index_storage._write_npy = write  # pylint: disable=protected-access
   elif point == "index_build":
     real_build = indexing.build_index
 
@@ -130,7 +131,7 @@ def _enospc(path):
 def _install_storage_fault(point: str) -> None:
   import orbax.checkpoint as ocp
   import tensorflow_datasets as tfds
-  from ccr_jax import indexing
+  from ccr_jax.indexing import storage as index_storage
 
   if point == "full_tfds":
     def prepare(self, *args, **kwargs):
@@ -158,7 +159,7 @@ def _install_storage_fault(point: str) -> None:
     def write(path, array):
       raise OSError("15360 requested and 992 written")
 
-    indexing._write_npy = write  # pylint: disable=protected-access
+    index_storage._write_npy = write  # pylint: disable=protected-access
   elif point == "full_results":
     real_replace = os.replace
 

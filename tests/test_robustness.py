@@ -20,6 +20,7 @@ from ccr_jax import files
 from ccr_jax import indexing
 from ccr_jax import sharding
 from ccr_jax import train as train_lib
+from ccr_jax.indexing import storage as index_storage
 from ccr_jax.run import config as config_lib
 from ccr_jax.run import loop
 from ccr_jax.run import setup as setup_lib
@@ -351,7 +352,7 @@ def test_disk_full_during_an_index_save_is_one_line_naming_the_path(tmp_path,
   def short_write(path, array):
     raise OSError("15360 requested and 992 written")
 
-  monkeypatch.setattr(indexing, "_write_npy", short_write)
+  monkeypatch.setattr(index_storage, "_write_npy", short_write)
   target = str(tmp_path / "index")
   with pytest.raises(files.DiskFullError) as e:
     indexing.save_index(index, target)

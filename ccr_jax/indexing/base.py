@@ -1,8 +1,8 @@
 """What every index backend shares: the backend protocol and the index types.
 
 The bottom of `ccr_jax.indexing`: the backend modules (`exact`,
-`scann_backend`) import this module and nothing else of the package, and the
-package's `__init__` imports them, so the import graph has no cycle.
+`scann_backend`) import this module and nothing else of the package, and
+`registry` imports them, so the import graph has no cycle.
 """
 
 from __future__ import annotations
