@@ -167,7 +167,7 @@ def test_full_or_read_only_storage_is_one_line_and_resumes(uninterrupted, tmp_pa
   proc = _cli(*flags_, driver_point=point)
   assert proc.returncode == 2, proc.stderr[-3000:]
   problems = [l for l in proc.stderr.splitlines()
-              if not re.match(r"\d\d:\d\d:\d\d (task|after task|mesh|warning: \d+ captions)", l)]
+              if not re.match(r"\d\d:\d\d:\d\d (task|after task|mesh|building the|warning: \d+ captions)", l)]
   assert len(problems) == 1, problems
   kind = "cannot write" if point == "read_only" else "no space left on the device"
   assert problems[0].startswith(f"error: {kind}") and names in problems[0], problems

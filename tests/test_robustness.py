@@ -113,6 +113,22 @@ def test_changed_eval_settings_recompute_every_cached_row(finished, tmp_path):
 
 
 @pytest.mark.slow  # A finished run: seconds.
+def test_a_config_json_of_older_code_is_completed_once_with_defaults(finished, tmp_path):
+  # Keys added since a workdir was made are filled from the schema where the
+  # config is loaded, not by a `.get(key, default)` at each reader.
+  from ccr_jax.run import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  workdir = _copy(finished, tmp_path)
+  path = os.path.join(workdir, "config.json")
+  old = files.read_json(path)
+  del old["mesh"], old["pretrain"], old["train"]["compute_dtype"], old["eval"]["fold_size"]
+  files.write_json(path, old)
+  evaluated = evaluate_lib.evaluate_workdir(workdir)
+  assert _metrics(evaluated) == _metrics(finished[1])
+  again = loop.train_and_evaluate(default.get_config("tiny"), workdir)
+  assert _metrics(again) == _metrics(finished[1])
+
+
+@pytest.mark.slow  # A finished run: seconds.
 def test_stop_request_after_training_stops_before_the_next_stage(finished, tmp_path):
   # A signal during the last task's evaluation was acknowledged ("stopping at
   # the next step boundary") and then ignored: the run exited 0.
