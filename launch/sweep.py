@@ -475,16 +475,26 @@ def _stop(procs: Sequence[subprocess.Popen], grace: float) -> None:
       p.wait()
 
 
+def _prctl():
+  try:
+    import ctypes  # pylint: disable=g-import-not-at-top
+    return ctypes.CDLL(None, use_errno=True).prctl
+  except (OSError, AttributeError):
+    return None  # Not Linux.
+
+
+# Resolved here, in the sweep: the child runs only this one call between fork
+# and exec (no import, no lock), which is what makes preexec_fn safe there.
+_PRCTL = _prctl()
+
+
 def _term_with_parent() -> None:
   """In a run's process before it starts: SIGTERM when the sweep dies, however
   it dies (SIGKILL included, which no handler sees), so that no run goes on
-  alone; the run saves its state and a rerun of the sweep resumes it."""
-  try:
-    import ctypes  # pylint: disable=g-import-not-at-top
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: Linux only.
-  except (OSError, AttributeError):
-    pass  # Elsewhere a SIGKILLed sweep leaves its runs going, as before.
+  alone; the run saves its state and a rerun of the sweep resumes it. Off
+  Linux a SIGKILLed sweep leaves its runs going."""
+  if _PRCTL is not None:
+    _PRCTL(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def run_local(jobs: Sequence[tuple[str, list[str], str]], parallel: int,

@@ -71,3 +71,16 @@ def test_saved_on_two_devices_restores_on_one(tmp_path):
   template = {"img": {"w": jax.ShapeDtypeStruct((3, 4), jnp.float32)}}
   params, _ = checkpoints.restore_snapshot(str(tmp_path), 1, template, rep)
   np.testing.assert_array_equal(params["img"]["w"], np.arange(12.0).reshape(3, 4))
+
+
+def test_a_save_removes_what_an_interrupted_save_left(tmp_path):
+  # A second SIGTERM 100 ms after the first killed a state save half-way and
+  # left state/<step>.orbax-checkpoint-tmp for ever.
+  workdir = str(tmp_path)
+  leftover = os.path.join(workdir, "state", "3.orbax-checkpoint-tmp")
+  os.makedirs(os.path.join(leftover, "state"))
+  checkpoints.save_state(workdir, {"step": jnp.int32(4), "w": jnp.ones(3)},
+                         {"task": 1, "next_step": 4, "ranked": True})
+  assert not os.path.exists(leftover)
+  assert checkpoints.latest_state_step(workdir) == 4
+

@@ -100,6 +100,9 @@ def test_corrupt_snapshot_is_quarantined_and_retrained(uninterrupted, tmp_path,
   quarantined = os.listdir(os.path.join(workdir, "quarantine"))
   assert any(q.startswith("snapshots_task_2_") and q.endswith("snap_2")
              for q in quarantined), quarantined
+  # One line: TensorStore's error carries its whole spec (~60 lines) after it.
+  warning = next(r for r in caplog.records if "snapshot of task 2" in r.getMessage())
+  assert len(warning.getMessage().splitlines()) <= 2, warning.getMessage()
 
 
 def _flip_byte_in_largest_array_file(workdir, task):
@@ -278,12 +281,20 @@ def test_help_exits_0():
 def test_a_workdir_config_json_is_a_config(tmp_path):
   # The advice a refused rerun gives: --config=<workdir>/config.json.
   workdir = str(tmp_path / "w")
-  assert _cli(TINY, f"--workdir={workdir}").returncode == 0
+  first = _cli(TINY, f"--workdir={workdir}")
+  assert first.returncode == 0
   proc = _cli(TINY, f"--workdir={workdir}", "--config.optim.learning_rate=0.5")
   advice = f"--config={workdir}/config.json"
   assert proc.returncode == 2 and advice in proc.stderr, proc.stderr[-2000:]
   proc = _cli(advice, f"--workdir={workdir}")
   assert proc.returncode == 0, proc.stderr[-2000:]
+  # Quiet: no TFDS prints for the local build, no Orbax notice per
+  # read-only open on the resume.
+  for noise in ("read only", "Downloading and preparing", "Unknown size"):
+    assert noise not in first.stderr + first.stdout + proc.stderr + proc.stdout, noise
+  proc = _cli("--mode=evaluate", f"--workdir={workdir}", TINY,
+              "--config.train.steps_per_task=3")
+  assert proc.returncode == 2 and "only --config.analysis.* applies" in proc.stderr
 
 
 def test_config_file_typo_names_the_nearest_key():
