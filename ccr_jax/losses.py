@@ -341,7 +341,7 @@ def siglip(img_emb, txt_emb, *, image_ids, temperature=0.1, bias=-10.0,
 
 def _learnt_temperature(config) -> dict[str, Any] | None:
   """{'log_scale': log(1 / temperature)} when `config.learn_temperature`, else None."""
-  if not config.get("learn_temperature", False):
+  if not config.learn_temperature:
     return None
   return {"log_scale": jnp.float32(math.log(1.0 / config.temperature))}
 
@@ -464,10 +464,10 @@ def make_loss(config) -> Callable:
       non-positive temperature, ...), each named as `--config.loss.KEY=...`.
   """
   entry = get(config.name)
-  kwargs = {key: config[key] for key in entry.settings}
-  # Variant keys keep their defaults when a (test or older) config omits them.
   keys = config_keys()
-  variant = {key: config.get(key, keys[key].default) for key in VARIANT_SETTINGS}
+  config = schema.complete(keys, config)  # A test's or older config's omissions.
+  kwargs = {key: config[key] for key in entry.settings}
+  variant = {key: config[key] for key in VARIANT_SETTINGS}
   wrong = schema.problems(keys, {**kwargs, **variant}, prefix="loss.")
   if wrong:
     raise ValueError(" ".join(wrong))
@@ -491,4 +491,4 @@ def initial_params(config) -> dict[str, Any] | None:
   Returns:
     A dict of float32 scalars, or None.
   """
-  return get(config.name).initial_params(config)
+  return get(config.name).initial_params(schema.complete(config_keys(), config))
