@@ -182,7 +182,11 @@ def run(name: str, seed: int, split: str, overrides: dict, quick: bool) -> dict:
   line.update(wall_s=round(time.perf_counter() - start, 1),
               summary=results["summary"], settings=results["strategy"],
               gallery_growth=results.get("gallery_growth"),
-              commit=harness.git_commit())
+              commit=harness.git_commit(),
+              # XLA's CPU results depend on its thread count: a run pinned to
+              # one core (taskset) differs from a 2-core one by up to ~1 point
+              # of R@1 per seed, so paired comparisons need equal counts.
+              cpu_cores=len(os.sched_getaffinity(0)))
   print(json.dumps(line), flush=True)
   if not quick:
     with open(FLAGS.log, "a") as f:
