@@ -233,19 +233,19 @@ def test_same_seed_and_config_give_the_same_results(uninterrupted, tmp_path):
   assert _results(str(tmp_path)) == uninterrupted[1]
 
 
-# A CLI subprocess each (~9 s): two in the not-slow loop, the rest in the slow set.
+# A CLI subprocess each (~9 s): the slow set.
 _SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("flag, message", [
-    ("--config.train.stepz=3", "--config.train.stepz is not a config key. "
-     "Did you mean 'train.steps_per_task'?"),
+    pytest.param("--config.train.stepz=3", "--config.train.stepz is not a config key. "
+                 "Did you mean 'train.steps_per_task'?", marks=_SLOW),
     pytest.param("--config.optim.learning_rate=-0.1",
                  "learning_rate=-0.1 must be a number >= 0", marks=_SLOW),
     pytest.param("--config.eval.ks=()", "eval.ks=[] must be a non-empty list", marks=_SLOW),
     pytest.param("--config.loss.name=vse",
                  "must be one of ['infonce', 'siglip', 'vse0', 'vse_pp']", marks=_SLOW),
-    ("--config.strategy.name=ewcc", "valid components"),
+    pytest.param("--config.strategy.name=ewcc", "valid components", marks=_SLOW),
     pytest.param("--config.data.name=cocoo",
                  "must be one of ['coco', 'flickr30k', 'precomputed'", marks=_SLOW),
     pytest.param("--config.train.batch_size=abc", "invalid literal for int()", marks=_SLOW),
@@ -262,7 +262,8 @@ def test_bad_config_is_one_clear_line_and_exit_2(flag, message, tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    ("configs/defualt.py", "no file configs/defualt.py (Python files there: "),
+    pytest.param("configs/defualt.py", "no file configs/defualt.py (Python files there: ",
+                 marks=_SLOW),
     pytest.param("configs/default.py:tny",
                  "unknown options ['tny']; valid: 'pretrained', 'tiny'", marks=_SLOW),
     pytest.param("{tmp}/broken.py", "SyntaxError: '(' was never closed", marks=_SLOW),
@@ -281,6 +282,7 @@ def test_config_that_does_not_load_is_one_line_and_exit_2(config, message, tmp_p
   assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.slow  # A CLI subprocess.
 def test_help_exits_0():
   proc = _cli("--help")
   assert proc.returncode == 0, proc.stderr[-2000:]

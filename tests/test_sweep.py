@@ -348,6 +348,7 @@ def _saves_on_sigterm(ready) -> str:
       """)
 
 
+@pytest.mark.slow  # A subprocess that imports the sweep (and JAX).
 def test_a_run_gets_sigterm_when_its_sweep_is_killed(tmp_path):
   """SIGKILL reaches no handler: the runs (in sessions of their own) went on
   alone, and the rerun found their workdirs locked and marked them failed."""
