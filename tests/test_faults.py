@@ -233,24 +233,17 @@ def test_same_seed_and_config_give_the_same_results(uninterrupted, tmp_path):
   assert _results(str(tmp_path)) == uninterrupted[1]
 
 
-# A CLI subprocess each (~9 s): the slow set.
-_SLOW = pytest.mark.slow
-
-
+@pytest.mark.slow  # A CLI subprocess each (~9 s).
 @pytest.mark.parametrize("flag, message", [
-    pytest.param("--config.train.stepz=3", "--config.train.stepz is not a config key. "
-                 "Did you mean 'train.steps_per_task'?", marks=_SLOW),
-    pytest.param("--config.optim.learning_rate=-0.1",
-                 "learning_rate=-0.1 must be a number >= 0", marks=_SLOW),
-    pytest.param("--config.eval.ks=()", "eval.ks=[] must be a non-empty list", marks=_SLOW),
-    pytest.param("--config.loss.name=vse",
-                 "must be one of ['infonce', 'siglip', 'vse0', 'vse_pp']", marks=_SLOW),
-    pytest.param("--config.strategy.name=ewcc", "valid components", marks=_SLOW),
-    pytest.param("--config.data.name=cocoo",
-                 "must be one of ['coco', 'flickr30k', 'precomputed'", marks=_SLOW),
-    pytest.param("--config.train.batch_size=abc", "invalid literal for int()", marks=_SLOW),
-    pytest.param("--config.train.batch_size=0", "batch_size=0 must be an integer >= 1",
-                 marks=_SLOW),
+    ("--config.train.stepz=3", "--config.train.stepz is not a config key. "
+     "Did you mean 'train.steps_per_task'?"),
+    ("--config.optim.learning_rate=-0.1", "learning_rate=-0.1 must be a number >= 0"),
+    ("--config.eval.ks=()", "eval.ks=[] must be a non-empty list"),
+    ("--config.loss.name=vse", "must be one of ['infonce', 'siglip', 'vse0', 'vse_pp']"),
+    ("--config.strategy.name=ewcc", "valid components"),
+    ("--config.data.name=cocoo", "must be one of ['coco', 'flickr30k', 'precomputed'"),
+    ("--config.train.batch_size=abc", "invalid literal for int()"),
+    ("--config.train.batch_size=0", "batch_size=0 must be an integer >= 1"),
 ])
 def test_bad_config_is_one_clear_line_and_exit_2(flag, message, tmp_path):
   proc = _cli(TINY, f"--workdir={tmp_path}", flag)
@@ -261,14 +254,12 @@ def test_bad_config_is_one_clear_line_and_exit_2(flag, message, tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.slow  # A CLI subprocess each.
 @pytest.mark.parametrize("config, message", [
-    pytest.param("configs/defualt.py", "no file configs/defualt.py (Python files there: ",
-                 marks=_SLOW),
-    pytest.param("configs/default.py:tny",
-                 "unknown options ['tny']; valid: 'pretrained', 'tiny'", marks=_SLOW),
-    pytest.param("{tmp}/broken.py", "SyntaxError: '(' was never closed", marks=_SLOW),
-    pytest.param("{tmp}/nothing/config.json", "no file {tmp}/nothing/config.json",
-                 marks=_SLOW),
+    ("configs/defualt.py", "no file configs/defualt.py (Python files there: "),
+    ("configs/default.py:tny", "unknown options ['tny']; valid: 'pretrained', 'tiny'"),
+    ("{tmp}/broken.py", "SyntaxError: '(' was never closed"),
+    ("{tmp}/nothing/config.json", "no file {tmp}/nothing/config.json"),
 ])
 def test_config_that_does_not_load_is_one_line_and_exit_2(config, message, tmp_path):
   # Issue 25 D5: ml_collections deferred these to a 13-39 line chained traceback.
