@@ -157,11 +157,6 @@ def disk_full(path: str) -> DiskFullError:
       "complete on disk)")
 
 
-def disk_error(error: OSError, path: str) -> OSError:
-  """`error`, or the StorageError it amounts to (`storage_error`)."""
-  return storage_error(error, path) or error
-
-
 @contextlib.contextmanager
 def writing(path: str):
   """Raises what a write to `path` inside the block failed with as its

@@ -75,7 +75,7 @@ flags.DEFINE_integer("process_id", None, "This process's index in "
 # Mistakes a user can fix from the message alone: reported without a traceback.
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, FloatingPointError,
                    checkpoints.CheckpointError, indexing.IndexMismatchError,
-                   workdir_lib.WorkdirBusyError, files.StorageError)
+                   workdir_lib.WorkdirBusyError)
 # Libraries whose INFO lines (Orbax: ~55 per checkpoint) bury ours.
 QUIET_PACKAGES = ("orbax", "tensorflow_datasets", "etils", "jax")
 # Their warnings that are advice, not a problem of the run.
