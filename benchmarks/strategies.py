@@ -67,6 +67,8 @@ flags.DEFINE_integer("val_per_category", 0, "--stage=select: validation images p
                      "shape (0: the config's, 10 = 30 per task). Train and test images "
                      "stay the same (each example is rendered from its own key).")
 flags.DEFINE_string("out", os.path.join(HERE, "results"), "Where tables and JSON go.")
+flags.DEFINE_integer("table_cores", 1, "--stage=table: only runs made on this many CPU "
+                     "cores (pin with taskset; pairs need one count).")
 flags.DEFINE_bool("quick", False, "Tiny config, 1 seed, 1-value grids: a smoke test.")
 
 # Strength grids searched on the validation split: section.field -> first
@@ -124,9 +126,18 @@ def selection_score(results: dict) -> float:
                         for r in s for d in ("i2t", "t2i")]))
 
 
+def cores(line: dict) -> int:
+  """CPU cores a logged run had: lines from before `cpu_cores` was recorded
+  ran unpinned on the 2-core machines this benchmark has used."""
+  return line.get("cpu_cores") or 2
+
+
 def _key(line: dict) -> tuple:
+  # The core count is part of a run's identity: XLA's CPU numerics depend on
+  # its thread count, so a 1-core rerun is a different run, not a duplicate.
   return (line["setting"], line["strategy"], line["seed"], line["split"],
-          json.dumps(line["overrides"], sort_keys=True), line.get("val_per_category", 0))
+          json.dumps(line["overrides"], sort_keys=True), line.get("val_per_category", 0),
+          cores(line))
 
 
 def is_current(line: dict) -> bool:
@@ -156,7 +167,11 @@ def _done() -> dict:
 def run(name: str, seed: int, split: str, overrides: dict, quick: bool) -> dict:
   """One experiment (or its logged line); returns its JSON line."""
   line = {"setting": FLAGS.setting, "strategy": name, "seed": seed, "split": split,
-          "overrides": overrides}
+          "overrides": overrides,
+          # XLA's CPU results depend on its thread count: a run pinned to
+          # one core (taskset) differs from a 2-core one by up to ~1 point
+          # of R@1 per seed, so paired comparisons need equal counts.
+          "cpu_cores": len(os.sched_getaffinity(0))}
   if split == "val" and FLAGS.val_per_category:
     line["val_per_category"] = FLAGS.val_per_category
   done = {} if quick else _done()
@@ -171,7 +186,9 @@ def run(name: str, seed: int, split: str, overrides: dict, quick: bool) -> dict:
   for dotted, value in overrides.items():
     _set(config, dotted, value)
   tag = "_".join([FLAGS.setting, name.split("@")[0].replace("+", "-"), split, f"s{seed}"]
-                 + [f"{k.replace('.', '-')}{v:g}" for k, v in sorted(overrides.items())])
+                 + [f"{k.replace('.', '-')}{v:g}" for k, v in sorted(overrides.items())]
+                 # Not the workdir of the same run on another core count.
+                 + ([] if cores(line) == 2 else [f"c{cores(line)}"]))
   workdir = os.path.join(FLAGS.workroot, tag)
   # Every pretrained run of one seed pretrains identically: pretrain once.
   fill = harness.shared_pretraining(
@@ -182,11 +199,7 @@ def run(name: str, seed: int, split: str, overrides: dict, quick: bool) -> dict:
   line.update(wall_s=round(time.perf_counter() - start, 1),
               summary=results["summary"], settings=results["strategy"],
               gallery_growth=results.get("gallery_growth"),
-              commit=harness.git_commit(),
-              # XLA's CPU results depend on its thread count: a run pinned to
-              # one core (taskset) differs from a 2-core one by up to ~1 point
-              # of R@1 per seed, so paired comparisons need equal counts.
-              cpu_cores=len(os.sched_getaffinity(0)))
+              commit=harness.git_commit())
   print(json.dumps(line), flush=True)
   if not quick:
     with open(FLAGS.log, "a") as f:
@@ -338,14 +351,15 @@ def header(selections: dict, lines: list[dict]) -> str:
          "steps per task at batch 64 (`sweep_config` in benchmarks/strategies.py); "
          "mean ± sample std (ddof = 1) over the n training seeds listed per row "
          "(the benchmark data is fixed). R@1 in percent; forgetting = mean over earlier "
-         "tasks of max_t R[t][j] − R[T][j]; BWT = mean of R[T][j] − R[j][j]. Machine: "
-         "2 CPU cores.", "",
+         "tasks of max_t R[t][j] − R[T][j]; BWT = mean of R[T][j] − R[j][j]. Every "
+         f"run pinned to {FLAGS.table_cores} CPU core(s) (`taskset`; XLA's CPU "
+         "numerics depend on the thread count, so paired runs share it).", "",
          f"Produced by commits {', '.join(commits)} with:", "",
          "```",
          "python benchmarks/strategies.py --stage=select --setting=scratch",
          "python benchmarks/strategies.py --stage=select --setting=pretrained",
-         "python benchmarks/strategies.py --stage=final --setting=scratch",
-         "python benchmarks/strategies.py --stage=final --setting=pretrained",
+         "taskset -c 1 python benchmarks/strategies.py --stage=final --setting=scratch --seeds=0,1,2,3,4",
+         "taskset -c 1 python benchmarks/strategies.py --stage=final --setting=pretrained --seeds=0,1,2,3,4",
          "python benchmarks/strategies.py --stage=table",
          "```", "",
          "## Strengths, chosen on the validation split", "",
@@ -453,7 +467,7 @@ def main(argv):
   # Only the runs made with the selected values (a grid extended after a
   # final run leaves that run in the log, unused).
   lines = [l for l in _done().values() if l["split"] == "test"
-           and l["overrides"] == _overrides(selections[l["setting"]], l["strategy"])]
+           and cores(l) == FLAGS.table_cores and l["overrides"] == _overrides(selections[l["setting"]], l["strategy"])]
   md = (header({s: c for s, c in selections.items() if c}, lines) + table(lines)
         + "\n\n## Against fine-tuning\n\nFinal average R@1 (mean of i2t and t2i) "
         "minus fine-tuning's with the same seed (paired: a seed's initialisation "
