@@ -146,6 +146,10 @@ def _install_storage_fault(point: str) -> None:
 
     def save(self, step, *args, **kwargs):
       if os.path.basename(str(self.directory)) == folder:
+        # As Orbax's own save does first: the manager cleans earlier tmp
+        # directories on a background thread, which otherwise races the one
+        # made below (CI logged its FileNotFoundError as an extra line).
+        self._maybe_await_cleanup_tmp_directory()  # pylint: disable=protected-access
         # What Orbax leaves when TensorStore fails: a temporary directory.
         os.makedirs(os.path.join(str(self.directory), f"{step}.orbax-checkpoint-tmp"))
         raise ValueError(
