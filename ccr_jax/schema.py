@@ -11,6 +11,7 @@ Imports nothing of ccr_jax.
 
 import dataclasses
 import difflib
+import textwrap
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -100,6 +101,53 @@ def describe(schema: Schema, config: Mapping, prefix: str = "") -> list[str]:
       line += f"  # {key.doc}{changed}"
     out.append(line)
   return out
+
+
+def render_python(schema: Schema, header: str) -> str:
+  """Python source of a module whose `get_config()` returns `defaults(schema)`,
+  each `section.key = value` line under a comment of what it means: the defaults readable,
+  and loadable without importing whatever declares them (JAX for most
+  sections). `header` is the module's docstring."""
+  lines = [f'"""{header}"""', "", "import ml_collections", "", "",
+           "def get_config() -> ml_collections.ConfigDict:",
+           '  """Every config key at its default."""',
+           "  config = ml_collections.ConfigDict()"]
+
+  def walk(section: Schema, path: str) -> None:
+    for name, key in section.items():
+      target = f"{path}.{name}"
+      if not isinstance(key, Key):
+        lines.extend(["", f"  {target} = ml_collections.ConfigDict()"])
+        walk(key, target)
+        continue
+      value = key.default
+      if isinstance(value, ml_collections.FieldReference):
+        # None with a type, so that an override of that type is accepted.
+        value = (f"ml_collections.FieldReference({value.get()!r}, "
+                 f"field_type={value.get_type().__name__})")
+      else:
+        value = repr(value)
+      lines.extend(textwrap.wrap(key.doc, 88, initial_indent="  # ",
+                                 subsequent_indent="  # "))
+      lines.append(f"  {target} = {value}")
+
+  walk(schema, "config")
+  lines.append("  return config")
+  return "\n".join(lines) + "\n"
+
+
+def variant_options(arg: str | None, valid: tuple[str, ...], source: str) -> set[str]:
+  """The comma-separated variant options of a config file's `get_config(arg)`.
+
+  Raises:
+    ValueError: an option not in `valid`, naming `source` (the config file).
+  """
+  options = set((arg or "").split(",")) - {""}
+  unknown = options - set(valid)
+  if unknown:
+    raise ValueError(f"{source}: unknown options {sorted(unknown)}; valid: "
+                     f"{', '.join(repr(v) for v in valid)} (comma-separated).")
+  return options
 
 
 def nearest_key_hint(key: str, valid: list[str]) -> str:

@@ -24,15 +24,14 @@ smoke test; point it at a fixture with --config.data.features_dir.
 
 import ml_collections
 
-from ccr_jax.run import config as config_lib
+from ccr_jax import schema
 from configs import coco_vsepp
 from configs import secoco
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """VSE++ on COCO features; arg: comma-separated 'secoco' and/or 'tiny'."""
-  options = config_lib.variant_options(arg, ("secoco", "tiny"),
-                                       "configs/coco_precomp.py")
+  options = schema.variant_options(arg, ("secoco", "tiny"), "configs/coco_precomp.py")
   config = coco_vsepp.get_config()
   data = config.data
   data.name = "precomputed"

@@ -17,15 +17,17 @@ after 800 steps of training on shapes 12..15, which belong to no task
 --config.pretrain.steps=0).
 
 Every key, its default and its meaning is declared once, in the module of
-what reads it (ccr_jax/run/config.py assembles them; `docs/` lists them):
-this file takes those defaults. `:tiny` shrinks it to a seconds-long smoke
+what reads it (ccr_jax/run/config.py assembles them): this file starts from
+configs/defaults.py, which lists them all with their values and imports no
+JAX. `:tiny` shrinks it to a seconds-long smoke
 test that unit tests and the real-data configs start from; `:pretrained,tiny`
 shrinks the pretrained variant alike.
 """
 
 import ml_collections
 
-from ccr_jax.run import config as config_lib
+from ccr_jax import schema
+from configs import defaults
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -34,8 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   'pretrained' pretrains on held-out shapes before task 1; 'tiny' shrinks
   either to a seconds-long smoke test.
   """
-  options = config_lib.variant_options(arg, ("pretrained", "tiny"), "configs/default.py")
-  config = config_lib.default_config()
+  options = schema.variant_options(arg, ("pretrained", "tiny"), "configs/default.py")
+  config = defaults.get_config()
   if "pretrained" in options:
     config.data.num_categories = 16  # every shape the benchmark can render
     # The default's 4 tasks of 3 shapes; shapes 12..15 are in no task.

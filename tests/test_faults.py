@@ -9,6 +9,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -330,6 +331,50 @@ def test_every_shipped_config_validates_and_every_key_is_documented():
   assert not undocumented(config_lib.config_schema())
   # The default config is the schema's defaults: one declaration per key.
   assert default.get_config().to_dict() == config_lib.default_config().to_dict()
+
+
+def _field_types(config, prefix=""):
+  """dotted key -> (its Python type, a FieldReference's declared type)."""
+  out = {}
+  for key in config.keys():
+    field = config._fields[key]  # pylint: disable=protected-access
+    if isinstance(field, ml_collections.ConfigDict):
+      out.update(_field_types(field, prefix + key + "."))
+    else:
+      typed = isinstance(field, ml_collections.FieldReference)
+      out[prefix + key] = (type(field), field.get_type() if typed else None)
+  return out
+
+
+def test_configs_defaults_py_is_the_schema_rendered():
+  # Issue 25: configs/defaults.py shows every value without importing JAX;
+  # it is a rendering of the declarations, so it must be regenerated when
+  # they change (the message says how).
+  from configs import defaults  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(REPO, "configs", "defaults.py")) as f:
+    assert f.read() == schema.render_python(config_lib.config_schema(),
+                                            config_lib.DEFAULTS_HEADER), (
+        "configs/defaults.py is stale: python -m ccr_jax.run.config > configs/defaults.py")
+  rendered, declared = defaults.get_config(), config_lib.default_config()
+  assert rendered.to_json() == declared.to_json()
+  # Typed None defaults stay typed (an override of a list must be accepted).
+  assert _field_types(rendered) == _field_types(declared)
+
+
+def test_configs_load_without_jax():
+  shipped = ["default", "secoco", "sevige", "coco_vsepp", "flickr30k_vsepp",
+             "coco_precomp", "f30k_precomp", "from_json"]
+  code = ("import sys, importlib\n"
+          f"for name in {shipped}:\n"
+          "  importlib.import_module('configs.' + name)\n"
+          "from configs import default\n"
+          "default.get_config('pretrained,tiny')\n"
+          "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+          "('jax', 'flax', 'optax', 'orbax', 'tensorflow', 'tensorflow_datasets', "
+          "'scann', 'grain')))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "[]"
 
 
 def test_images_of_the_wrong_shape_are_named(tmp_path):
