@@ -68,17 +68,17 @@ def config_keys() -> dict[str, schema.Key]:
   return {k: schema.Key(v, docs[k]) for k, v in DEFAULTS.items()}
 
 
-def settings(config) -> dict:
-  """The analysis settings of a config (`config.analysis`), defaults filled in.
+def settings(section) -> dict:
+  """The checked settings of a complete `analysis` config section (every key
+  of `config_keys()` present: `schema.complete` fills them where it is loaded).
 
   Raises:
-    ValueError: a budget outside [0, 1] or an unknown policy.
+    ValueError: an unknown key, a budget outside [0, 1] or an unknown policy.
   """
-  given = dict(config.get("analysis", {}) or {})
-  unknown = sorted(set(given) - set(DEFAULTS))
+  out = dict(section)
+  unknown = sorted(set(out) - set(DEFAULTS))
   if unknown:
     raise ValueError(f"unknown config.analysis keys {unknown}; valid: {sorted(DEFAULTS)}.")
-  out = {**DEFAULTS, **given}
   budgets = [float(b) for b in out["budgets"]]
   if not budgets or any(not 0.0 <= b <= 1.0 for b in budgets):
     raise ValueError(f"config.analysis.budgets={out['budgets']}: give fractions in "

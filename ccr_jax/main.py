@@ -196,7 +196,7 @@ def main(argv):
       _only_analysis_overrides(sys.argv)
       with workdir_lib.locked(workdir):  # It writes results/evaluate.*.
         results = evaluate_lib.evaluate_workdir(
-            workdir, FLAGS.config.get("analysis") if FLAGS.config else None)
+            workdir, config_lib.complete(FLAGS.config).analysis if FLAGS.config else None)
   except train_lib.Interrupted as e:
     signum = received() or signal.SIGINT
     where = (f"stopped before {e.stage}, every earlier stage is on disk" if e.stage

@@ -89,12 +89,12 @@ def test_exact_metrics_against_loop():
 
 
 def test_settings_validate():
-  assert analysis.settings(ml_collections.ConfigDict())["budgets"][-1] == 1.0
+  assert analysis.settings(analysis.DEFAULTS)["budgets"][-1] == 1.0
   for bad, match in (({"budgets": (0.0, 1.5)}, "budgets"),
                      ({"policies": ("best",)}, "policies"),
                      ({"budget": (0.5,)}, "unknown config.analysis keys")):
     with pytest.raises(ValueError, match=match):
-      analysis.settings(ml_collections.ConfigDict({"analysis": bad}))
+      analysis.settings({**analysis.DEFAULTS, **bad})
 
 
 # ------------------------------------------------------------ a workdir

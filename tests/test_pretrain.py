@@ -146,10 +146,10 @@ def test_a_workdir_from_before_pretraining_resumes(tmp_path):
   old = json.loads(config.to_json())
   del old["pretrain"]
   workdir_lib.write_json(str(tmp_path / "config.json"), old)
-  workdir_lib.check_config(config, str(tmp_path), config_lib.default_dict())
+  workdir_lib.check_config(config, str(tmp_path), config_lib.complete)
   config.pretrain.steps, config.pretrain.categories = 2, (3,)
   with pytest.raises(ValueError, match=r"sections differing: \['pretrain'\]"):
-    workdir_lib.check_config(config, str(tmp_path), config_lib.default_dict())
+    workdir_lib.check_config(config, str(tmp_path), config_lib.complete)
 
 
 @pytest.mark.slow  # Two experiments' setups and a pretraining (seconds).

@@ -95,8 +95,8 @@ def _analysis(num_tasks: int = 3) -> dict:
                                    "owners": text_ids // cpi}}
       galleries[(j, s, "images")] = (img.astype(np.float32), image_ids)
       galleries[(j, s, "texts")] = (txt.astype(np.float32), text_ids)
-  opts = analysis_lib.settings({"analysis": {"budgets": (0.0, 0.5, 1.0),
-                                             "uniformity_items": 8}})
+  opts = analysis_lib.settings({**analysis_lib.DEFAULTS, "budgets": (0.0, 0.5, 1.0),
+                                "uniformity_items": 8})
   return analysis_lib.analyze(queries, galleries, opts, ks=ks, captions_per_image=cpi,
                               seed=0)
 

@@ -474,10 +474,10 @@ def test_other_strategies_defaults_do_not_orphan_a_workdir(tmp_path):
   old["strategy"]["l2"]["strength"] = 0.03  # l2's default before it was chosen
   del old["strategy"]["agem"]               # a section that did not exist yet
   workdir_lib.write_json(str(tmp_path / "config.json"), old)
-  workdir_lib.check_config(config, str(tmp_path), config_lib.default_dict())
+  workdir_lib.check_config(config, str(tmp_path), config_lib.complete)
   config.strategy.replay.memory_size = 7
   with pytest.raises(ValueError, match=r"sections differing: \['strategy'\]"):
-    workdir_lib.check_config(config, str(tmp_path), config_lib.default_dict())
+    workdir_lib.check_config(config, str(tmp_path), config_lib.complete)
 
 
 def test_console_summary_quotes_paths_and_offers_what_is_next():

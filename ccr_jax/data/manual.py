@@ -435,12 +435,12 @@ def open_dataset(cls: type, data_config: Any, data_dir: str,
   Raises:
     ValueError: a split of `cls.SPLITS` is missing.
   """
-  threads = (registry.option(data_config, "decode_threads", 0)
+  threads = (data_config.decode_threads
              or images.default_threads())
   config = stored_images_config(registry.option(
       data_config, "stored_image_size", DEFAULT_STORED_IMAGE_SIZE))
   builder = make_builder(cls, data_dir, config)
-  manual_dir = registry.option(data_config, "manual_dir", "")
+  manual_dir = data_config.manual_dir
   if builder.is_prepared() and _built_from_other_files(cls, builder.data_dir,
                                                        manual_dir):
     logging.warning("%s: rebuilding %s, built from other files than those "

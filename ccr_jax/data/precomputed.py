@@ -228,13 +228,12 @@ def load(data_config: Any, data_dir: str = "") -> tasks.Dataset:
     The Dataset: Splits with LazyImages features, 5 captions each and
     categories from the categories file, the COCO instances or "all".
   """
-  features_dir = registry.option(data_config, "features_dir", "")
+  features_dir = data_config.features_dir
   prefixes = dict(registry.option(data_config, "split_prefixes",
                                   DEFAULT_SPLIT_PREFIXES))
   check_features_dir(features_dir, prefixes)
-  categories_file = registry.option(data_config, "categories_file", "")
-  instances_files: Sequence[str] = tuple(
-      registry.option(data_config, "instances_files", ()))
+  categories_file = data_config.categories_file
+  instances_files: Sequence[str] = tuple(data_config.instances_files)
   coco_areas = (coco.read_category_areas(instances_files)
                 if instances_files else None)
   splits, names, aliases = {}, ("all",), {}

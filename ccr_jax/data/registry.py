@@ -126,8 +126,10 @@ def optional_bool(value: Any) -> str | None:
 
 
 def option(data_config: Any, name: str, default: Any) -> Any:
-  """data_config[name], or `default` where it is absent or None (not set)."""
-  value = data_config.get(name, None)
+  """data_config[name], or `default` where it is None: a typed-None key left
+  unset, whose default is the dataset's own (its doc says "None = ...").
+  The config is complete (`run.config.complete`): every key is present."""
+  value = data_config[name]
   return default if value is None else value
 
 
@@ -215,7 +217,7 @@ def load_task_sequence(data_config: Any, data_dir: str,
       num_tasks (before anything is loaded); bad groups (from tasks).
   """
   entry = lookup(data_config.name)
-  task_categories = data_config.get("task_categories", None)
+  task_categories = data_config.task_categories
   if task_categories is not None and (
       len(task_categories) != data_config.num_tasks):
     raise ValueError(

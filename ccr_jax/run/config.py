@@ -99,11 +99,6 @@ def default_config() -> ml_collections.ConfigDict:
   return schema.defaults(config_schema())
 
 
-def default_dict() -> dict:
-  """`default_config()` as plain JSON values (for fingerprints)."""
-  return json.loads(default_config().to_json())
-
-
 def complete(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """`config` with the keys it lacks at their defaults, filled once where a
   config is loaded (a run's start, a workdir's config.json in evaluate mode),

@@ -11,6 +11,7 @@ from ccr_jax import analysis
 from ccr_jax import checkpoints
 from ccr_jax import files
 from ccr_jax import reporting
+from ccr_jax import schema
 from ccr_jax import sharding
 from ccr_jax.run import config as config_lib
 from ccr_jax.run import indices as indices_lib
@@ -75,9 +76,8 @@ def evaluate_workdir(workdir: str,
         f"{workdir} has no config.json: it is not a ccr_jax workdir (train first "
         "with --mode=train).")
   config = config_lib.complete(ml_collections.ConfigDict(files.read_json(path)))
-  opts = analysis.settings(ml_collections.ConfigDict(
-      {"analysis": analysis_config if analysis_config is not None
-       else config.analysis}))
+  opts = analysis.settings(config.analysis if analysis_config is None else
+                           schema.complete(analysis.config_keys(), analysis_config))
   setup = setup_lib.build_setup(config, workdir)
   done = checkpoints.completed_snapshots(workdir)
   if not done:

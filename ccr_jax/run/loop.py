@@ -53,8 +53,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   started = time.time()
   config_lib.validate_config(config)
   config = config_lib.complete(config)
-  defaults = config_lib.default_dict()
-  workdir_lib.check_config(config, workdir, defaults, write=False)
+  workdir_lib.check_config(config, workdir, config_lib.complete, write=False)
   with workdir_lib.locked(workdir):
     with workdir_lib.nothing_left_on_error(workdir):
       timing: dict[str, float] = {}
@@ -62,7 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       setup = setup_lib.build_setup(config, workdir)
       warnings = config_lib.config_warnings(config) + setup_lib.check_setup(setup)
       timing["data_s"] = time.perf_counter() - start
-      workdir_lib.check_config(config, workdir, defaults)
+      workdir_lib.check_config(config, workdir, config_lib.complete)
     for warning in warnings:
       logging.warning("%s", warning)
     return _run(setup, timing, started, should_stop, argv)

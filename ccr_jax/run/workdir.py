@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import ml_collections
 
@@ -60,17 +60,10 @@ def write_bytes(path: str, data: bytes | str) -> None:
     files.write_atomic(path, data)
 
 
-def fingerprint(config: ml_collections.ConfigDict, defaults: dict | None = None) -> dict:
-  """The config sections that define the experiment (and the evaluation split).
-
-  Args:
-    defaults: the schema's default config as a dict; keys a config lacks
-      (written before they were declared) count as their defaults, so an
-      older workdir's config.json matches the same experiment today.
-  """
+def fingerprint(config: ml_collections.ConfigDict) -> dict:
+  """The config sections that define the experiment (and the evaluation
+  split) of a complete config (`config.complete`: every declared key set)."""
   d = json.loads(config.to_json())
-  if defaults is not None:
-    d = _with_defaults(d, defaults)
   subset = {k: d[k] for k in EXPERIMENT_SECTIONS if k in d}
   if "strategy" in subset:
     # Only the sections the named strategy reads define the experiment: a
@@ -86,34 +79,32 @@ def fingerprint(config: ml_collections.ConfigDict, defaults: dict | None = None)
     subset["model"] = {k: v for k, v in subset["model"].items()
                        if k not in IMPLEMENTATION_KEYS}
   # Indices and rows are built on the evaluation split: it defines the workdir.
-  subset["eval_split"] = d.get("eval", {}).get("split", "test")
+  subset["eval_split"] = d["eval"]["split"]
   return subset
 
 
-def _with_defaults(given: dict, defaults: dict) -> dict:
-  out = dict(given)
-  for k, v in defaults.items():
-    if k not in out:
-      out[k] = v
-    elif isinstance(v, dict) and isinstance(out[k], dict):
-      out[k] = _with_defaults(out[k], v)
-  return out
-
-
 def check_config(config: ml_collections.ConfigDict, workdir: str,
-                 defaults: dict | None = None, write: bool = True) -> None:
+                 complete: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict],
+                 write: bool = True) -> None:
   """Records the config in a new workdir; refuses a workdir of another experiment.
 
   Only process 0 writes; it writes atomically, so another process reads
   either no file or the whole one. With `write=False` it only checks.
 
+  Args:
+    config: the run's config, complete.
+    complete: `run.config.complete` (fills the keys an older config.json
+      lacks; passed in because run/config.py imports what imports this).
+
   Raises:
     ValueError: naming the config sections that differ from config.json's.
   """
   path = os.path.join(workdir, "config.json")
-  mine = fingerprint(config, defaults)
+  mine = fingerprint(config)
   if os.path.exists(path):
-    theirs = fingerprint(ml_collections.ConfigDict(files.read_json(path)), defaults)
+    # Keys its code did not have yet count as their defaults: an older
+    # workdir's config.json matches the same experiment today.
+    theirs = fingerprint(complete(ml_collections.ConfigDict(files.read_json(path))))
     if theirs != mine:
       diffs = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
       raise ValueError(
