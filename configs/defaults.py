@@ -177,8 +177,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.strategy.ewc = ml_collections.ConfigDict()
   # weight of the quadratic pull strength/2 * sum F (theta - theta*)^2 (chosen on
-  # validation, scratch; pretrained: 30)
-  config.strategy.ewc.strength = 300.0
+  # validation, scratch; pretrained: 300)
+  config.strategy.ewc.strength = 30.0
   # training batches of the task the importance estimate averages over
   config.strategy.ewc.batches = 20
   # online EWC's gamma: F <- gamma F + F_t (1.0 would be plain EWC with the latest
@@ -187,19 +187,19 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.strategy.mas = ml_collections.ConfigDict()
   # weight of the quadratic pull strength/2 * sum F (theta - theta*)^2 (chosen on
-  # validation, both settings)
-  config.strategy.mas.strength = 1000.0
+  # validation, scratch; pretrained: 100)
+  config.strategy.mas.strength = 10.0
   # training batches of the task the importance estimate averages over
   config.strategy.mas.batches = 20
 
   config.strategy.l2 = ml_collections.ConfigDict()
   # weight of the pull strength/2 * ||theta - theta*||^2 to the previous solution
-  # (chosen on validation, scratch; pretrained: 0.3)
-  config.strategy.l2.strength = 0.0003
+  # (chosen on validation, scratch; pretrained: 0.03)
+  config.strategy.l2.strength = 0.003
 
   config.strategy.si = ml_collections.ConfigDict()
   # c of Zenke et al.: the pull c * sum Omega (theta - theta*)^2 (chosen on validation,
-  # scratch; pretrained: 0.5)
+  # scratch; pretrained: 50)
   config.strategy.si.strength = 5.0
   # xi: added to the squared parameter change of a task (Zenke et al.: 0.1)
   config.strategy.si.damping = 0.1
@@ -244,19 +244,20 @@ def get_config() -> ml_collections.ConfigDict:
   # task
   config.strategy.der.policy = 'reservoir'
   # weight of the squared distance of memory pairs' embeddings to those stored when they
-  # entered the memory (DER's logit term)
-  config.strategy.der.alpha = 3.0
+  # entered the memory (DER's logit term; chosen on validation, scratch, DER++ and DER
+  # alike; pretrained: 0.3)
+  config.strategy.der.alpha = 0.03
   # weight of the training loss on the memory batch (DER++'s term; 0: DER)
   config.strategy.der.beta = 1.0
 
   config.strategy.compat = ml_collections.ConfigDict()
   # weight of the cross-model retrieval loss (chosen on validation, scratch; pretrained:
-  # 0.009)
-  config.strategy.compat.strength = 0.3
+  # 0.1)
+  config.strategy.compat.strength = 0.03
 
   config.strategy.query_adapter = ml_collections.ConfigDict()
-  # pull of the map towards the identity (chosen on validation, scratch; pretrained: 10)
-  config.strategy.query_adapter.ridge = 0.01
+  # pull of the map towards the identity (chosen on validation, scratch; pretrained: 1)
+  config.strategy.query_adapter.ridge = 0.1
   # current-task training items (images; captions: as many rows) the map is fitted on
   # (0: all)
   config.strategy.query_adapter.max_items = 0

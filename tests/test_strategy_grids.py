@@ -83,3 +83,25 @@ def test_runs_of_a_redefined_strategy_are_not_current():
       "ewc": {"strength": 300.0, "batches": 20},
       "replay": {"memory_size": 200, "ratio": 0.25, "policy": "reservoir"}}))
   assert not bench.is_current(line("der@der.beta=0", {"der": {"strength": 3.0}}))
+
+
+def test_defaults_are_the_scratch_validation_choices():
+  # Issue 24 item 6: a strategy's default is what validation chose in the
+  # scratch setting, and its doc names the pretrained choice; a new
+  # selection that moves a value fails here until the defaults follow.
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from ccr_jax import strategies  # pylint: disable=g-import-not-at-top
+  from ccr_jax.run import config as config_lib  # pylint: disable=g-import-not-at-top
+  results = os.path.join(os.path.dirname(bench.__file__), "results")
+  chosen = {s: json.load(open(os.path.join(results, f"strategies_selection_{s}.json")))
+            for s in ("scratch", "pretrained")}
+  defaults = strategies.default_config()
+  docs = config_lib.config_schema()["strategy"]
+  for name, c in chosen["scratch"].items():
+    section, field = c["field"].split(".")
+    assert defaults[section][field] == pytest.approx(c["value"]), name
+    pretrained = chosen["pretrained"][name]["value"]
+    doc = docs[section][field].doc
+    assert (f"pretrained: {pretrained:g})" in doc if pretrained != c["value"]
+            else "both settings" in doc), name

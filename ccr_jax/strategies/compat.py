@@ -52,6 +52,6 @@ def compat_strategy(strength: float, loss_fn: Callable | None) -> base.Strategy:
 
 base.register(
     "compat", lambda c, loss_fn: compat_strategy(c.strength, loss_fn),
-    keys={"strength": schema.Key(0.3, "weight of the cross-model retrieval loss "
-                                 "(chosen on validation, scratch; pretrained: 0.009)",
+    keys={"strength": schema.Key(0.03, "weight of the cross-model retrieval loss "
+                                 "(chosen on validation, scratch; pretrained: 0.1)",
                                  schema.greater_than(0))})

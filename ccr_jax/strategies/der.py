@@ -210,8 +210,9 @@ base.register(
               64, "pairs drawn from the memory every step, beside a full current "
               "batch", schema.at_least(1, integer=True)),
           "policy": replay.MEMORY_KEYS["policy"],
-          "alpha": schema.Key(3.0, "weight of the squared distance of memory pairs' "
+          "alpha": schema.Key(0.03, "weight of the squared distance of memory pairs' "
                               "embeddings to those stored when they entered the "
-                              "memory (DER's logit term)", schema.greater_than(0)),
+                              "memory (DER's logit term; chosen on validation, "
+                              "scratch, DER++ and DER alike; pretrained: 0.3)", schema.greater_than(0)),
           "beta": schema.Key(1.0, "weight of the training loss on the memory batch "
                              "(DER++'s term; 0: DER)", schema.at_least(0.0))})

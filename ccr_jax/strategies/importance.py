@@ -236,8 +236,8 @@ _BATCHES = "training batches of the task the importance estimate averages over"
 
 base.register(
     "ewc", lambda c, _: importance_strategy("ewc", c.strength, c.batches),
-    keys={"strength": schema.Key(300.0, _STRENGTH + " (chosen on validation, scratch; "
-                                 "pretrained: 30)", schema.greater_than(0)),
+    keys={"strength": schema.Key(30.0, _STRENGTH + " (chosen on validation, scratch; "
+                                 "pretrained: 300)", schema.greater_than(0)),
           "batches": schema.Key(20, _BATCHES, schema.at_least(1, integer=True)),
           "decay": schema.Key(0.9, "online EWC's gamma: F <- gamma F + F_t (1.0 would "
                               "be plain EWC with the latest anchor)",
@@ -248,12 +248,12 @@ base.register(
     section="ewc")
 base.register(
     "mas", lambda c, _: importance_strategy("mas", c.strength, c.batches),
-    keys={"strength": schema.Key(1000.0, _STRENGTH + " (chosen on validation, both "
-                                 "settings)", schema.greater_than(0)),
+    keys={"strength": schema.Key(10.0, _STRENGTH + " (chosen on validation, "
+                                 "scratch; pretrained: 100)", schema.greater_than(0)),
           "batches": schema.Key(20, _BATCHES, schema.at_least(1, integer=True))})
 base.register(
     "l2", lambda c, _: importance_strategy("l2", c.strength),
-    keys={"strength": schema.Key(3e-4, "weight of the pull strength/2 * "
+    keys={"strength": schema.Key(3e-3, "weight of the pull strength/2 * "
                                  "||theta - theta*||^2 to the previous solution "
-                                 "(chosen on validation, scratch; pretrained: 0.3)",
+                                 "(chosen on validation, scratch; pretrained: 0.03)",
                                  schema.greater_than(0))})

@@ -56,8 +56,8 @@ def query_adapter_strategy(ridge: float, max_items: int) -> base.Strategy:
 
 base.register(
     "query_adapter", lambda c, _: query_adapter_strategy(float(c.ridge), int(c.max_items)),
-    keys={"ridge": schema.Key(0.01, "pull of the map towards the identity "
-                              "(chosen on validation, scratch; pretrained: 10)",
+    keys={"ridge": schema.Key(0.1, "pull of the map towards the identity "
+                              "(chosen on validation, scratch; pretrained: 1)",
                               schema.greater_than(0)),
           "max_items": schema.Key(0, "current-task training items (images; "
                                   "captions: as many rows) the map is fitted on "

@@ -93,6 +93,6 @@ base.register(
     "si", lambda c, _: si_strategy(c.strength, c.damping),
     keys={"strength": schema.Key(5.0, "c of Zenke et al.: the pull c * sum Omega "
                                  "(theta - theta*)^2 (chosen on validation, scratch; "
-                                 "pretrained: 0.5)", schema.greater_than(0)),
+                                 "pretrained: 50)", schema.greater_than(0)),
           "damping": schema.Key(0.1, "xi: added to the squared parameter change "
                                 "of a task (Zenke et al.: 0.1)", schema.greater_than(0))})
