@@ -356,8 +356,10 @@ def header(selections: dict, lines: list[dict]) -> str:
          "numerics depend on the thread count, so paired runs share it).", "",
          f"Produced by commits {', '.join(commits)} with:", "",
          "```",
-         "python benchmarks/strategies.py --stage=select --setting=scratch",
-         "python benchmarks/strategies.py --stage=select --setting=pretrained",
+         "python benchmarks/strategies.py --stage=select --setting=scratch "
+         "--select_seeds=0,1 --val_per_category=40",
+         "python benchmarks/strategies.py --stage=select --setting=pretrained "
+         "--select_seeds=0,1 --val_per_category=40",
          "taskset -c 1 python benchmarks/strategies.py --stage=final --setting=scratch --seeds=0,1,2,3,4",
          "taskset -c 1 python benchmarks/strategies.py --stage=final --setting=pretrained --seeds=0,1,2,3,4",
          "python benchmarks/strategies.py --stage=table",
@@ -369,9 +371,10 @@ def header(selections: dict, lines: list[dict]) -> str:
          "mean ± std over seeds and the choice each seed alone would make). "
          "`online_ewc` and `ewc+replay` use EWC's strength. A grid whose best "
          "value sat at an edge was extended by its ratio on that side. "
-         "Validation is 10 images per shape (30 per task, 150 captions): a "
-         "difference of one image is 3.3 points of a task's i2t R@1, so grids "
-         "whose scores lie within a point or two are flat within noise.", "",
+         "Validation is 40 images per shape (120 per task, 600 captions) and "
+         "seeds 0 and 1: a difference of one image is 0.8 points of a task's "
+         "i2t R@1, and where the two seeds would choose differently (\"per "
+         "seed\") the grid is flat within noise.", "",
          "| setting | strategy | field | candidates → validation score | chosen | bracketed |",
          "|---|---|---|---|---|---|"]
   notes = []
