@@ -650,7 +650,7 @@ def test_subset_keeps_the_given_images_with_all_captions():
 def test_get_strategy_composes_components():
   s = strategies.get_strategy(strategy_config("ewc+replay"))
   assert s.name == "ewc+replay" and [p.name for p in s.parts] == ["ewc", "replay"]
-  assert s.settings["ewc"] == {"strength": 300.0, "batches": 20}
+  assert s.settings["ewc"] == {"strength": 30.0, "batches": 20}
   assert s.settings["replay"] == {"memory_size": 200, "ratio": 0.25,
                                   "policy": "reservoir"}
   assert s.memory.ratio == 0.25 and s.state_keys == ("importance", "weighted_anchor")
