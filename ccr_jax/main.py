@@ -196,7 +196,8 @@ def main(argv):
       _only_analysis_overrides(sys.argv)
       with workdir_lib.locked(workdir):  # It writes results/evaluate.*.
         results = evaluate_lib.evaluate_workdir(
-            workdir, config_lib.complete(FLAGS.config).analysis if FLAGS.config else None)
+            workdir, FLAGS.config.analysis if FLAGS.config and "analysis" in FLAGS.config
+            else None)  # evaluate_workdir completes the section it is given.
   except train_lib.Interrupted as e:
     signum = received() or signal.SIGINT
     where = (f"stopped before {e.stage}, every earlier stage is on disk" if e.stage

@@ -62,7 +62,7 @@ def write_bytes(path: str, data: bytes | str) -> None:
 
 def fingerprint(config: ml_collections.ConfigDict) -> dict:
   """The config sections that define the experiment (and the evaluation
-  split) of a complete config (`config.complete`: every declared key set)."""
+  split) of a complete config (`run.config.complete`: every declared key set)."""
   d = json.loads(config.to_json())
   subset = {k: d[k] for k in EXPERIMENT_SECTIONS if k in d}
   if "strategy" in subset:
