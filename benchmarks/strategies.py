@@ -360,8 +360,10 @@ def header(selections: dict, lines: list[dict]) -> str:
          "--select_seeds=0,1 --val_per_category=40",
          "python benchmarks/strategies.py --stage=select --setting=pretrained "
          "--select_seeds=0,1 --val_per_category=40",
-         "taskset -c 1 python benchmarks/strategies.py --stage=final --setting=scratch --seeds=0,1,2,3,4",
-         "taskset -c 1 python benchmarks/strategies.py --stage=final --setting=pretrained --seeds=0,1,2,3,4",
+         "taskset -c 1 python benchmarks/strategies.py --stage=final "
+         "--setting=scratch --seeds=0,1,2,3,4",
+         "taskset -c 1 python benchmarks/strategies.py --stage=final "
+         "--setting=pretrained --seeds=0,1,2,3,4",
          "python benchmarks/strategies.py --stage=table",
          "```", "",
          "## Strengths, chosen on the validation split", "",
@@ -470,7 +472,8 @@ def main(argv):
   # Only the runs made with the selected values (a grid extended after a
   # final run leaves that run in the log, unused).
   lines = [l for l in _done().values() if l["split"] == "test"
-           and cores(l) == FLAGS.table_cores and l["overrides"] == _overrides(selections[l["setting"]], l["strategy"])]
+           and cores(l) == FLAGS.table_cores
+           and l["overrides"] == _overrides(selections[l["setting"]], l["strategy"])]
   md = (header({s: c for s, c in selections.items() if c}, lines) + table(lines)
         + "\n\n## Against fine-tuning\n\nFinal average R@1 (mean of i2t and t2i) "
         "minus fine-tuning's with the same seed (paired: a seed's initialisation "

@@ -105,9 +105,9 @@ def describe(schema: Schema, config: Mapping, prefix: str = "") -> list[str]:
 
 def render_python(schema: Schema, header: str) -> str:
   """Python source of a module whose `get_config()` returns `defaults(schema)`,
-  each `section.key = value` line under a comment of what it means: the defaults readable,
-  and loadable without importing whatever declares them (JAX for most
-  sections). `header` is the module's docstring."""
+  each `section.key = value` line under a comment of what it means: the
+  defaults readable, and loadable without importing whatever declares them
+  (JAX for most sections). `header` is the module's docstring."""
   lines = [f'"""{header}"""', "", "import ml_collections", "", "",
            "def get_config() -> ml_collections.ConfigDict:",
            '  """Every config key at its default."""',

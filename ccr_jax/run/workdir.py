@@ -84,7 +84,8 @@ def fingerprint(config: ml_collections.ConfigDict) -> dict:
 
 
 def check_config(config: ml_collections.ConfigDict, workdir: str,
-                 complete: Callable[[ml_collections.ConfigDict], ml_collections.ConfigDict],
+                 complete: Callable[[ml_collections.ConfigDict],
+                                    ml_collections.ConfigDict],
                  write: bool = True) -> None:
   """Records the config in a new workdir; refuses a workdir of another experiment.
 

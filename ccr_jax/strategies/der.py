@@ -213,6 +213,7 @@ base.register(
           "alpha": schema.Key(0.03, "weight of the squared distance of memory pairs' "
                               "embeddings to those stored when they entered the "
                               "memory (DER's logit term; chosen on validation, "
-                              "scratch, DER++ and DER alike; pretrained: 0.3)", schema.greater_than(0)),
+                              "scratch, DER++ and DER alike; pretrained: 0.3)",
+                              schema.greater_than(0)),
           "beta": schema.Key(1.0, "weight of the training loss on the memory batch "
                              "(DER++'s term; 0: DER)", schema.at_least(0.0))})
